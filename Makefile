@@ -1,0 +1,46 @@
+# dkimgw: `make test` runs everything CI runs, on a fresh Debian 12 machine
+# as root (it installs what the tests need); `make demo` runs the gateway
+# end to end; `make bench` measures it.
+
+GO      ?= go
+BIN     := bin/dkimgw
+GOFLAGS ?=
+
+.PHONY: all build deps test test-short fuzz bench demo clean
+
+all: build
+
+build:
+	$(GO) build $(GOFLAGS) -o $(BIN) ./cmd/dkimgw
+
+# Debian packages: SoftHSM, the independent verifiers, Postfix, BIND, ...
+deps:
+	@scripts/install-deps.sh
+
+test: deps
+	$(GO) mod download
+	$(GO) vet ./...
+	$(GO) test -race -timeout 15m ./...
+
+# The unit tests alone: no token, no verifiers, no servers needed (tests
+# that need one skip when CI is not true).
+test-short:
+	$(GO) test -short ./...
+
+# Runs each fuzz target for FUZZTIME (their seed corpora run in `make test`).
+FUZZTIME ?= 30s
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+	    echo "== $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	  done; \
+	done
+
+bench: deps build
+	@scripts/bench.sh
+
+demo: deps build
+	@scripts/demo.sh
+
+clean:
+	rm -rf bin

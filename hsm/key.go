@@ -1,0 +1,667 @@
+package hsm
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/rsa"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"math/big"
+	"strings"
+	"sync"
+
+	"github.com/miekg/pkcs11"
+)
+
+// KeyInfo describes a dkimgw key in the token, with the private key's
+// protection attributes as the token reports them.
+type KeyInfo struct {
+	Domain    string
+	Selector  string
+	Label     string // "<selector>._domainkey.<domain>", the DNS name of its record
+	ID        []byte // CKA_ID shared by the private and public objects
+	Algorithm Algorithm
+	Bits      int
+
+	Extractable      bool
+	Sensitive        bool
+	NeverExtractable bool
+	AlwaysSensitive  bool
+	Local            bool // generated in the token, never imported
+	CanSign          bool
+}
+
+// IDHex is the key's CKA_ID in hex, as pkcs11-tool prints it.
+func (i KeyInfo) IDHex() string { return hex.EncodeToString(i.ID) }
+
+// UnsafeReason says why dkimgw refuses to sign with the key, or "" when
+// it may: a key that is or ever was extractable, or that was imported
+// rather than generated in the token, may exist outside it.
+func UnsafeReason(i KeyInfo) string {
+	if i.Algorithm.IsRSA() && i.Bits < minRSABits {
+		return fmt.Sprintf("RSA-%d is below the %d-bit floor (RFC 8301)", i.Bits, minRSABits)
+	}
+	var why []string
+	if i.Extractable {
+		why = append(why, "it is extractable (CKA_EXTRACTABLE=true)")
+	}
+	if !i.Sensitive {
+		why = append(why, "it is not sensitive (CKA_SENSITIVE=false)")
+	}
+	if !i.Local {
+		why = append(why, "it was not generated in the token (CKA_LOCAL=false)")
+	}
+	if !i.NeverExtractable && !i.Extractable {
+		why = append(why, "it was extractable once (CKA_NEVER_EXTRACTABLE=false)")
+	}
+	if !i.AlwaysSensitive && i.Sensitive {
+		why = append(why, "it was not sensitive once (CKA_ALWAYS_SENSITIVE=false)")
+	}
+	if !i.CanSign {
+		why = append(why, "it may not sign (CKA_SIGN=false)")
+	}
+	return strings.Join(why, "; ")
+}
+
+// Key is a private key inside the token, usable as a crypto.Signer. Every
+// signature is computed by the token; the key never leaves it.
+type Key struct {
+	token *Token
+	info  KeyInfo
+	pub   crypto.PublicKey
+
+	mu     sync.Mutex
+	handle pkcs11.ObjectHandle
+	epoch  uint64 // the token connection handle belongs to; 0 = re-find
+}
+
+var _ crypto.Signer = (*Key)(nil)
+
+// Info describes the key.
+func (k *Key) Info() KeyInfo { return k.info }
+
+// Public returns the public key read from the token: *rsa.PublicKey or
+// ed25519.PublicKey.
+func (k *Key) Public() crypto.PublicKey { return k.pub }
+
+// validName checks a domain or selector: dot-separated labels of letters,
+// digits and hyphens (RFC 6376 §3.1 for selectors, RFC 1035 for domains,
+// A-labels for internationalised names), lower-cased.
+func validName(kind, name string) (string, error) {
+	name = strings.TrimSuffix(strings.ToLower(strings.TrimSpace(name)), ".")
+	if name == "" {
+		return "", fmt.Errorf("hsm: %w: empty %s", ErrInvalidName, kind)
+	}
+	if len(name) > 253 {
+		return "", fmt.Errorf("hsm: %w: %s %q is longer than 253 characters", ErrInvalidName, kind, name)
+	}
+	for label := range strings.SplitSeq(name, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return "", fmt.Errorf("hsm: %w: %s %q: each dot-separated part must be 1-63 letters, digits or hyphens, not starting or ending with a hyphen", ErrInvalidName, kind, name)
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-') {
+				return "", fmt.Errorf("hsm: %w: %s %q contains %q; use letters, digits and hyphens (internationalised domains in their xn-- form)", ErrInvalidName, kind, name, c)
+			}
+		}
+	}
+	if kind == "domain" && !strings.Contains(name, ".") {
+		return "", fmt.Errorf("hsm: %w: domain %q has no dot", ErrInvalidName, name)
+	}
+	return name, nil
+}
+
+func keyLabel(domain, selector string) (label, d, s string, err error) {
+	if d, err = validName("domain", domain); err != nil {
+		return "", "", "", err
+	}
+	if s, err = validName("selector", selector); err != nil {
+		return "", "", "", err
+	}
+	return RecordName(d, s), d, s, nil
+}
+
+// parseLabel splits a key label back into domain and selector.
+func parseLabel(label string) (domain, selector string, ok bool) {
+	selector, domain, ok = strings.Cut(label, "._domainkey.")
+	return domain, selector, ok && domain != "" && selector != ""
+}
+
+// GenerateKey generates a key pair inside the token for (domain,
+// selector). The private key is sensitive, non-extractable and may only
+// sign. A second key for the same (domain, selector) is ErrKeyExists.
+func (t *Token) GenerateKey(ctx context.Context, domain, selector string, alg Algorithm) (*Key, error) {
+	label, domain, selector, err := keyLabel(domain, selector)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := ParseAlgorithm(string(alg)); err != nil {
+		return nil, err
+	}
+	if err := t.checkMechanisms(alg); err != nil {
+		return nil, err
+	}
+	id := make([]byte, 16)
+	if _, err := rand.Read(id); err != nil {
+		return nil, fmt.Errorf("hsm: random key id: %w", err)
+	}
+	genMech, pubTmpl, privTmpl := keyTemplates(alg, label, id)
+	err = t.do(ctx, "generate "+label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
+		// Checked inside the operation so that a retry after recovery
+		// finds the pair a first attempt may have created before its
+		// answer was lost, instead of creating a second one.
+		privs, pubs, err := findByLabel(c, s, label)
+		if err != nil {
+			return err
+		}
+		for _, h := range append(privs, pubs...) {
+			got, err := c.GetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, nil)})
+			if err != nil || !bytes.Equal(got[0].Value, id) {
+				return fmt.Errorf("hsm: %w: the token already holds %s; pick another selector, or destroy it first", ErrKeyExists, label)
+			}
+		}
+		if len(privs) > 0 {
+			return nil
+		}
+		_, _, err = c.GenerateKeyPair(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(genMech, nil)}, pubTmpl, privTmpl)
+		if err != nil {
+			return fmt.Errorf("hsm: generate %s key pair %s: %w", alg, label, err)
+		}
+		return nil
+	}, nil)
+	if err != nil {
+		return nil, err
+	}
+	t.log.Info("key generated", "label", label, "algorithm", string(alg), "id", hex.EncodeToString(id))
+	return t.loadKey(ctx, domain, selector, label)
+}
+
+func (t *Token) checkMechanisms(alg Algorithm) error {
+	name := t.Info().Label
+	if alg == Ed25519 {
+		if _, ok := t.hasMechanism(ckmECEdwardsKeyPairGen); !ok {
+			return fmt.Errorf("hsm: %w: token %q has no CKM_EC_EDWARDS_KEY_PAIR_GEN, so it cannot generate Ed25519 keys; use rsa-2048, or a token (or firmware) with EdDSA support", ErrMechanismMissing, name)
+		}
+		if _, ok := t.hasMechanism(ckmEdDSA); !ok {
+			return fmt.Errorf("hsm: %w: token %q has no CKM_EDDSA, so it cannot sign with Ed25519 keys; use rsa-2048", ErrMechanismMissing, name)
+		}
+		return nil
+	}
+	mi, ok := t.hasMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN)
+	if !ok {
+		return fmt.Errorf("hsm: %w: token %q has no CKM_RSA_PKCS_KEY_PAIR_GEN (RSA key generation)", ErrMechanismMissing, name)
+	}
+	if bits := uint(alg.Bits()); mi.MaxKeySize != 0 && (bits < mi.MinKeySize || bits > mi.MaxKeySize) {
+		return fmt.Errorf("hsm: %w: token %q generates RSA keys of %d to %d bits, not %d", ErrMechanismMissing, name, mi.MinKeySize, mi.MaxKeySize, bits)
+	}
+	if _, ok := t.hasMechanism(pkcs11.CKM_RSA_PKCS); !ok {
+		return fmt.Errorf("hsm: %w: token %q has no CKM_RSA_PKCS (RSA PKCS#1 v1.5 signing)", ErrMechanismMissing, name)
+	}
+	return nil
+}
+
+// ed25519Params is the DER encoding of the OID id-Ed25519 (1.3.101.112),
+// the CKA_EC_PARAMS of an Ed25519 key (PKCS#11 v3.0 §2.3.6).
+var ed25519Params = []byte{0x06, 0x03, 0x2b, 0x65, 0x70}
+
+// keyTemplates returns the generation mechanism and the attributes of the
+// pair: DESIGN.md's "Keys in the token". The private key may sign and do
+// nothing else; the public key may verify and do nothing else.
+func keyTemplates(alg Algorithm, label string, id []byte) (uint, []*pkcs11.Attribute, []*pkcs11.Attribute) {
+	pub := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+	}
+	priv := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+	}
+	if alg == Ed25519 {
+		pub = append(pub,
+			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, ckkECEdwards),
+			pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, ed25519Params))
+		priv = append(priv, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, ckkECEdwards))
+		return ckmECEdwardsKeyPairGen, pub, priv
+	}
+	pub = append(pub,
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
+		pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, alg.Bits()),
+		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{0x01, 0x00, 0x01}))
+	priv = append(priv, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA))
+	return pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, pub, priv
+}
+
+// findByLabel returns the private and public key objects with label.
+func findByLabel(c *pkcs11.Ctx, s pkcs11.SessionHandle, label string) (privs, pubs []pkcs11.ObjectHandle, err error) {
+	privs, err = findObjects(c, s, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	pubs, err = findObjects(c, s, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+	})
+	return privs, pubs, err
+}
+
+func findObjects(c *pkcs11.Ctx, s pkcs11.SessionHandle, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
+	if err := c.FindObjectsInit(s, tmpl); err != nil {
+		return nil, fmt.Errorf("hsm: find objects: %w", err)
+	}
+	var all []pkcs11.ObjectHandle
+	for {
+		hs, _, err := c.FindObjects(s, 64)
+		if err != nil {
+			_ = c.FindObjectsFinal(s)
+			return nil, fmt.Errorf("hsm: find objects: %w", err)
+		}
+		all = append(all, hs...)
+		if len(hs) < 64 {
+			break
+		}
+	}
+	if err := c.FindObjectsFinal(s); err != nil {
+		return nil, fmt.Errorf("hsm: find objects: %w", err)
+	}
+	return all, nil
+}
+
+// readAttr reads one attribute. Tokens fail a whole C_GetAttributeValue
+// when any one attribute is sensitive or unknown, so attributes are read
+// one at a time.
+func readAttr(c *pkcs11.Ctx, s pkcs11.SessionHandle, h pkcs11.ObjectHandle, typ uint) ([]byte, error) {
+	attrs, err := c.GetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(typ, nil)})
+	if err != nil {
+		return nil, err
+	}
+	return attrs[0].Value, nil
+}
+
+func readBool(c *pkcs11.Ctx, s pkcs11.SessionHandle, h pkcs11.ObjectHandle, typ uint) (bool, error) {
+	v, err := readAttr(c, s, h, typ)
+	if err != nil {
+		return false, err
+	}
+	return len(v) == 1 && v[0] != 0, nil
+}
+
+func readUint(c *pkcs11.Ctx, s pkcs11.SessionHandle, h pkcs11.ObjectHandle, typ uint) (uint, error) {
+	v, err := readAttr(c, s, h, typ)
+	if err != nil {
+		return 0, err
+	}
+	// CK_ULONG in the platform's byte order (little-endian on every
+	// platform dkimgw builds for).
+	var n uint
+	for i := len(v) - 1; i >= 0; i-- {
+		n = n<<8 | uint(v[i])
+	}
+	return n, nil
+}
+
+// describe reads a private key's attributes and its public key (from the
+// public object with the same id, or, for RSA, from the private object,
+// which carries the modulus too).
+func describe(c *pkcs11.Ctx, s pkcs11.SessionHandle, priv pkcs11.ObjectHandle, pubs []pkcs11.ObjectHandle) (KeyInfo, crypto.PublicKey, error) {
+	var info KeyInfo
+	label, err := readAttr(c, s, priv, pkcs11.CKA_LABEL)
+	if err != nil {
+		return info, nil, fmt.Errorf("hsm: read key label: %w", err)
+	}
+	info.Label = string(label)
+	info.Domain, info.Selector, _ = parseLabel(info.Label)
+	if info.ID, err = readAttr(c, s, priv, pkcs11.CKA_ID); err != nil {
+		return info, nil, fmt.Errorf("hsm: read CKA_ID of %s: %w", info.Label, err)
+	}
+	for _, a := range []struct {
+		typ uint
+		dst *bool
+	}{
+		{pkcs11.CKA_EXTRACTABLE, &info.Extractable},
+		{pkcs11.CKA_SENSITIVE, &info.Sensitive},
+		{pkcs11.CKA_NEVER_EXTRACTABLE, &info.NeverExtractable},
+		{pkcs11.CKA_ALWAYS_SENSITIVE, &info.AlwaysSensitive},
+		{pkcs11.CKA_LOCAL, &info.Local},
+		{pkcs11.CKA_SIGN, &info.CanSign},
+	} {
+		if *a.dst, err = readBool(c, s, priv, a.typ); err != nil {
+			return info, nil, fmt.Errorf("hsm: read attribute 0x%x of %s: %w", a.typ, info.Label, err)
+		}
+	}
+	keyType, err := readUint(c, s, priv, pkcs11.CKA_KEY_TYPE)
+	if err != nil {
+		return info, nil, fmt.Errorf("hsm: read key type of %s: %w", info.Label, err)
+	}
+	var pubObj pkcs11.ObjectHandle
+	havePub := false
+	for _, p := range pubs {
+		if id, err := readAttr(c, s, p, pkcs11.CKA_ID); err == nil && bytes.Equal(id, info.ID) {
+			pubObj, havePub = p, true
+			break
+		}
+	}
+	switch keyType {
+	case pkcs11.CKK_RSA:
+		src := priv
+		if havePub {
+			src = pubObj
+		}
+		n, err := readAttr(c, s, src, pkcs11.CKA_MODULUS)
+		if err != nil {
+			return info, nil, fmt.Errorf("hsm: read modulus of %s: %w", info.Label, err)
+		}
+		e, err := readAttr(c, s, src, pkcs11.CKA_PUBLIC_EXPONENT)
+		if err != nil {
+			return info, nil, fmt.Errorf("hsm: read public exponent of %s: %w", info.Label, err)
+		}
+		exp := new(big.Int).SetBytes(e)
+		if !exp.IsInt64() || exp.Int64() > 1<<31-1 || exp.Int64() < 3 {
+			return info, nil, fmt.Errorf("hsm: %s has an unusable RSA public exponent", info.Label)
+		}
+		pub := &rsa.PublicKey{N: new(big.Int).SetBytes(n), E: int(exp.Int64())}
+		info.Bits = pub.N.BitLen()
+		info.Algorithm = Algorithm(fmt.Sprintf("rsa-%d", info.Bits))
+		return info, pub, nil
+	case ckkECEdwards:
+		if !havePub {
+			return info, nil, fmt.Errorf("hsm: %s has no public key object with CKA_ID %x; the Ed25519 public key cannot be read from the private one", info.Label, info.ID)
+		}
+		point, err := readAttr(c, s, pubObj, pkcs11.CKA_EC_POINT)
+		if err != nil {
+			return info, nil, fmt.Errorf("hsm: read EC point of %s: %w", info.Label, err)
+		}
+		pub, err := parseEd25519Point(point)
+		if err != nil {
+			return info, nil, fmt.Errorf("hsm: %s: %w", info.Label, err)
+		}
+		info.Bits = 256
+		info.Algorithm = Ed25519
+		return info, pub, nil
+	default:
+		return info, nil, fmt.Errorf("hsm: %s has key type 0x%x; dkimgw signs with RSA and Ed25519 only", info.Label, keyType)
+	}
+}
+
+// parseEd25519Point decodes CKA_EC_POINT: a DER OCTET STRING (SoftHSM,
+// PKCS#11 v3.0) or the raw 32 bytes (some HSMs). Anything else, such as an
+// Ed448 point, is refused.
+func parseEd25519Point(point []byte) (ed25519.PublicKey, error) {
+	switch {
+	case len(point) == ed25519.PublicKeySize+2 && point[0] == 0x04 && point[1] == ed25519.PublicKeySize:
+		return ed25519.PublicKey(bytes.Clone(point[2:])), nil
+	case len(point) == ed25519.PublicKeySize:
+		return ed25519.PublicKey(bytes.Clone(point)), nil
+	}
+	return nil, fmt.Errorf("EC point of %d bytes is not an Ed25519 public key", len(point))
+}
+
+// Key returns the key for (domain, selector), ready to sign. A key that
+// is or was extractable, or was not generated in the token, is refused
+// with ErrUnsafeKey.
+func (t *Token) Key(ctx context.Context, domain, selector string) (*Key, error) {
+	label, domain, selector, err := keyLabel(domain, selector)
+	if err != nil {
+		return nil, err
+	}
+	return t.loadKey(ctx, domain, selector, label)
+}
+
+func (t *Token) loadKey(ctx context.Context, domain, selector, label string) (*Key, error) {
+	k := &Key{token: t}
+	err := t.do(ctx, "find "+label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, epoch uint64) error {
+		privs, pubs, err := findByLabel(c, s, label)
+		if err != nil {
+			return err
+		}
+		switch len(privs) {
+		case 0:
+			return fmt.Errorf("hsm: %w: no private key labelled %s in token %q; generate one with 'dkimgw keys generate'", ErrKeyNotFound, label, t.Info().Label)
+		case 1:
+		default:
+			return fmt.Errorf("hsm: %d private keys are labelled %s; destroy the extra ones with pkcs11-tool", len(privs), label)
+		}
+		info, pub, err := describe(c, s, privs[0], pubs)
+		if err != nil {
+			return err
+		}
+		info.Domain, info.Selector = domain, selector
+		k.info, k.pub, k.handle, k.epoch = info, pub, privs[0], epoch
+		return nil
+	}, nil)
+	if err != nil {
+		return nil, err
+	}
+	if k.info.Algorithm.IsRSA() && k.info.Bits < minRSABits {
+		return nil, fmt.Errorf("hsm: %w: %s is RSA-%d; RSA keys below %d bits are refused (RFC 8301)", ErrWeakKey, label, k.info.Bits, minRSABits)
+	}
+	if why := UnsafeReason(k.info); why != "" {
+		return nil, fmt.Errorf("hsm: %w: %s: %s; generate a new key with 'dkimgw keys generate'", ErrUnsafeKey, label, why)
+	}
+	return k, nil
+}
+
+// Keys lists every dkimgw key in the token (private keys labelled
+// "<selector>._domainkey.<domain>"), unsafe ones included, so that an
+// audit shows them.
+func (t *Token) Keys(ctx context.Context) ([]KeyInfo, error) {
+	var infos []KeyInfo
+	err := t.do(ctx, "list keys", func(c *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
+		infos = infos[:0]
+		privs, err := findObjects(c, s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)})
+		if err != nil {
+			return err
+		}
+		pubs, err := findObjects(c, s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY)})
+		if err != nil {
+			return err
+		}
+		for _, h := range privs {
+			label, err := readAttr(c, s, h, pkcs11.CKA_LABEL)
+			if err != nil {
+				return fmt.Errorf("hsm: read key label: %w", err)
+			}
+			if _, _, ok := parseLabel(string(label)); !ok {
+				continue
+			}
+			info, _, err := describe(c, s, h, pubs)
+			if err != nil {
+				return err
+			}
+			infos = append(infos, info)
+		}
+		return nil
+	}, nil)
+	return infos, err
+}
+
+// DestroyKey destroys both objects of the key for (domain, selector).
+func (t *Token) DestroyKey(ctx context.Context, domain, selector string) error {
+	label, _, _, err := keyLabel(domain, selector)
+	if err != nil {
+		return err
+	}
+	destroyed := 0
+	err = t.do(ctx, "destroy "+label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
+		privs, pubs, err := findByLabel(c, s, label)
+		if err != nil {
+			return err
+		}
+		for _, h := range append(privs, pubs...) {
+			if err := c.DestroyObject(s, h); err != nil {
+				return fmt.Errorf("hsm: destroy object of %s: %w", label, err)
+			}
+			destroyed++
+		}
+		return nil
+	}, nil)
+	if err != nil {
+		return err
+	}
+	if destroyed == 0 {
+		return fmt.Errorf("hsm: %w: no key labelled %s in token %q", ErrKeyNotFound, label, t.Info().Label)
+	}
+	t.log.Info("key destroyed", "label", label, "objects", destroyed)
+	return nil
+}
+
+// sha256DigestInfo is the DER prefix of a DigestInfo for SHA-256 (RFC 8017
+// §9.2 note 1): CKM_RSA_PKCS over it plus the digest is PKCS#1 v1.5
+// signing of a hash the caller computed.
+var sha256DigestInfo = []byte{0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20}
+
+// Sign signs with the token key, bounded by the token's sign timeout. See
+// SignContext.
+func (k *Key) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), k.token.signTimeout)
+	defer cancel()
+	return k.SignContext(ctx, digest, opts)
+}
+
+// SignContext signs in the token. For RSA keys digest is a SHA-256 hash and
+// opts.HashFunc() is crypto.SHA256 (PKCS#1 v1.5). For Ed25519 keys
+// opts.HashFunc() is 0 and digest is the message itself (pure Ed25519;
+// DKIM's ed25519-sha256 passes the SHA-256 of the header data as the
+// message, RFC 8463). ctx bounds the wait for a session and the token
+// call; C_Sign cannot be interrupted, so on timeout the call finishes in
+// the background and its session returns to the pool then. Every
+// signature is verified against the public key before it is returned: a
+// faulty RSA-CRT signature would give the private key away.
+func (k *Key) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	var (
+		mech  uint
+		input []byte
+	)
+	switch k.pub.(type) {
+	case *rsa.PublicKey:
+		if _, pss := opts.(*rsa.PSSOptions); pss || opts.HashFunc() != crypto.SHA256 || len(digest) != 32 {
+			return nil, fmt.Errorf("hsm: %s: %w: RSA keys sign 32-byte SHA-256 digests with PKCS#1 v1.5", k.info.Label, ErrUnsupportedRequest)
+		}
+		mech, input = pkcs11.CKM_RSA_PKCS, append(bytes.Clone(sha256DigestInfo), digest...)
+	case ed25519.PublicKey:
+		if opts.HashFunc() != 0 {
+			return nil, fmt.Errorf("hsm: %s: %w: Ed25519 keys sign the message itself (HashFunc 0), not a %v digest", k.info.Label, ErrUnsupportedRequest, opts.HashFunc())
+		}
+		mech, input = ckmEdDSA, digest
+	default:
+		return nil, fmt.Errorf("hsm: %s: %w: unknown key type", k.info.Label, ErrUnsupportedRequest)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, k.token.signTimeout)
+		defer cancel()
+	}
+	type result struct {
+		sig []byte
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		sig, err := k.sign(ctx, mech, input)
+		done <- result{sig, err}
+	}()
+	var r result
+	select {
+	case r = <-done:
+	case <-ctx.Done():
+		return nil, temporary(fmt.Errorf("hsm: sign with %s: %w", k.info.Label, ctx.Err()))
+	}
+	if r.err != nil {
+		return nil, r.err
+	}
+	if err := k.verify(digest, r.sig); err != nil {
+		k.token.log.Error("token returned an invalid signature", "label", k.info.Label)
+		return nil, temporary(err)
+	}
+	return r.sig, nil
+}
+
+func (k *Key) sign(ctx context.Context, mech uint, input []byte) ([]byte, error) {
+	var sig []byte
+	err := k.token.do(ctx, "sign with "+k.info.Label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, epoch uint64) error {
+		h, err := k.handleFor(c, s, epoch)
+		if err != nil {
+			return err
+		}
+		if err := c.SignInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, h); err != nil {
+			return fmt.Errorf("hsm: sign with %s: %w", k.info.Label, err)
+		}
+		sig, err = c.Sign(s, input)
+		if err != nil {
+			return fmt.Errorf("hsm: sign with %s: %w", k.info.Label, err)
+		}
+		return nil
+	}, k.refind)
+	return sig, err
+}
+
+// handleFor returns the private key's handle in the connection epoch,
+// finding it again after a reconnect: handles do not survive a re-login.
+func (k *Key) handleFor(c *pkcs11.Ctx, s pkcs11.SessionHandle, epoch uint64) (pkcs11.ObjectHandle, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.epoch == epoch {
+		return k.handle, nil
+	}
+	privs, err := findObjects(c, s, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, k.info.Label),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, k.info.ID),
+	})
+	if err != nil {
+		return 0, err
+	}
+	if len(privs) != 1 {
+		return 0, fmt.Errorf("hsm: %s (id %x): %d private keys found: %w", k.info.Label, k.info.ID, len(privs), errKeyGone)
+	}
+	k.handle, k.epoch = privs[0], epoch
+	return k.handle, nil
+}
+
+// refind forgets the cached handle and finds it again, for recovery.
+func (k *Key) refind(ctx context.Context) error {
+	k.mu.Lock()
+	k.epoch = 0
+	k.mu.Unlock()
+	_, err := k.token.withSession(ctx, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, epoch uint64) error {
+		_, err := k.handleFor(c, s, epoch)
+		return err
+	})
+	return err
+}
+
+func (k *Key) verify(digest, sig []byte) error {
+	switch pub := k.pub.(type) {
+	case *rsa.PublicKey:
+		if rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest, sig) != nil {
+			return fmt.Errorf("hsm: sign with %s: %w", k.info.Label, ErrInvalidSignature)
+		}
+	case ed25519.PublicKey:
+		if !ed25519.Verify(pub, digest, sig) {
+			return fmt.Errorf("hsm: sign with %s: %w", k.info.Label, ErrInvalidSignature)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,108 @@
+package hsm
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/miekg/pkcs11"
+)
+
+// module is one loaded PKCS#11 library, shared by every Token of the
+// process that uses it: C_Initialize and C_Finalize act on the whole
+// process, so two independent owners would finalise the library under
+// each other (crypto11's Close does exactly that).
+type module struct {
+	path string
+	ctx  *pkcs11.Ctx
+
+	// mu is held for reading by every call into the library and for
+	// writing by re-initialisation: C_Finalize while another goroutine is
+	// inside a call crashes SoftHSM.
+	mu sync.RWMutex
+	// gen counts initialisations. Sessions, slot ids and object handles
+	// belong to one generation; a Token that sees a newer one reconnects.
+	gen uint64
+
+	refs int // guarded by modulesMu
+}
+
+var (
+	modulesMu sync.Mutex
+	modules   = map[string]*module{}
+)
+
+// acquireModule loads and initialises the library at path, or returns the
+// process's existing instance with one more reference.
+func acquireModule(path string) (*module, error) {
+	modulesMu.Lock()
+	defer modulesMu.Unlock()
+	if m := modules[path]; m != nil {
+		m.refs++
+		return m, nil
+	}
+	// pkcs11.New returns nil without a reason when dlopen fails, so say
+	// what is wrong with the path ourselves.
+	if _, err := os.Stat(path); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("hsm: %w: %s does not exist; install the vendor's PKCS#11 library (SoftHSM: apt-get install softhsm2) or fix module-path", ErrModuleNotFound, path)
+		}
+		return nil, fmt.Errorf("hsm: %w: %w", ErrModuleNotFound, err)
+	}
+	ctx := pkcs11.New(path)
+	if ctx == nil {
+		return nil, fmt.Errorf("hsm: %w: %s is not a loadable PKCS#11 library (dlopen failed or it has no C_GetFunctionList)", ErrModuleNotFound, path)
+	}
+	// Initialize keeps miekg's default CKF_OS_LOCKING_OK: without it
+	// concurrent calls crash SoftHSM.
+	if err := ctx.Initialize(); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
+		ctx.Destroy()
+		return nil, temporary(fmt.Errorf("hsm: initialise PKCS#11 module %s: %w", path, err))
+	}
+	m := &module{path: path, ctx: ctx, gen: 1, refs: 1}
+	modules[path] = m
+	return m, nil
+}
+
+// release drops a reference; the last one finalises and unloads the
+// library.
+func (m *module) release() {
+	modulesMu.Lock()
+	defer modulesMu.Unlock()
+	m.refs--
+	if m.refs > 0 {
+		return
+	}
+	delete(modules, m.path)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_ = m.ctx.Finalize()
+	m.ctx.Destroy()
+}
+
+// generation returns the current initialisation count.
+func (m *module) generation() uint64 {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.gen
+}
+
+// reinitialize finalises and initialises the library again, unless
+// another caller already did so since seen: a whole pool of goroutines
+// hitting a lost device must cause one re-initialisation, not one each.
+func (m *module) reinitialize(seen uint64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.gen != seen {
+		return nil
+	}
+	// Every session and handle of the old generation is void from here on,
+	// whether or not the calls below succeed.
+	m.gen++
+	_ = m.ctx.Finalize()
+	if err := m.ctx.Initialize(); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
+		return fmt.Errorf("hsm: re-initialise PKCS#11 module %s: %w", m.path, err)
+	}
+	return nil
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# make bench: Go benchmarks of every package, the raw-crypto baseline
+# from the same run, and the end-to-end measurements in scripts/bench.d/.
+# Prints everything and keeps a copy in bench-results/<date>.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p bench-results
+out="bench-results/$(date -u +%Y%m%dT%H%M%SZ).txt"
+BENCHTIME=${BENCHTIME:-2s}
+{
+  echo "# dkimgw benchmarks, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "# machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+  echo "# $(go version)"
+  echo
+  echo "## go test -run '^\$' -bench . -benchtime $BENCHTIME ./..."
+  go test -run '^$' -bench . -benchtime "$BENCHTIME" ./... 2>&1 | grep -E '^(Benchmark|ok|FAIL|pkg:|---)' || true
+  echo
+  echo "## openssl speed -seconds 3 rsa2048 ed25519 (raw OpenSSL, no token; 1 process)"
+  openssl speed -seconds 3 rsa2048 ed25519 2>/dev/null | grep -E 'sign/s|^rsa 2048|Ed25519' || true
+  for script in scripts/bench.d/*.sh; do
+    [ -e "$script" ] || continue
+    echo
+    echo "## $script"
+    bash "$script"
+  done
+} 2>&1 | tee "$out"
+echo "saved in $out" >&2

@@ -1,0 +1,8 @@
+// Package testenv starts the real things dkimgw's tests run against: a
+// SoftHSM token of each test's own, the independent DKIM verifiers, SMTP
+// sinks and a throwaway Postfix. It is imported only by _test.go files.
+//
+// A helper whose component is missing skips the test, except when the
+// environment has CI=true: there a missing component fails the test, so
+// that CI can never pass by testing nothing.
+package testenv
