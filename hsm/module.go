@@ -34,35 +34,35 @@ var (
 )
 
 // acquireModule loads and initialises the library at path, or returns the
-// process's existing instance with one more reference.
-func acquireModule(path string) (*module, error) {
+// process's existing instance with one more reference; fresh tells which.
+func acquireModule(path string) (m *module, fresh bool, err error) {
 	modulesMu.Lock()
 	defer modulesMu.Unlock()
 	if m := modules[path]; m != nil {
 		m.refs++
-		return m, nil
+		return m, false, nil
 	}
 	// pkcs11.New returns nil without a reason when dlopen fails, so say
 	// what is wrong with the path ourselves.
 	if _, err := os.Stat(path); err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("hsm: %w: %s does not exist; install the vendor's PKCS#11 library (SoftHSM: apt-get install softhsm2) or fix module-path", ErrModuleNotFound, path)
+			return nil, false, fmt.Errorf("hsm: %w: %s does not exist; install the vendor's PKCS#11 library (SoftHSM: apt-get install softhsm2) or fix module-path", ErrModuleNotFound, path)
 		}
-		return nil, fmt.Errorf("hsm: %w: %w", ErrModuleNotFound, err)
+		return nil, false, fmt.Errorf("hsm: %w: %w", ErrModuleNotFound, err)
 	}
 	ctx := pkcs11.New(path)
 	if ctx == nil {
-		return nil, fmt.Errorf("hsm: %w: %s is not a loadable PKCS#11 library (dlopen failed or it has no C_GetFunctionList)", ErrModuleNotFound, path)
+		return nil, false, fmt.Errorf("hsm: %w: %s is not a loadable PKCS#11 library (dlopen failed or it has no C_GetFunctionList)", ErrModuleNotFound, path)
 	}
 	// Initialize keeps miekg's default CKF_OS_LOCKING_OK: without it
 	// concurrent calls crash SoftHSM.
 	if err := ctx.Initialize(); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
 		ctx.Destroy()
-		return nil, temporary(fmt.Errorf("hsm: initialise PKCS#11 module %s: %w", path, err))
+		return nil, false, temporary(fmt.Errorf("hsm: initialise PKCS#11 module %s: %w", path, err))
 	}
-	m := &module{path: path, ctx: ctx, gen: 1, refs: 1}
+	m = &module{path: path, ctx: ctx, gen: 1, refs: 1}
 	modules[path] = m
-	return m, nil
+	return m, true, nil
 }
 
 // release drops a reference; the last one finalises and unloads the

@@ -121,13 +121,14 @@ func Open(ctx context.Context, rawURI string, opts Options) (*Token, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	t.mod, err = acquireModule(uri.ModulePath)
+	var fresh bool
+	t.mod, fresh, err = acquireModule(uri.ModulePath)
 	if err != nil {
 		return nil, err
 	}
 	gen := t.mod.generation()
 	err = t.connect()
-	if errors.Is(err, ErrTokenNotFound) && gen > 0 {
+	if errors.Is(err, ErrTokenNotFound) && !fresh {
 		// The library reads its token list at C_Initialize (SoftHSM does):
 		// a token created since then, by softhsm2-util or an HSM admin, is
 		// only seen after a re-initialisation. Other Tokens of this process
