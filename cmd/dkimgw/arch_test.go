@@ -1,0 +1,40 @@
+package main
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestDependenciesPointDown enforces DESIGN.md's package graph: only the
+// command wires the token and DNS in; the signer, the relay, the policy
+// and the rotation logic know crypto.Signer and their own small
+// interfaces, never PKCS#11 or DNS libraries.
+func TestDependenciesPointDown(t *testing.T) {
+	forbidden := []string{
+		"github.com/dkimgw/dkimgw/hsm",
+		"github.com/dkimgw/dkimgw/dnspub",
+		"github.com/dkimgw/dkimgw/cmd/dkimgw",
+		"github.com/miekg/pkcs11",
+		"github.com/ThalesGroup/crypto11",
+	}
+	for _, pkg := range []string{"signer", "policy", "smtpproxy", "rotation"} {
+		if _, err := os.Stat(filepath.Join("..", "..", pkg)); err != nil {
+			continue // not written yet
+		}
+		path := "github.com/dkimgw/dkimgw/" + pkg
+		out, err := exec.Command("go", "list", "-deps", path).CombinedOutput()
+		if err != nil {
+			t.Fatalf("go list -deps %s: %v\n%s", path, err, out)
+		}
+		for dep := range strings.FieldsSeq(string(out)) {
+			for _, f := range forbidden {
+				if dep == f {
+					t.Errorf("%s depends on %s", path, f)
+				}
+			}
+		}
+	}
+}
