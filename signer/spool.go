@@ -1,0 +1,622 @@
+package signer
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"strings"
+	"sync"
+)
+
+// Defaults for SpoolOptions.
+const (
+	// DefaultMemoryLimit keeps typical campaign mail (tens of kilobytes)
+	// and most messages with attachments off the disk, while a gateway
+	// with a few hundred transactions in flight stays within a few
+	// hundred megabytes.
+	DefaultMemoryLimit = 1 << 20
+
+	// DefaultMaxHeaderBytes bounds the header section. Real header
+	// sections are a few kilobytes; a megabyte is far beyond any
+	// legitimate one and still cheap to hold in memory.
+	DefaultMaxHeaderBytes = 1 << 20
+
+	// maxLineOctets is RFC 5322 §2.1.1's limit on a line, without CRLF.
+	maxLineOctets = 998
+
+	// readChunk is the size of each read from the input.
+	readChunk = 32 << 10
+
+	// memChunk is the size of the pieces a message in memory is kept in.
+	memChunk = 64 << 10
+)
+
+// ErrTooLarge is returned (wrapped) by Spool when the normalised message
+// exceeds SpoolOptions.MaxMessageBytes. SMTP answers it with 552 5.3.4.
+var ErrTooLarge = errors.New("signer: message too large")
+
+// RefusedError reports a message that must not be signed: it is
+// malformed in a way that makes a signature meaningless or unverifiable.
+// Retrying cannot help; SMTP answers it with 550 5.6.0.
+type RefusedError struct {
+	// Reason says what is wrong, for a person: it goes into the SMTP
+	// reply and onto stderr. It names lines and field names, and may
+	// quote the From domain, but never the message's other content.
+	Reason string
+}
+
+func (e *RefusedError) Error() string { return "message refused: " + e.Reason }
+
+func refusef(format string, args ...any) error {
+	return &RefusedError{Reason: fmt.Sprintf(format, args...)}
+}
+
+// SpoolOptions configures Spool. The zero value is ready to use.
+type SpoolOptions struct {
+	// Dir is where a message over MemoryLimit is spooled. Empty means
+	// os.TempDir().
+	Dir string
+	// MemoryLimit is the largest normalised message kept in memory;
+	// larger ones go to a temporary file. Zero or less means
+	// DefaultMemoryLimit.
+	MemoryLimit int64
+	// MaxHeaderBytes bounds the header section (with its line endings).
+	// Zero or less means DefaultMaxHeaderBytes.
+	MaxHeaderBytes int
+	// MaxMessageBytes bounds the normalised message. Zero or less means no
+	// limit.
+	MaxMessageBytes int64
+}
+
+// Message is a spooled, normalised message ready to be signed. Its bytes
+// are the input's with every line ending CRLF; Sign and WriteSigned read
+// them. Close it when done. A Message is safe for concurrent use.
+type Message struct {
+	fields     []headerField
+	fromDomain string
+	bodyHash   []byte // SHA-256 of the relaxed-canonical body (RFC 6376 §3.4.4)
+	size       int64
+
+	mu     sync.Mutex
+	closed bool
+	mem    [][]byte // the whole message in memChunk pieces, when it fits in memory
+	file   *os.File // the whole message, when it does not
+	path   string   // the file's name, if it could not be unlinked at once
+}
+
+// headerField is one field of the header section as it was received
+// (normalised to CRLF), continuation lines included.
+type headerField struct {
+	name string // as written, e.g. "Subject"; matched case-insensitively
+	raw  string // "Subject: hello\r\n world\r\n"
+}
+
+// FromDomain returns the domain of the From field's address: lower-case,
+// without a trailing dot, in IDNA A-label form.
+func (m *Message) FromDomain() string { return m.fromDomain }
+
+// Size returns the size of the normalised message in bytes (without any
+// DKIM-Signature fields Sign makes).
+func (m *Message) Size() int64 { return m.size }
+
+// Open returns a new reader over the normalised message. It may be called
+// any number of times, also concurrently; each reader is independent.
+func (m *Message) Open() (io.ReadCloser, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch {
+	case m.closed:
+		return nil, errors.New("signer: message already closed")
+	case m.file != nil:
+		// ReadAt does not move the file offset, so readers do not
+		// interfere with one another.
+		return io.NopCloser(io.NewSectionReader(m.file, 0, m.size)), nil
+	default:
+		rs := make([]io.Reader, len(m.mem))
+		for i, c := range m.mem {
+			rs[i] = bytes.NewReader(c)
+		}
+		return io.NopCloser(io.MultiReader(rs...)), nil
+	}
+}
+
+// Close releases the message's memory and its temporary file. It is
+// idempotent. Readers from Open fail after Close.
+func (m *Message) Close() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil
+	}
+	m.closed = true
+	m.mem = nil
+	var errs []error
+	if m.file != nil {
+		if err := m.file.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("signer: close spool file: %w", err))
+		}
+		m.file = nil
+	}
+	if m.path != "" {
+		if err := os.Remove(m.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("signer: remove spool file: %w", err))
+		}
+		m.path = ""
+	}
+	return errors.Join(errs...)
+}
+
+// Spool reads a whole message from r, as a stream, and returns it
+// normalised and checked, ready for Sign.
+//
+// Normalisation: a bare LF or a lone CR becomes CRLF, as SMTP requires; a
+// last line without a line ending gets a CRLF, and a message that ends
+// inside its header section gets the empty line that ends it, so that
+// every verifier sees the same message. Nothing else changes.
+//
+// The message stays in memory up to opts.MemoryLimit and goes to a
+// temporary file (mode 0600) in opts.Dir beyond that. The file is unlinked
+// as soon as it is created where the system allows it, so that nothing is
+// left behind even by a crash; otherwise Close removes it. An error
+// removes it too.
+//
+// Spool returns a *RefusedError if the message must not be signed: no
+// From field or more than one, a From without a parseable domain, NUL or
+// other control characters in the header section, a header section over
+// opts.MaxHeaderBytes, a header line over 998 octets, or a header line
+// that is not a field. It stops reading at the first such problem. A
+// message over opts.MaxMessageBytes gives an error matching ErrTooLarge,
+// also as soon as the limit is passed. Any other error (reading r, the
+// temporary file, ctx) is not the message's fault: retrying may succeed.
+func Spool(ctx context.Context, r io.Reader, opts SpoolOptions) (*Message, error) {
+	if opts.Dir == "" {
+		opts.Dir = os.TempDir()
+	}
+	if opts.MemoryLimit <= 0 {
+		opts.MemoryLimit = DefaultMemoryLimit
+	}
+	if opts.MaxHeaderBytes <= 0 {
+		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
+	}
+	s := &spooler{opts: opts, body: newRelaxedBody(sha256.New())}
+	m, err := s.run(ctx, r)
+	if err != nil {
+		s.discard()
+		return nil, err
+	}
+	return m, nil
+}
+
+// spooler carries the state of one Spool call: the line-ending
+// normaliser, the header parser, the body hasher and the store.
+type spooler struct {
+	opts SpoolOptions
+
+	pendingCR bool  // the last input byte was a CR whose fate the next byte decides
+	size      int64 // normalised bytes so far
+	lastLF    bool  // the last normalised byte was LF (or nothing was written yet)
+
+	// Header section state.
+	inBody      bool
+	headerBytes int
+	lineNo      int
+	line        []byte // the current header line, without its CRLF
+	fields      []headerField
+	field       []byte // the current field's raw text, until the next field starts
+
+	body *relaxedBody
+
+	// Store.
+	mem     [][]byte
+	memSize int64
+	file    *os.File
+	path    string
+	w       *bufio.Writer
+}
+
+var crlf = []byte("\r\n")
+
+// readBuffers recycles Spool's read buffers: a gateway spools many small
+// messages, and a fresh 32 KiB buffer for each is most of the garbage.
+var readBuffers = sync.Pool{New: func() any { b := make([]byte, readChunk); return &b }}
+
+func (s *spooler) run(ctx context.Context, r io.Reader) (*Message, error) {
+	s.lastLF = true
+	bp := readBuffers.Get().(*[]byte)
+	defer readBuffers.Put(bp)
+	buf := *bp
+	for {
+		// A blocked Read cannot be interrupted, but a cancelled
+		// transaction should not keep spooling a long message.
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("signer: spool message: %w", err)
+		}
+		n, rerr := r.Read(buf)
+		if n > 0 {
+			if err := s.write(buf[:n]); err != nil {
+				return nil, err
+			}
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			return nil, fmt.Errorf("signer: read message: %w", rerr)
+		}
+	}
+	return s.finish()
+}
+
+// write normalises p's line endings and passes the result on to emit in
+// runs as long as possible: input that already uses CRLF passes through
+// in one piece.
+func (s *spooler) write(p []byte) error {
+	for len(p) > 0 {
+		if s.pendingCR {
+			// CRLF, or a lone CR: either way one CRLF.
+			s.pendingCR = false
+			if err := s.emit(crlf); err != nil {
+				return err
+			}
+			if p[0] == '\n' {
+				p = p[1:]
+			}
+			continue
+		}
+		// Find the first line ending that is not a complete CRLF.
+		i := 0
+		for {
+			j := bytes.IndexAny(p[i:], "\r\n")
+			if j < 0 {
+				i = len(p)
+				break
+			}
+			i += j
+			if p[i] == '\r' && i+1 < len(p) && p[i+1] == '\n' {
+				i += 2
+				continue
+			}
+			break
+		}
+		if i > 0 {
+			if err := s.emit(p[:i]); err != nil {
+				return err
+			}
+		}
+		if i == len(p) {
+			return nil
+		}
+		if p[i] == '\n' { // bare LF
+			if err := s.emit(crlf); err != nil {
+				return err
+			}
+		} else { // CR at the end of p, or a lone CR
+			s.pendingCR = true
+		}
+		p = p[i+1:]
+	}
+	return nil
+}
+
+// emit takes normalised bytes: every CR in p is followed by LF in p.
+func (s *spooler) emit(p []byte) error {
+	s.size += int64(len(p))
+	if s.opts.MaxMessageBytes > 0 && s.size > s.opts.MaxMessageBytes {
+		return fmt.Errorf("signer: message exceeds %d bytes: %w", s.opts.MaxMessageBytes, ErrTooLarge)
+	}
+	s.lastLF = p[len(p)-1] == '\n'
+	if err := s.store(p); err != nil {
+		return err
+	}
+	if !s.inBody {
+		var err error
+		if p, err = s.header(p); err != nil {
+			return err
+		}
+	}
+	if len(p) > 0 {
+		s.body.Write(p)
+	}
+	return nil
+}
+
+// header parses p as part of the header section and returns what follows
+// the section's end, if p contains it.
+func (s *spooler) header(p []byte) ([]byte, error) {
+	for len(p) > 0 {
+		i := bytes.IndexByte(p, '\n')
+		chunk := p
+		if i >= 0 {
+			chunk = p[:i+1]
+		}
+		s.headerBytes += len(chunk)
+		if s.headerBytes > s.opts.MaxHeaderBytes {
+			return nil, refusef("header section exceeds %d bytes", s.opts.MaxHeaderBytes)
+		}
+		if i < 0 {
+			if len(s.line)+len(p) > maxLineOctets {
+				return nil, refusef("line %d of the header section exceeds %d octets", s.lineNo+1, maxLineOctets)
+			}
+			s.line = append(s.line, p...)
+			return nil, nil
+		}
+		// chunk ends in CRLF; the CR is the byte before the LF.
+		content := chunk[:len(chunk)-2]
+		if len(s.line)+len(content) > maxLineOctets {
+			return nil, refusef("line %d of the header section exceeds %d octets", s.lineNo+1, maxLineOctets)
+		}
+		s.line = append(s.line, content...)
+		p = p[i+1:]
+		if err := s.headerLine(); err != nil {
+			return nil, err
+		}
+		if s.inBody {
+			return p, nil
+		}
+	}
+	return nil, nil
+}
+
+// headerLine handles the complete header line in s.line.
+func (s *spooler) headerLine() error {
+	s.lineNo++
+	line := s.line
+	s.line = s.line[:0]
+	if len(line) == 0 {
+		s.endField()
+		s.inBody = true
+		return nil
+	}
+	for _, c := range line {
+		// Bytes of 0x80 and above are UTF-8 (RFC 6532) or legacy 8-bit
+		// text: both are signed as they are. Controls have no business
+		// in a header and make verifiers disagree.
+		if c == 0 {
+			return refusef("line %d of the header section contains a NUL byte", s.lineNo)
+		}
+		if (c < 0x20 && c != '\t') || c == 0x7f {
+			return refusef("line %d of the header section contains control character 0x%02x", s.lineNo, c)
+		}
+	}
+	if line[0] == ' ' || line[0] == '\t' {
+		if len(s.field) == 0 {
+			return refusef("the header section starts with a continuation line")
+		}
+		s.field = append(append(s.field, line...), '\r', '\n')
+		return nil
+	}
+	colon := bytes.IndexByte(line, ':')
+	if colon < 0 {
+		return refusef("line %d of the header section is not a header field (no colon)", s.lineNo)
+	}
+	name := line[:colon]
+	if len(name) == 0 {
+		return refusef("line %d of the header section has an empty field name", s.lineNo)
+	}
+	if n := bytes.TrimRight(name, " \t"); len(n) != len(name) {
+		// Obsolete syntax (RFC 5322 §4.5) that dkimpy, for one, rejects
+		// outright: a signature over it would fail at some receivers.
+		return refusef("header field %q has whitespace before its colon", n)
+	}
+	for _, c := range name {
+		if c < 33 || c > 126 { // RFC 5322 §2.2 ftext
+			return refusef("line %d of the header section is not a header field (invalid character in its name)", s.lineNo)
+		}
+	}
+	s.endField()
+	s.field = append(append(s.field, line...), '\r', '\n')
+	return nil
+}
+
+// endField appends the field being read, if any, to s.fields. Fields
+// are collected in a buffer rather than by string concatenation, which
+// would make a field of many continuation lines cost quadratic time.
+func (s *spooler) endField() {
+	if len(s.field) == 0 {
+		return
+	}
+	raw := string(s.field)
+	name, _, _ := strings.Cut(raw, ":")
+	s.fields = append(s.fields, headerField{name: name, raw: raw})
+	s.field = s.field[:0]
+}
+
+// store keeps p in memory or, past the memory limit, in the spool file.
+func (s *spooler) store(p []byte) error {
+	if s.w == nil {
+		if s.memSize+int64(len(p)) <= s.opts.MemoryLimit {
+			s.memSize += int64(len(p))
+			// Fixed-size pieces: growing one slice would copy the
+			// message again and again and overshoot the limit.
+			for len(p) > 0 {
+				if n := len(s.mem); n == 0 || len(s.mem[n-1]) == cap(s.mem[n-1]) {
+					// Small first, as most messages are.
+					size := 8 << 10
+					if n > 0 {
+						size = min(memChunk, 2*cap(s.mem[n-1]))
+					}
+					s.mem = append(s.mem, make([]byte, 0, size))
+				}
+				last := &s.mem[len(s.mem)-1]
+				k := min(len(p), cap(*last)-len(*last))
+				*last = append(*last, p[:k]...)
+				p = p[k:]
+			}
+			return nil
+		}
+		if err := s.createFile(); err != nil {
+			return err
+		}
+		for _, c := range s.mem {
+			if _, err := s.w.Write(c); err != nil {
+				return fmt.Errorf("signer: write spool file: %w", err)
+			}
+		}
+		s.mem = nil
+	}
+	if _, err := s.w.Write(p); err != nil {
+		return fmt.Errorf("signer: write spool file: %w", err)
+	}
+	return nil
+}
+
+func (s *spooler) createFile() error {
+	f, err := os.CreateTemp(s.opts.Dir, "dkimgw-spool-*") // mode 0600
+	if err != nil {
+		return fmt.Errorf("signer: create spool file: %w", err)
+	}
+	s.file = f
+	// An unlinked file cannot be left behind. Where unlinking an open
+	// file is not allowed (Windows), Close removes it by name.
+	if err := os.Remove(f.Name()); err != nil {
+		s.path = f.Name()
+	}
+	s.w = bufio.NewWriterSize(f, 64<<10)
+	return nil
+}
+
+// discard releases the store after a failed Spool.
+func (s *spooler) discard() {
+	s.mem = nil
+	if s.file != nil {
+		_ = s.file.Close() // the message is abandoned; its bytes do not matter
+	}
+	if s.path != "" {
+		_ = os.Remove(s.path) // best effort: the Spool error is what the caller needs
+	}
+}
+
+// finish completes normalisation at EOF and checks the header section.
+func (s *spooler) finish() (*Message, error) {
+	if s.pendingCR {
+		s.pendingCR = false
+		if err := s.emit(crlf); err != nil {
+			return nil, err
+		}
+	}
+	if !s.lastLF {
+		if err := s.emit(crlf); err != nil {
+			return nil, err
+		}
+	}
+	if !s.inBody && s.size > 0 {
+		if err := s.emit(crlf); err != nil {
+			return nil, err
+		}
+	}
+	domain, err := fromDomain(s.fields)
+	if err != nil {
+		return nil, err
+	}
+	if s.w != nil {
+		if err := s.w.Flush(); err != nil {
+			return nil, fmt.Errorf("signer: write spool file: %w", err)
+		}
+	}
+	return &Message{
+		fields:     s.fields,
+		fromDomain: domain,
+		bodyHash:   s.body.Sum(),
+		size:       s.size,
+		mem:        s.mem,
+		file:       s.file,
+		path:       s.path,
+	}, nil
+}
+
+// relaxedBody hashes a CRLF-normalised body in the "relaxed" body
+// canonicalization (RFC 6376 §3.4.4): whitespace at the end of a line is
+// dropped, runs of whitespace become one SP, and empty lines at the end
+// are dropped. Unlike go-msgauth's, it counts pending empty lines instead
+// of buffering them, so its memory does not grow with the input.
+type relaxedBody struct {
+	h          hash.Hash
+	out        []byte // canonical bytes waiting to be hashed
+	blankLines int    // empty lines seen but not yet known not to be trailing
+	wsp        bool   // whitespace seen that needs an SP if the line goes on
+	content    bool   // the current line has content
+}
+
+func newRelaxedBody(h hash.Hash) *relaxedBody {
+	return &relaxedBody{h: h, out: make([]byte, 0, 4<<10)}
+}
+
+// Write takes normalised bytes (CR occurs only before LF) and never fails.
+func (b *relaxedBody) Write(p []byte) {
+	for i := 0; i < len(p); {
+		switch p[i] {
+		case ' ', '\t':
+			b.wsp = true
+			i++
+			continue
+		case '\r':
+			// Always followed by LF, which ends the line.
+			i++
+			continue
+		case '\n':
+			b.wsp = false
+			if b.content {
+				b.out = append(b.out, '\r', '\n')
+				b.content = false
+			} else {
+				b.blankLines++
+			}
+			b.flushIfFull()
+			i++
+			continue
+		}
+		// A run of ordinary bytes: everything up to the next whitespace
+		// or line ending is hashed as it is.
+		j := i + 1
+		for j < len(p) && !bodySpecial[p[j]] {
+			j++
+		}
+		for ; b.blankLines > 0; b.blankLines-- {
+			b.out = append(b.out, '\r', '\n')
+			b.flushIfFull()
+		}
+		if b.wsp {
+			b.out = append(b.out, ' ')
+			b.wsp = false
+		}
+		if len(b.out)+(j-i) > cap(b.out) {
+			b.h.Write(b.out) // hash.Hash.Write never fails
+			b.out = b.out[:0]
+		}
+		if j-i > cap(b.out) {
+			b.h.Write(p[i:j])
+		} else {
+			b.out = append(b.out, p[i:j]...)
+		}
+		b.content = true
+		i = j
+	}
+}
+
+// bodySpecial marks the bytes relaxed body canonicalization treats
+// specially.
+var bodySpecial = [256]bool{' ': true, '\t': true, '\r': true, '\n': true}
+
+func (b *relaxedBody) flushIfFull() {
+	if len(b.out) >= cap(b.out)-2 {
+		b.h.Write(b.out) // hash.Hash.Write never fails
+		b.out = b.out[:0]
+	}
+}
+
+// Sum returns the body hash. A last line without CRLF is completed as
+// RFC 6376 §3.4.4 asks; trailing empty lines are not hashed.
+func (b *relaxedBody) Sum() []byte {
+	if b.content {
+		b.out = append(b.out, '\r', '\n')
+	}
+	b.h.Write(b.out)
+	b.out = b.out[:0]
+	return b.h.Sum(nil)
+}
