@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# make demo: dkimgw end to end on this machine, nothing outside loopback.
+#
+#   1. a SoftHSM token with an RSA-2048 and an Ed25519 key generated in it
+#   2. their records published in a real BIND serving demo.example
+#   3. `dkimgw sign` of a campaign message, verified through that DNS
+#   4. `dkimgw serve` relaying a message from an SMTP client to an
+#      upstream MTA (Postfix's smtp-sink), where it arrives signed and
+#      verifies through DNS; then a graceful SIGTERM
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=$PWD/bin/dkimgw
+DOMAIN=demo.example
+PY=/usr/bin/python3
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { # wait_port PORT NAME PID
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    kill -0 "$3" 2>/dev/null || { echo "$2 exited before listening" >&2; return 1; }
+    sleep 0.1
+  done
+  echo "$2 did not listen on port $1" >&2; return 1
+}
+
+work=$(mktemp -d /tmp/dkimgw-demo.XXXXXX)
+chmod 755 "$work" # smtp-sink writes its dumps as user postfix
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+say "1. A SoftHSM token, keys generated inside it"
+export SOFTHSM2_CONF=$work/softhsm2.conf
+mkdir "$work/tokens"
+printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$SOFTHSM2_CONF"
+softhsm2-util --init-token --free --label dkimgw-demo --pin 4321 --so-pin 87654321 >/dev/null
+printf '4321\n' > "$work/pin"; chmod 600 "$work/pin"
+export DKIMGW_HSM="pkcs11:token=dkimgw-demo?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:$work/pin"
+echo "DKIMGW_HSM=$DKIMGW_HSM"
+set -x
+"$BIN" keys generate --domain $DOMAIN --selector rsa2026 --algorithm rsa-2048 > "$work/records.zone"
+"$BIN" keys generate --domain $DOMAIN --selector ed2026 --algorithm ed25519 >> "$work/records.zone"
+"$BIN" keys list
+{ set +x; } 2>/dev/null
+echo "pkcs11-tool's own view of the private keys:"
+pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --token-label dkimgw-demo --login --pin 4321 --list-objects --type privkey 2>/dev/null | sed 's/^/  /'
+
+say "2. The records, published by a real BIND on loopback"
+dns_port=$(free_port)
+mkdir "$work/named"
+cat > "$work/named/$DOMAIN.zone" <<ZONE
+\$ORIGIN $DOMAIN.
+\$TTL 300
+@  IN SOA ns.$DOMAIN. hostmaster.$DOMAIN. 1 3600 600 86400 300
+@  IN NS  ns.$DOMAIN.
+ns IN A   127.0.0.1
+$(cat "$work/records.zone")
+ZONE
+cat > "$work/named/named.conf" <<CONF
+options {
+  directory "$work/named";
+  pid-file "$work/named/named.pid";
+  session-keyfile "$work/named/session.key";
+  managed-keys-directory "$work/named";
+  listen-on port $dns_port { 127.0.0.1; };
+  listen-on-v6 { none; };
+  recursion no;
+};
+controls { };
+zone "$DOMAIN" { type primary; file "$work/named/$DOMAIN.zone"; };
+CONF
+named-checkzone $DOMAIN "$work/named/$DOMAIN.zone" | sed 's/^/  /'
+named -g -c "$work/named/named.conf" > "$work/named/named.log" 2>&1 &
+pids+=($!)
+wait_port "$dns_port" named $! || { cat "$work/named/named.log"; exit 1; }
+for _ in $(seq 50); do dig +short -p "$dns_port" @127.0.0.1 ed2026._domainkey.$DOMAIN TXT | grep -q DKIM1 && break; sleep 0.1; done
+dig +short -p "$dns_port" @127.0.0.1 rsa2026._domainkey.$DOMAIN TXT | sed 's/^/  /'
+dig +short -p "$dns_port" @127.0.0.1 ed2026._domainkey.$DOMAIN TXT | sed 's/^/  /'
+
+say "3. dkimgw sign, dual-signed, verified through that DNS"
+cat > "$work/campaign.eml" <<'MSG'
+From: "Demo News" <news@demo.example>
+To: reader@example.net
+Subject: =?UTF-8?Q?November_offers_=E2=9C=93?=
+Date: Mon, 30 Nov 2026 10:00:00 +0000
+Message-ID: <demo-1@demo.example>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+List-Unsubscribe: <https://demo.example/u/1>, <mailto:unsub@demo.example?subject=1>
+List-Unsubscribe-Post: List-Unsubscribe=One-Click
+
+Hello reader,
+
+this message was signed inside a PKCS#11 token.
+.a line that starts with a dot
+MSG
+set -x
+"$BIN" sign --domain $DOMAIN --selector rsa2026 --selector ed2026 < "$work/campaign.eml" > "$work/campaign.signed.eml"
+{ set +x; } 2>/dev/null
+sed -n '/^DKIM-Signature/,/^From:/p' "$work/campaign.signed.eml" | sed '$d' | sed 's/^/  /'
+"$PY" scripts/demo-verify.py 127.0.0.1 "$dns_port" "$work/campaign.signed.eml"
+perl scripts/demo-verify.pl 127.0.0.1 "$dns_port" "$work/campaign.signed.eml"
+echo "From a domain it may not sign:"
+sed 's/news@demo.example/news@other.example/' "$work/campaign.eml" | "$BIN" sign --domain $DOMAIN --selector rsa2026 >/dev/null || echo "  refused, exit status $?"
