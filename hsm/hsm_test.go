@@ -564,3 +564,22 @@ func TestSignRefusesWrongRequests(t *testing.T) {
 		}
 	}
 }
+
+func TestClosedToken(t *testing.T) {
+	t.Parallel()
+	tok, _, _ := openToken(t, "")
+	key, err := tok.GenerateKey(t.Context(), "example.com", "r", hsm.Ed25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tok.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tok.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	digest := sha256.Sum256([]byte("x"))
+	if _, err := key.Sign(rand.Reader, digest[:], crypto.Hash(0)); !errors.Is(err, hsm.ErrClosed) {
+		t.Fatalf("sign after Close: got %v, want ErrClosed", err)
+	}
+}
