@@ -47,6 +47,7 @@ func commands() []*command {
 	return []*command{
 		keysCommand,
 		signCommand,
+		serveCommand, configCommand,
 	}
 }
 

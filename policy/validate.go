@@ -1,0 +1,435 @@
+package policy
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"maps"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+)
+
+type validator struct {
+	file     string
+	loc      locator
+	dir      string
+	readFile func(string) ([]byte, error)
+	errs     []error
+}
+
+func (v *validator) errorf(path []any, format string, args ...any) {
+	v.errs = append(v.errs, &Error{File: v.file, Line: v.loc.line(path...), Msg: fmt.Sprintf(format, args...)})
+}
+
+func at(path ...any) []any { return path }
+
+// path resolves a file name from the configuration against its directory.
+func (v *validator) path(name string) string {
+	if name == "" || filepath.IsAbs(name) {
+		return name
+	}
+	return filepath.Join(v.dir, name)
+}
+
+func (v *validator) validate(c *Config) {
+	v.validateHSM(c)
+	v.validateSMTP(c)
+	v.validateUpstream(c)
+	v.validateSpool(c)
+	v.validateLog(c)
+	v.validateDomains(c)
+	v.validateClients(c)
+
+	switch c.OnTokenError {
+	case TokenErrorTempfail, TokenErrorRelayUnsigned:
+	default:
+		v.errorf(at("on_token_error"), "on_token_error: unknown value %q (want tempfail or relay-unsigned)", c.OnTokenError)
+	}
+	switch c.OnUnauthorized {
+	case UnauthorizedReject, UnauthorizedRelayUnsigned:
+	default:
+		v.errorf(at("on_unauthorized"), "on_unauthorized: unknown value %q (want reject or relay-unsigned)", c.OnUnauthorized)
+	}
+	v.positive(at("shutdown_grace"), "shutdown_grace", c.ShutdownGrace)
+}
+
+func (v *validator) validateHSM(c *Config) {
+	switch {
+	case c.HSM.URI == "":
+		v.errorf(at("hsm"), "hsm.uri is required (an RFC 7512 pkcs11: URI naming the token)")
+	case !strings.HasPrefix(strings.ToLower(c.HSM.URI), "pkcs11:"):
+		// Do not echo the value: it may hold a PIN.
+		v.errorf(at("hsm", "uri"), "hsm.uri must be an RFC 7512 URI starting with \"pkcs11:\"")
+	}
+}
+
+func (v *validator) validateSMTP(c *Config) {
+	s := &c.SMTP
+	v.hostPort(at("smtp", "listen"), "smtp.listen", s.Listen, true)
+	if s.Hostname != "" && !validDomain(strings.TrimSuffix(s.Hostname, ".")) {
+		v.errorf(at("smtp", "hostname"), "smtp.hostname %q is not a valid host name", s.Hostname)
+	}
+	if s.MaxMessageBytes < 1024 || s.MaxMessageBytes > 1<<32-1 {
+		// SIZE (RFC 1870) values are parsed as 32-bit by many clients.
+		v.errorf(at("smtp", "max_message_bytes"), "smtp.max_message_bytes must be between 1024 and %d, not %d", int64(1<<32-1), s.MaxMessageBytes)
+	}
+	if s.MaxRecipients < 1 {
+		v.errorf(at("smtp", "max_recipients"), "smtp.max_recipients must be at least 1, not %d", s.MaxRecipients)
+	}
+	if s.MaxLineLength < 1000 {
+		v.errorf(at("smtp", "max_line_length"), "smtp.max_line_length must be at least 1000 (RFC 5321 section 4.5.3.1.6), not %d", s.MaxLineLength)
+	}
+	if s.MaxConnections < 1 {
+		v.errorf(at("smtp", "max_connections"), "smtp.max_connections must be at least 1, not %d", s.MaxConnections)
+	}
+	if s.MaxAuthFailures < 1 {
+		v.errorf(at("smtp", "max_auth_failures"), "smtp.max_auth_failures must be at least 1, not %d", s.MaxAuthFailures)
+	}
+	v.positive(at("smtp", "read_timeout"), "smtp.read_timeout", s.ReadTimeout)
+	v.positive(at("smtp", "write_timeout"), "smtp.write_timeout", s.WriteTimeout)
+	v.positive(at("smtp", "data_timeout"), "smtp.data_timeout", s.DataTimeout)
+	v.positive(at("smtp", "max_session_duration"), "smtp.max_session_duration", s.MaxSessionDuration)
+	if s.TLS != nil {
+		v.validateTLS(s.TLS)
+	}
+}
+
+func (v *validator) validateTLS(t *TLS) {
+	if t.CertFile == "" || t.KeyFile == "" {
+		v.errorf(at("smtp", "tls"), "smtp.tls needs both cert_file and key_file")
+		return
+	}
+	t.CertFile, t.KeyFile = v.path(t.CertFile), v.path(t.KeyFile)
+	certPEM, err := v.readFile(t.CertFile)
+	if err != nil {
+		v.errorf(at("smtp", "tls", "cert_file"), "smtp.tls.cert_file: %v", err)
+		return
+	}
+	keyPEM, err := v.readFile(t.KeyFile)
+	if err != nil {
+		v.errorf(at("smtp", "tls", "key_file"), "smtp.tls.key_file: %v", err)
+		return
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		v.errorf(at("smtp", "tls"), "smtp.tls: %s and %s are not a usable certificate and key: %v", t.CertFile, t.KeyFile, err)
+		return
+	}
+	t.cert = &cert
+}
+
+func (v *validator) validateUpstream(c *Config) {
+	u := &c.Upstream
+	if u.Address == "" {
+		v.errorf(at("upstream"), "upstream.address is required (host:port of the MTA that delivers signed mail)")
+	} else {
+		v.hostPort(at("upstream", "address"), "upstream.address", u.Address, false)
+	}
+	switch u.TLS {
+	case UpstreamTLSNone, UpstreamTLSOpportunistic, UpstreamTLSRequired:
+	default:
+		v.errorf(at("upstream", "tls"), "upstream.tls: unknown value %q (want none, opportunistic or required)", u.TLS)
+	}
+	if u.TLSCAFile != "" {
+		u.TLSCAFile = v.path(u.TLSCAFile)
+		pem, err := v.readFile(u.TLSCAFile)
+		if err != nil {
+			v.errorf(at("upstream", "tls_ca_file"), "upstream.tls_ca_file: %v", err)
+		} else {
+			u.roots = x509.NewCertPool()
+			if !u.roots.AppendCertsFromPEM(pem) {
+				v.errorf(at("upstream", "tls_ca_file"), "upstream.tls_ca_file %s holds no PEM certificate", u.TLSCAFile)
+			}
+		}
+	}
+	v.positive(at("upstream", "timeout"), "upstream.timeout", u.Timeout)
+	v.positive(at("upstream", "connect_timeout"), "upstream.connect_timeout", u.ConnectTimeout)
+	v.positive(at("upstream", "idle_timeout"), "upstream.idle_timeout", u.IdleTimeout)
+	if u.MaxConnections < 1 {
+		v.errorf(at("upstream", "max_connections"), "upstream.max_connections must be at least 1, not %d", u.MaxConnections)
+	}
+	if u.MaxIdle < 0 || u.MaxIdle > u.MaxConnections && u.MaxConnections >= 1 {
+		v.errorf(at("upstream", "max_idle"), "upstream.max_idle must be between 0 and upstream.max_connections (%d), not %d", u.MaxConnections, u.MaxIdle)
+	}
+}
+
+func (v *validator) validateSpool(c *Config) {
+	s := &c.Spool
+	if s.Dir != "" {
+		s.Dir = v.path(s.Dir)
+	}
+	if s.MemoryLimit < 0 {
+		v.errorf(at("spool", "memory_limit"), "spool.memory_limit must not be negative")
+	}
+	if s.MaxHeaderBytes < 1024 {
+		v.errorf(at("spool", "max_header_bytes"), "spool.max_header_bytes must be at least 1024, not %d", s.MaxHeaderBytes)
+	}
+}
+
+func (v *validator) validateLog(c *Config) {
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		v.errorf(at("log", "format"), "log.format: unknown value %q (want text or json)", c.Log.Format)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		v.errorf(at("log", "level"), "log.level: unknown value %q (want debug, info, warn or error)", c.Log.Level)
+	}
+}
+
+func (v *validator) validateDomains(c *Config) {
+	if len(c.Domains) == 0 {
+		v.errorf(at("domains"), "domains: at least one signing domain is required")
+		return
+	}
+	norm := make(map[string]Domain, len(c.Domains))
+	seen := make(map[string]string, len(c.Domains)) // normalised -> as written
+	// Sorted, so that errors come out in a stable order.
+	for _, name := range slices.Sorted(maps.Keys(c.Domains)) {
+		d := c.Domains[name]
+		key := normalizeDomain(name)
+		switch {
+		case !validDomain(key):
+			v.errorf(at("domains", name), "domains: %q is not a valid domain name (write internationalised names in their xn-- form)", name)
+			continue
+		case !strings.Contains(key, "."):
+			v.errorf(at("domains", name), "domains: %q is a top-level domain; a signing domain has at least two labels", name)
+			continue
+		}
+		if prev, dup := seen[key]; dup {
+			v.errorf(at("domains", name), "domains: %q is listed twice (also as %q)", name, prev)
+			continue
+		}
+		seen[key] = name
+		if len(d.Selectors) == 0 {
+			v.errorf(at("domains", name), "domains.%s.selectors: at least one selector is required", name)
+		}
+		sels := make([]string, 0, len(d.Selectors))
+		for i, s := range d.Selectors {
+			s = strings.ToLower(s)
+			switch {
+			case !validSelector(s):
+				v.errorf(at("domains", name, "selectors", i), "domains.%s.selectors: %q is not a valid selector (RFC 6376 section 3.1: letters, digits, hyphens, dot-separated)", name, d.Selectors[i])
+			case slices.Contains(sels, s):
+				v.errorf(at("domains", name, "selectors", i), "domains.%s.selectors: %q is listed twice", name, d.Selectors[i])
+			default:
+				sels = append(sels, s)
+			}
+		}
+		d.Selectors = sels
+		if d.Expire < 0 {
+			v.errorf(at("domains", name, "expire"), "domains.%s.expire must not be negative", name)
+		} else if d.Expire > 0 && d.Expire < time.Hour {
+			// Mail sits in queues for hours; a shorter x= makes signatures
+			// expire before delivery.
+			v.errorf(at("domains", name, "expire"), "domains.%s.expire %s is too short: mail can wait in queues for hours (use at least 1h, or leave it out)", name, d.Expire)
+		}
+		norm[key] = d
+	}
+	c.Domains = norm
+}
+
+type clientPrefix struct {
+	prefix netip.Prefix
+	client *Client
+	line   int
+}
+
+func (v *validator) validateClients(c *Config) {
+	if len(c.Clients) == 0 {
+		v.errorf(at("clients"), "clients: at least one client is required, or nobody may relay")
+		return
+	}
+	names := make(map[string]int)
+	c.users = make(map[string]*User)
+	for i := range c.Clients {
+		cl := &c.Clients[i]
+		p := func(rest ...any) []any { return append([]any{"clients", i}, rest...) }
+		label := fmt.Sprintf("clients[%d]", i)
+		if cl.Name == "" {
+			v.errorf(p(), "%s: name is required", label)
+		} else {
+			label = fmt.Sprintf("client %q", cl.Name)
+			if prev, dup := names[cl.Name]; dup {
+				v.errorf(p("name"), "%s is defined twice (also clients[%d])", label, prev)
+			}
+			names[cl.Name] = i
+		}
+		if len(cl.Networks) == 0 && len(cl.Users) == 0 {
+			v.errorf(p(), "%s has neither networks nor users, so it can never be recognised", label)
+		}
+		for j, n := range cl.Networks {
+			pfx, err := parsePrefix(n)
+			if err != nil {
+				v.errorf(p("networks", j), "%s: %v", label, err)
+				continue
+			}
+			for _, other := range c.prefixes {
+				if other.prefix.Overlaps(pfx) {
+					v.errorf(p("networks", j), "%s: network %s overlaps %s of client %q (line %d); a source address must name one client", label, pfx, other.prefix, other.client.Name, other.line)
+				}
+			}
+			cl.prefixes = append(cl.prefixes, pfx)
+			c.prefixes = append(c.prefixes, clientPrefix{prefix: pfx, client: cl, line: v.loc.line(p("networks", j)...)})
+		}
+		for j := range cl.Users {
+			u := &cl.Users[j]
+			u.client = cl
+			switch {
+			case u.Name == "":
+				v.errorf(p("users", j), "%s: users[%d].name is required", label, j)
+				continue
+			case c.users[u.Name] != nil:
+				v.errorf(p("users", j, "name"), "%s: user %q is already defined for client %q", label, u.Name, c.users[u.Name].client.Name)
+				continue
+			}
+			c.users[u.Name] = u
+			if u.PasswordFile == "" {
+				v.errorf(p("users", j), "%s: user %q needs a password_file", label, u.Name)
+				continue
+			}
+			u.PasswordFile = v.path(u.PasswordFile)
+			data, err := v.readFile(u.PasswordFile)
+			if err != nil {
+				v.errorf(p("users", j, "password_file"), "%s: user %q: %v", label, u.Name, err)
+				continue
+			}
+			u.hash = []byte(strings.TrimSpace(string(data)))
+			if _, err := bcrypt.Cost(u.hash); err != nil {
+				// Never print the file's content: it might be a plain password.
+				v.errorf(p("users", j, "password_file"), "%s: user %q: %s does not hold a bcrypt hash (make one with `htpasswd -nBC 12 \"\" | tr -d ':\\n'`)", label, u.Name, u.PasswordFile)
+				u.hash = nil
+			}
+		}
+		if len(cl.Domains) == 0 {
+			v.errorf(p(), "%s has no domains: it could not have any mail signed", label)
+		}
+		doms := make([]string, 0, len(cl.Domains))
+		for j, d := range cl.Domains {
+			key := normalizeDomain(d)
+			switch {
+			case !validDomain(key):
+				v.errorf(p("domains", j), "%s: %q is not a valid domain name", label, d)
+				continue
+			case slices.Contains(doms, key):
+				v.errorf(p("domains", j), "%s: domain %q is listed twice", label, d)
+				continue
+			}
+			if _, ok := c.signingDomain(key); !ok && len(c.Domains) > 0 {
+				v.errorf(p("domains", j), "%s: domain %q has no entry under domains: (neither it nor a parent domain), so its mail could not be signed", label, d)
+			}
+			doms = append(doms, key)
+		}
+		cl.Domains = doms
+	}
+}
+
+// positive reports a duration that is zero or negative (zero survives
+// defaults only if written explicitly as 0s).
+func (v *validator) positive(path []any, key string, d time.Duration) {
+	if d <= 0 {
+		v.errorf(path, "%s must be a positive duration, not %s", key, d)
+	}
+}
+
+func (v *validator) hostPort(path []any, key, addr string, emptyHostOK bool) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		v.errorf(path, "%s %q is not host:port: %v", key, addr, err)
+		return
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || (!emptyHostOK && n == 0) {
+		v.errorf(path, "%s %q: port %q is not a port number", key, addr, port)
+	}
+	if host == "" && !emptyHostOK {
+		v.errorf(path, "%s %q has no host", key, addr)
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(host); err != nil && !validDomain(host) {
+			v.errorf(path, "%s %q: %q is neither an IP address nor a host name", key, addr, host)
+		}
+	}
+}
+
+// parsePrefix accepts a CIDR prefix or a single address, and refuses a
+// prefix with host bits set, which is nearly always a typo.
+func parsePrefix(s string) (netip.Prefix, error) {
+	if !strings.Contains(s, "/") {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("network %q is neither an address nor a CIDR prefix", s)
+		}
+		a = a.Unmap()
+		return netip.PrefixFrom(a, a.BitLen()), nil
+	}
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("network %q is not a CIDR prefix: %v", s, err)
+	}
+	if p.Addr().Is4In6() {
+		return netip.Prefix{}, fmt.Errorf("network %q: write IPv4-mapped networks in IPv4 form", s)
+	}
+	if p.Masked() != p {
+		return netip.Prefix{}, fmt.Errorf("network %q has host bits set (did you mean %s?)", s, p.Masked())
+	}
+	return p, nil
+}
+
+// normalizeDomain lower-cases a domain and drops a trailing dot.
+func normalizeDomain(s string) string {
+	return strings.TrimSuffix(strings.ToLower(strings.TrimSpace(s)), ".")
+}
+
+// validDomain reports whether s is an ASCII host name: dot-separated
+// labels of letters, digits and inner hyphens, 1-63 octets each, 253 in all.
+func validDomain(s string) bool {
+	if s == "" || len(s) > 253 {
+		return false
+	}
+	for label := range strings.SplitSeq(s, ".") {
+		if !validLabel(label, false) {
+			return false
+		}
+	}
+	return true
+}
+
+// validSelector reports whether s is an RFC 6376 selector: one or more
+// dot-separated sub-domains. Underscores are tolerated, as many DNS
+// providers and existing selectors use them.
+func validSelector(s string) bool {
+	if s == "" || len(s) > 253-len("._domainkey.") {
+		return false
+	}
+	for label := range strings.SplitSeq(s, ".") {
+		if !validLabel(label, true) {
+			return false
+		}
+	}
+	return true
+}
+
+func validLabel(l string, underscore bool) bool {
+	if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
+		return false
+	}
+	for i := 0; i < len(l); i++ {
+		c := l[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '-':
+		case c == '_' && underscore:
+		default:
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,192 @@
+package smtpproxy
+
+import (
+	"context"
+	"io"
+	"net"
+	"sync"
+	"time"
+)
+
+// past is a deadline that has already passed: setting it wakes a blocked
+// Read or Write at once.
+var past = time.Unix(1, 0)
+
+// clientConn is a client connection as go-smtp sees it. It lets the
+// server wind a connection down without cutting a transaction short:
+// once winding down, a read *between* transactions fails at once (the
+// client gets 421 and the connection closes), while a transaction in
+// flight runs to its end first. go-smtp sets a read deadline before every
+// command, so the rule lives in SetReadDeadline and Read.
+type clientConn struct {
+	net.Conn
+	srv *Server
+
+	mu      sync.Mutex
+	inTx    bool // between MAIL and the end of the transaction
+	winding bool // shutting down, or the session is over its time
+	isTLS   bool // the session runs over STARTTLS: no raw writes
+	said421 bool
+
+	timer     *time.Timer
+	closeOnce sync.Once
+}
+
+func (c *clientConn) SetReadDeadline(t time.Time) error {
+	c.mu.Lock()
+	if c.winding && !c.inTx {
+		t = past
+	}
+	c.mu.Unlock()
+	return c.Conn.SetReadDeadline(t)
+}
+
+func (c *clientConn) SetDeadline(t time.Time) error {
+	if err := c.Conn.SetWriteDeadline(t); err != nil {
+		return err
+	}
+	return c.SetReadDeadline(t)
+}
+
+func (c *clientConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if err == nil || n > 0 {
+		return n, err
+	}
+	c.mu.Lock()
+	closing := c.winding && !c.inTx
+	say := closing && !c.isTLS && !c.said421
+	if say {
+		c.said421 = true
+	}
+	c.mu.Unlock()
+	if !closing {
+		return n, err
+	}
+	if say {
+		// go-smtp is blocked in this Read, so nothing else writes now. A
+		// TLS session cannot be written to from below TLS: there the
+		// timeout error makes go-smtp send its own 421.
+		_ = c.Conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		_, _ = io.WriteString(c.Conn, "421 4.3.2 Service shutting down, closing connection\r\n")
+		return 0, io.EOF
+	}
+	return n, err
+}
+
+// windDown makes the connection close after its transaction in flight, or
+// at once when there is none.
+func (c *clientConn) windDown() {
+	c.mu.Lock()
+	c.winding = true
+	idle := !c.inTx
+	c.mu.Unlock()
+	if idle {
+		_ = c.Conn.SetReadDeadline(past)
+	}
+}
+
+func (c *clientConn) setInTx(v bool) {
+	c.mu.Lock()
+	c.inTx = v
+	closeNow := !v && c.winding
+	c.mu.Unlock()
+	if closeNow {
+		_ = c.Conn.SetReadDeadline(past)
+	}
+}
+
+func (c *clientConn) setTLS() {
+	c.mu.Lock()
+	c.isTLS = true
+	c.mu.Unlock()
+}
+
+func (c *clientConn) Close() error {
+	c.closeOnce.Do(func() {
+		if c.timer != nil {
+			c.timer.Stop()
+		}
+		c.srv.untrack(c)
+	})
+	return c.Conn.Close()
+}
+
+// listener admits at most smtp.max_connections clients; the others get a
+// 421 and are closed, instead of piling up in the accept queue.
+type listener struct {
+	net.Listener
+	srv *Server
+}
+
+func (l *listener) Accept() (net.Conn, error) {
+	for {
+		nc, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if cc := l.srv.track(nc); cc != nil {
+			return cc, nil
+		}
+		l.srv.logger.Warn("connection refused: too many connections", "remote", nc.RemoteAddr().String())
+		_ = nc.SetWriteDeadline(time.Now().Add(time.Second))
+		_, _ = io.WriteString(nc, "421 4.3.2 Too many connections, try again later\r\n")
+		_ = nc.Close()
+	}
+}
+
+// deadlineConn is an upstream connection whose deadlines are capped by a
+// context while one is bound: go-smtp's client sets its own deadlines
+// before every command, which would otherwise outlive a cancelled ctx.
+type deadlineConn struct {
+	net.Conn
+
+	mu    sync.Mutex
+	limit time.Time // zero: no cap
+}
+
+func (c *deadlineConn) clamp(t time.Time) time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.limit.IsZero() && (t.IsZero() || t.After(c.limit)) {
+		return c.limit
+	}
+	return t
+}
+
+func (c *deadlineConn) SetDeadline(t time.Time) error { return c.Conn.SetDeadline(c.clamp(t)) }
+func (c *deadlineConn) SetReadDeadline(t time.Time) error {
+	return c.Conn.SetReadDeadline(c.clamp(t))
+}
+func (c *deadlineConn) SetWriteDeadline(t time.Time) error {
+	return c.Conn.SetWriteDeadline(c.clamp(t))
+}
+
+// bind caps the connection's deadlines by ctx until release is called.
+// release reports false when ctx ended while bound: the connection may
+// then be mid-command and must not be reused.
+func (c *deadlineConn) bind(ctx context.Context) (release func() bool) {
+	c.mu.Lock()
+	if dl, ok := ctx.Deadline(); ok {
+		c.limit = dl
+	}
+	limit := c.limit
+	c.mu.Unlock()
+	if !limit.IsZero() {
+		_ = c.Conn.SetDeadline(limit)
+	}
+	stop := context.AfterFunc(ctx, func() {
+		c.mu.Lock()
+		c.limit = past
+		c.mu.Unlock()
+		_ = c.Conn.SetDeadline(past)
+	})
+	return func() bool {
+		ok := stop() && ctx.Err() == nil
+		c.mu.Lock()
+		c.limit = time.Time{}
+		c.mu.Unlock()
+		_ = c.Conn.SetDeadline(time.Time{})
+		return ok
+	}
+}

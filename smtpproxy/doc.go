@@ -1,0 +1,28 @@
+// Package smtpproxy is dkimgw's signing relay: an SMTP server for the
+// MTAs that relay outbound mail through dkimgw, and an SMTP client to the
+// upstream MTA that delivers it.
+//
+// The envelope is relayed in lockstep: MAIL FROM (with SIZE, BODY,
+// SMTPUTF8, RET and ENVID) and each RCPT TO (with NOTIFY and ORCPT) go to
+// the upstream as they arrive, and the client gets the upstream's own
+// answer for each. DATA is spooled, signed with the identity [policy]
+// picks for its From domain, and sent upstream; dkimgw answers DATA with
+// the upstream's answer, so it replies 250 only after the upstream has.
+// Nothing is queued in dkimgw: any failure before the upstream's 250 is a
+// 4xx, and the sending MTA keeps the message.
+//
+// Every error returned to go-smtp is a bare *smtp.SMTPError (go-smtp
+// type-asserts it and would otherwise answer 554), built in errors.go.
+//
+// The package does not know where keys live: it asks a [KeySource] and
+// treats an error with a Temporary() bool method that returns true as a
+// token failure.
+//
+// Standards:
+//   - RFC 5321 (SMTP), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 2920
+//     (PIPELINING), RFC 2034 and RFC 3463 (enhanced status codes),
+//     RFC 3030 (CHUNKING), RFC 6531 (SMTPUTF8), RFC 3461 (DSN parameters).
+//   - RFC 3207 (STARTTLS), RFC 4954 (AUTH), RFC 4616 (PLAIN); AUTH LOGIN
+//     is the de-facto draft-murchison-sasl-login.
+//   - RFC 6376 (DKIM), through package signer.
+package smtpproxy

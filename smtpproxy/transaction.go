@@ -1,0 +1,376 @@
+package smtpproxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/dkimgw/dkimgw/policy"
+	"github.com/dkimgw/dkimgw/signer"
+)
+
+// transaction is one mail transaction, MAIL to the end of DATA (or RSET),
+// relayed to one upstream connection.
+type transaction struct {
+	ss     *session
+	st     *state // the configuration the transaction started with
+	client *policy.Client
+	start  time.Time
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	up     *upConn
+	inData atomic.Bool
+
+	// For the log line.
+	mailFrom     string
+	rcptOK       int
+	rcptRejected int
+	fromDomain   string
+	signing      policy.Signing
+	signed       bool
+	size         int64
+	upstream     string // the upstream's reply to the final dot
+	note         string // why it was relayed unsigned, or what failed inside
+	internal     error  // detail of a local failure (never sent to the client)
+	done         bool   // the upstream accepted the message
+
+	once sync.Once
+}
+
+// mail takes an upstream connection and relays MAIL FROM. A reused
+// connection that turns out dead (the upstream closed it while idle) is
+// replaced once by a fresh one.
+func (tx *transaction) mail(from string, opts *smtp.MailOptions) error {
+	up, err := tx.st.pool.get(tx.ctx)
+	if err != nil {
+		return tx.upstreamUnavailable(err)
+	}
+	err = tx.upstreamMail(up, from, opts)
+	if err != nil && up.reused && !healthy(err) {
+		tx.st.pool.put(up, connBroken)
+		if up, err = tx.st.pool.get(tx.ctx); err != nil {
+			return tx.upstreamUnavailable(err)
+		}
+		err = tx.upstreamMail(up, from, opts)
+	}
+	if err != nil {
+		state := connClean // a refused MAIL starts no transaction
+		if !healthy(err) {
+			state = connBroken
+		}
+		tx.st.pool.put(up, state)
+		return upstreamReply(err)
+	}
+	tx.up = up
+	return nil
+}
+
+func (tx *transaction) upstreamMail(up *upConn, from string, opts *smtp.MailOptions) error {
+	var o *smtp.MailOptions
+	if opts != nil {
+		// Relay what describes the message and its DSNs; AUTH= is about
+		// our client, not something the upstream should trust from us.
+		o = &smtp.MailOptions{Body: opts.Body, Size: opts.Size, UTF8: opts.UTF8, Return: opts.Return, EnvelopeID: opts.EnvelopeID}
+	}
+	release := up.dc.bind(tx.ctx)
+	err := up.c.Mail(from, o)
+	if !release() && err == nil {
+		err = context.Cause(tx.ctx)
+	}
+	return err
+}
+
+func (tx *transaction) upstreamUnavailable(err error) error {
+	tx.internal = err
+	var se *smtp.SMTPError
+	if errors.As(err, &se) {
+		return se // errUpstreamBusy
+	}
+	if errors.Is(err, errNoSTARTTLS) {
+		return errUpstreamNoTLS
+	}
+	return errUpstreamUnavailable
+}
+
+func (tx *transaction) rcpt(to string, opts *smtp.RcptOptions) error {
+	if tx.up == nil {
+		return errUpstreamBroken
+	}
+	var o *smtp.RcptOptions
+	if opts != nil {
+		o = &smtp.RcptOptions{Notify: opts.Notify, OriginalRecipientType: opts.OriginalRecipientType, OriginalRecipient: opts.OriginalRecipient}
+	}
+	release := tx.up.dc.bind(tx.ctx)
+	err := tx.up.c.Rcpt(to, o)
+	ok := release()
+	if err == nil && !ok {
+		err = context.Cause(tx.ctx)
+	}
+	if err != nil {
+		tx.rcptRejected++
+		if !healthy(err) || !ok {
+			tx.st.pool.put(tx.up, connBroken)
+			tx.up = nil
+		}
+		return upstreamReply(err)
+	}
+	tx.rcptOK++
+	return nil
+}
+
+// data receives, spools, signs and relays the message, and returns the
+// reply to DATA: the upstream's, or one of ours for a failure before it.
+func (tx *transaction) data(r io.Reader) error {
+	tx.inData.Store(true)
+	cfg := tx.st.cfg
+	if tx.up == nil {
+		return errUpstreamBroken
+	}
+
+	// Each read may wait read_timeout; the whole transfer data_timeout.
+	deadline := time.Now().Add(cfg.SMTP.DataTimeout)
+	dr := &deadlineReader{r: r, conn: tx.ss.conn, idle: cfg.SMTP.ReadTimeout, deadline: deadline}
+	msg, err := signer.Spool(tx.ctx, dr, signer.SpoolOptions{
+		Dir:             cfg.Spool.Dir,
+		MemoryLimit:     cfg.Spool.MemoryLimit,
+		MaxHeaderBytes:  cfg.Spool.MaxHeaderBytes,
+		MaxMessageBytes: cfg.SMTP.MaxMessageBytes,
+	})
+	if err != nil {
+		// go-smtp reads (and discards) the rest of the message before it
+		// sends our reply: give a client that is still sending until
+		// data_timeout, and one that has stopped nothing more.
+		if isTimeout(err) {
+			deadline = past
+		}
+		_ = tx.ss.conn.Conn().SetReadDeadline(deadline)
+		return tx.spoolError(err)
+	}
+	defer msg.Close()
+	tx.size = msg.Size()
+	tx.fromDomain = msg.FromDomain()
+
+	fields, err := tx.sign(msg)
+	if err != nil {
+		return err
+	}
+	return tx.relay(fields, msg)
+}
+
+func (tx *transaction) spoolError(err error) error {
+	tx.internal = err
+	var refusedErr *signer.RefusedError
+	var se *smtp.SMTPError
+	switch {
+	case errors.As(err, &refusedErr):
+		return refused(refusedErr.Reason)
+	case errors.Is(err, signer.ErrTooLarge), errors.As(err, &se) && se.Code == 552:
+		return errTooLarge
+	case errors.Is(err, smtp.ErrTooLongLine):
+		return errLineTooLong
+	case isTimeout(err), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, smtp.ErrDataReset):
+		return errDataTimeout
+	}
+	return errLocal
+}
+
+// sign applies the policy: the DKIM-Signature fields to prepend, none
+// when the message goes unsigned, or the reply refusing it.
+func (tx *transaction) sign(msg *signer.Message) ([]string, error) {
+	cfg := tx.st.cfg
+	signing, err := cfg.Sign(tx.client, tx.fromDomain)
+	if err != nil {
+		var ue *policy.UnauthorizedError
+		if !errors.As(err, &ue) {
+			tx.internal = err
+			return nil, errLocal
+		}
+		if cfg.OnUnauthorized == policy.UnauthorizedRelayUnsigned {
+			tx.note = "relayed unsigned: client may not use the From domain (on_unauthorized: relay-unsigned)"
+			return nil, nil
+		}
+		tx.internal = err
+		return nil, unauthorizedDomain(ue.FromDomain)
+	}
+	tx.signing = signing
+
+	ctx, cancel := context.WithTimeout(tx.ctx, signTimeout)
+	defer cancel()
+	ids := make([]signer.Identity, 0, len(signing.Selectors))
+	for _, sel := range signing.Selectors {
+		key, err := tx.ss.srv.keys.Key(ctx, signing.Domain, sel)
+		if err != nil {
+			return nil, tx.tokenError(err)
+		}
+		ids = append(ids, signer.Identity{Domain: signing.Domain, Selector: sel, Key: key})
+	}
+	fields, err := signer.Sign(ctx, msg, ids, signer.Options{Expire: signing.Expire, Now: tx.ss.srv.now})
+	if err != nil {
+		return nil, tx.tokenError(err)
+	}
+	tx.signed = true
+	return fields, nil
+}
+
+// tokenError handles a key that could not be had or used. Temporary or
+// not, the sender should keep the message (a missing key is an operator's
+// mistake to fix, not the message's fault), unless the policy prefers
+// unsigned mail to delayed mail.
+func (tx *transaction) tokenError(err error) error {
+	tx.internal = err
+	if tx.ctx.Err() != nil {
+		return errShuttingDown
+	}
+	if tx.st.cfg.OnTokenError == policy.TokenErrorRelayUnsigned {
+		tx.note = "relayed unsigned: signing failed (on_token_error: relay-unsigned)"
+		return nil
+	}
+	return errTokenUnavailable
+}
+
+// temporary reports whether err says it is temporary (hsm's token errors
+// do), for the log.
+func temporary(err error) bool {
+	var t interface{ Temporary() bool }
+	return errors.As(err, &t) && t.Temporary()
+}
+
+// relay sends the (signed) message upstream and returns the upstream's
+// reply to the final dot.
+func (tx *transaction) relay(fields []string, msg *signer.Message) error {
+	up := tx.up
+	release := up.dc.bind(tx.ctx)
+	defer func() {
+		if !release() {
+			tx.breakUp()
+		}
+	}()
+	w, err := up.c.Data()
+	if err != nil {
+		if !healthy(err) {
+			tx.breakUp()
+		}
+		tx.internal = err
+		return upstreamReply(err)
+	}
+	// go-smtp's client sets no deadline while the message is written.
+	_ = up.dc.SetDeadline(time.Now().Add(tx.st.cfg.Upstream.Timeout))
+	if _, err := signer.WriteSigned(w, fields, msg); err != nil {
+		tx.breakUp()
+		tx.internal = err
+		return errUpstreamBroken
+	}
+	resp, err := w.CloseWithResponse()
+	if err != nil {
+		if !healthy(err) {
+			tx.breakUp()
+		}
+		tx.internal = err
+		reply := upstreamReply(err)
+		tx.upstream = replyCode(reply)
+		return reply
+	}
+	tx.done = true
+	reply := okReply(resp.StatusText)
+	tx.upstream = replyCode(reply)
+	return reply
+}
+
+// breakUp marks the upstream connection unusable.
+func (tx *transaction) breakUp() {
+	if tx.up != nil {
+		tx.st.pool.put(tx.up, connBroken)
+		tx.up = nil
+	}
+}
+
+// abort ends a transaction that did not reach the end of DATA.
+func (tx *transaction) abort(why string) {
+	tx.note = why
+	tx.finish(nil)
+}
+
+// finish gives the upstream connection back and writes the transaction's
+// log line; reply is what the client got (nil: the transaction was
+// aborted before DATA).
+func (tx *transaction) finish(reply error) {
+	tx.once.Do(func() {
+		tx.cancel()
+		if tx.up != nil {
+			state := connDirty
+			if tx.done {
+				state = connClean
+			}
+			tx.st.pool.put(tx.up, state)
+			tx.up = nil
+		}
+		tx.log(reply)
+	})
+}
+
+func (tx *transaction) log(reply error) {
+	level := slog.LevelInfo
+	attrs := append(tx.ss.logAttrs(),
+		slog.String("client", tx.client.Name),
+		slog.String("mail_from", tx.mailFrom),
+		slog.Int("rcpts", tx.rcptOK),
+		slog.Int("rcpts_rejected", tx.rcptRejected),
+	)
+	if tx.fromDomain != "" {
+		attrs = append(attrs, slog.String("from_domain", tx.fromDomain), slog.Int64("size", tx.size))
+	}
+	if tx.signed {
+		attrs = append(attrs, slog.String("d", tx.signing.Domain), slog.Any("selectors", tx.signing.Selectors))
+	}
+	attrs = append(attrs, slog.Bool("signed", tx.signed))
+	var se *smtp.SMTPError
+	switch {
+	case reply == nil:
+		attrs = append(attrs, slog.String("reply", "none"))
+	case errors.As(reply, &se):
+		attrs = append(attrs, slog.String("reply", replyCode(se)))
+		if se.Code >= 400 {
+			level = slog.LevelWarn
+		}
+	}
+	if tx.upstream != "" {
+		attrs = append(attrs, slog.String("upstream", tx.upstream))
+	}
+	if tx.note != "" {
+		attrs = append(attrs, slog.String("note", tx.note))
+		if !tx.signed && tx.fromDomain != "" {
+			level = slog.LevelWarn
+		}
+	}
+	if tx.internal != nil {
+		attrs = append(attrs, slog.String("error", tx.internal.Error()), slog.Bool("temporary", temporary(tx.internal)))
+	}
+	attrs = append(attrs, slog.Float64("duration_s", time.Since(tx.start).Seconds()))
+	tx.ss.srv.logger.Log(context.Background(), level, "transaction", attrs...)
+}
+
+// deadlineReader reads DATA, giving each read idle more time but never
+// beyond deadline: go-smtp sets one read deadline for the DATA command
+// and none for the message that follows it.
+type deadlineReader struct {
+	r        io.Reader
+	conn     *smtp.Conn
+	idle     time.Duration
+	deadline time.Time
+}
+
+func (d *deadlineReader) Read(p []byte) (int, error) {
+	t := time.Now().Add(d.idle)
+	if t.After(d.deadline) {
+		t = d.deadline
+	}
+	_ = d.conn.Conn().SetReadDeadline(t)
+	return d.r.Read(p)
+}
