@@ -136,7 +136,6 @@ func reload(ctx context.Context, srv *smtpproxy.Server, tok *hsm.Token, ring *ke
 		return
 	}
 	level.Set(cfg.Log.SlogLevel())
-	logger.Info("configuration reloaded", "config", path)
 }
 
 // keyring is the smtpproxy.KeySource of serve: the token keys of the
