@@ -1,0 +1,18 @@
+package policy_test
+
+import (
+	"testing"
+
+	"github.com/dkimgw/dkimgw/policy"
+)
+
+// TestExampleConfig keeps the documented example in the repository valid.
+func TestExampleConfig(t *testing.T) {
+	cfg, err := policy.Load("../dkimgw.example.yaml")
+	if err != nil {
+		t.Fatalf("dkimgw.example.yaml does not load:\n%v", err)
+	}
+	if len(cfg.Clients) != 1 || len(cfg.Selectors()) != 2 {
+		t.Fatalf("example has %d clients and %d selectors, want 1 and 2", len(cfg.Clients), len(cfg.Selectors()))
+	}
+}
