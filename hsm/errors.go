@@ -85,6 +85,12 @@ func classify(err error) recovery {
 	if errors.Is(err, errKeyGone) {
 		return recoverSession
 	}
+	if errors.Is(err, ErrTokenNotFound) {
+		// The library lists tokens at C_Initialize: one that comes back
+		// (an HSM reconnected, a token restored) is seen only after a
+		// re-initialisation.
+		return recoverModule
+	}
 	var code pkcs11.Error
 	if !errors.As(err, &code) {
 		return recoverNone

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"math/big"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -269,7 +270,7 @@ func TestRecoversWhenTheModuleIsFinalized(t *testing.T) {
 	}
 }
 
-func TestVanishedTokenIsATemporaryError(t *testing.T) {
+func TestVanishedTokenIsTemporaryAndComesBack(t *testing.T) {
 	t.Parallel()
 	tok, st, _ := openToken(t, "")
 	key, err := tok.GenerateKey(t.Context(), "example.com", "r", hsm.RSA2048)
@@ -281,16 +282,51 @@ func TestVanishedTokenIsATemporaryError(t *testing.T) {
 	if dir == "" {
 		t.Fatal("token directory not found")
 	}
-	if err := os.RemoveAll(dir); err != nil {
-		t.Fatal(err)
-	}
+	// The token goes away (an HSM unplugged, a network HSM unreachable):
+	// its files are deleted, a copy is kept to bring it back. (Renaming
+	// the directory is not enough: SoftHSM goes on signing from memory.)
+	aside := t.TempDir()
+	copyFiles(t, dir, aside)
+	removeToken(t, dir)
 	digest := sha256.Sum256([]byte("x"))
 	_, err = key.Sign(rand.Reader, digest[:], crypto.SHA256)
 	if err == nil {
-		t.Fatal("signed with a key whose token was deleted")
+		t.Fatal("signed with a key whose token is gone")
 	}
 	if !hsm.IsTemporary(err) {
 		t.Fatalf("error for a vanished token is not temporary: %v", err)
+	}
+	// It comes back: signing recovers by itself, without a restart.
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	copyFiles(t, aside, dir)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err = key.Sign(rand.Reader, digest[:], crypto.SHA256)
+		if err == nil {
+			break
+		}
+		if !hsm.IsTemporary(err) || time.Now().After(deadline) {
+			t.Fatalf("signing did not recover after the token came back: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	signAndVerify(t, key)
+}
+
+func TestDeletedTokenIsATemporaryError(t *testing.T) {
+	t.Parallel()
+	tok, st, _ := openToken(t, "")
+	key, err := tok.GenerateKey(t.Context(), "example.com", "r", hsm.Ed25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signAndVerify(t, key)
+	removeToken(t, st.Dir())
+	digest := sha256.Sum256([]byte("x"))
+	if _, err := key.Sign(rand.Reader, digest[:], crypto.Hash(0)); err == nil || !hsm.IsTemporary(err) {
+		t.Fatalf("sign with a deleted token: got %v, want a temporary error", err)
 	}
 }
 
@@ -582,4 +618,36 @@ func TestClosedToken(t *testing.T) {
 	if _, err := key.Sign(rand.Reader, digest[:], crypto.Hash(0)); !errors.Is(err, hsm.ErrClosed) {
 		t.Fatalf("sign after Close: got %v, want ErrClosed", err)
 	}
+}
+
+// copyFiles copies the regular files of dir src into dir dst.
+func copyFiles(t *testing.T, src, dst string) {
+	t.Helper()
+	entries, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		data, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// removeToken deletes a token's directory. SoftHSM, in this very process,
+// may write a lock file into it meanwhile: try again until it is gone.
+func removeToken(t *testing.T, dir string) {
+	t.Helper()
+	var err error
+	for range 20 {
+		if err = os.RemoveAll(dir); err == nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal(err)
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"time"
 
 	"github.com/miekg/pkcs11"
 )
@@ -24,6 +25,8 @@ type module struct {
 	// gen counts initialisations. Sessions, slot ids and object handles
 	// belong to one generation; a Token that sees a newer one reconnects.
 	gen uint64
+	// lastRecovery is when recovery last re-initialised the library.
+	lastRecovery time.Time
 
 	refs int // guarded by modulesMu
 }
@@ -88,14 +91,33 @@ func (m *module) generation() uint64 {
 	return m.gen
 }
 
+// minReinitInterval spaces re-initialisations while a device stays lost:
+// each one voids every session of the process, and a gateway signing
+// thousands of messages a second would otherwise re-initialise for each.
+const minReinitInterval = 500 * time.Millisecond
+
+// errReinitTooSoon says a re-initialisation was skipped for being too soon
+// after the last one.
+var errReinitTooSoon = errors.New("the module was re-initialised moments ago; the token is still unavailable")
+
 // reinitialize finalises and initialises the library again, unless
 // another caller already did so since seen: a whole pool of goroutines
 // hitting a lost device must cause one re-initialisation, not one each.
-func (m *module) reinitialize(seen uint64) error {
+// With throttle (recovery), it also declines within minReinitInterval of
+// the last recovery that re-initialised, so a device that stays lost is
+// probed twice a second, not once per message; opening a token created
+// since the last initialisation is never throttled.
+func (m *module) reinitialize(seen uint64, throttle bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.gen != seen {
 		return nil
+	}
+	if throttle {
+		if time.Since(m.lastRecovery) < minReinitInterval {
+			return temporary(fmt.Errorf("hsm: %w", errReinitTooSoon))
+		}
+		m.lastRecovery = time.Now()
 	}
 	// Every session and handle of the old generation is void from here on,
 	// whether or not the calls below succeed.

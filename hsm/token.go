@@ -133,7 +133,7 @@ func Open(ctx context.Context, rawURI string, opts Options) (*Token, error) {
 		// a token created since then, by softhsm2-util or an HSM admin, is
 		// only seen after a re-initialisation. Other Tokens of this process
 		// reconnect by themselves when they notice.
-		if rerr := t.mod.reinitialize(gen); rerr == nil {
+		if rerr := t.mod.reinitialize(gen, false); rerr == nil {
 			err = t.connect()
 		}
 	}
@@ -428,7 +428,7 @@ func (t *Token) recover(ctx context.Context, level recovery, gen uint64, refind 
 			t.mu.Unlock()
 			t.mod.mu.RUnlock()
 		case recoverModule:
-			if rerr := t.mod.reinitialize(gen); rerr != nil {
+			if rerr := t.mod.reinitialize(gen, true); rerr != nil {
 				err = rerr
 				continue
 			}

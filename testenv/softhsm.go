@@ -85,18 +85,28 @@ func SoftHSM(t testing.TB) *SoftHSMToken {
 	if tokenDir == "" || os.Getenv(softhsmEnv) == "" {
 		t.Fatal("testenv.SoftHSM: this package's TestMain must call testenv.Main(m)")
 	}
-	tok := &SoftHSMToken{
-		Label:  fmt.Sprintf("t%d-%s", tokenSerial.Add(1), randomHex(4)),
-		PIN:    randomHex(6),
-		SOPIN:  randomHex(6),
-		Module: SoftHSMModule,
-	}
-	initMu.Lock()
-	out, err := exec.Command("softhsm2-util", "--init-token", "--free",
-		"--label", tok.Label, "--pin", tok.PIN, "--so-pin", tok.SOPIN).CombinedOutput()
-	initMu.Unlock()
-	if err != nil {
-		t.Fatalf("softhsm2-util --init-token: %v\n%s", err, out)
+	var tok *SoftHSMToken
+	// softhsm2-util now and then fails right after initialising a token
+	// ("Could not get info about the token in slot N") while this process
+	// uses the same token directory; a new label on a second try works.
+	for attempt := 1; ; attempt++ {
+		tok = &SoftHSMToken{
+			Label:  fmt.Sprintf("t%d-%s", tokenSerial.Add(1), randomHex(4)),
+			PIN:    randomHex(6),
+			SOPIN:  randomHex(6),
+			Module: SoftHSMModule,
+		}
+		initMu.Lock()
+		out, err := exec.Command("softhsm2-util", "--init-token", "--free",
+			"--label", tok.Label, "--pin", tok.PIN, "--so-pin", tok.SOPIN).CombinedOutput()
+		initMu.Unlock()
+		if err == nil {
+			break
+		}
+		if attempt == 3 {
+			t.Fatalf("softhsm2-util --init-token: %v\n%s", err, out)
+		}
+		t.Logf("softhsm2-util --init-token (attempt %d): %v: %s", attempt, err, bytes.TrimSpace(out))
 	}
 	t.Cleanup(func() {
 		initMu.Lock()
