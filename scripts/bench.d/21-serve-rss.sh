@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# dkimgw serve: peak RSS while 50 concurrent clients each send one 20 MB
+# message (dual-signed, RSA-2048 + Ed25519 in SoftHSM), smtp-source as the
+# client and smtp-sink as the upstream. The spool keeps 1 MiB of a message
+# in memory and the rest in an unlinked temp file, so RSS must stay far
+# below 50 x 20 MB. Everything is on 127.0.0.1, bounded by `timeout`, and
+# every process started here is stopped on exit.
+#
+# Knobs: RSS_SESSIONS (default 50), RSS_BODY_BYTES (20000000).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=$PWD/bin/dkimgw
+PY=/usr/bin/python3
+S=${RSS_SESSIONS:-50}
+L=${RSS_BODY_BYTES:-20000000}
+RUN_TIMEOUT=300
+
+for tool in smtp-source smtp-sink softhsm2-util; do
+  command -v "$tool" >/dev/null || { echo "SKIP: $tool not installed (make deps)"; exit 0; }
+done
+[ -x "$BIN" ] || { echo "SKIP: $BIN missing (make build)"; exit 0; }
+
+work=$(mktemp -d /tmp/dkimgw-bench-rss.XXXXXX)
+chmod 755 "$work"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { # wait_port PORT NAME PID
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    kill -0 "$3" 2>/dev/null || { echo "$2 exited before listening" >&2; return 1; }
+    sleep 0.1
+  done
+  echo "$2 did not listen on port $1" >&2; return 1
+}
+kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; } # kb PID VmRSS|VmHWM
+mb() { awk -v k="$1" 'BEGIN { printf "%.1f MB", k / 1024 }'; }
+
+export SOFTHSM2_CONF=$work/softhsm2.conf
+mkdir "$work/tokens" "$work/spool"
+printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$SOFTHSM2_CONF"
+softhsm2-util --init-token --free --label bench --pin 1234 --so-pin 12345678 >/dev/null
+printf '1234\n' > "$work/pin"; chmod 600 "$work/pin"
+URI="pkcs11:token=bench?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:$work/pin"
+for k in rsa:rsa-2048 ed:ed25519; do
+  DKIMGW_HSM=$URI "$BIN" keys generate --domain example.com --selector "${k%%:*}" --algorithm "${k#*:}" > "$work/keys.log" 2>&1 ||
+    { cat "$work/keys.log"; exit 1; }
+done
+
+sink_port=$(free_port)
+smtp-sink -u postfix 127.0.0.1:"$sink_port" 256 > "$work/sink.log" 2>&1 &
+sink_pid=$!; pids+=("$sink_pid")
+wait_port "$sink_port" smtp-sink "$sink_pid" || { cat "$work/sink.log"; exit 1; }
+
+cat > "$work/dkimgw.yaml.in" <<YAML
+hsm:
+  uri: "$URI"
+smtp:
+  listen: "127.0.0.1:@PORT@"
+  hostname: dkimgw.bench.test
+upstream:
+  address: "127.0.0.1:$sink_port"
+spool:
+  dir: "$work/spool"
+clients:
+  - name: bench
+    networks: ["127.0.0.0/8"]
+    domains: ["example.com"]
+domains:
+  example.com:
+    selectors: [rsa, ed]
+log: {format: json}
+YAML
+
+echo "dkimgw:   bin/dkimgw serve --config dkimgw.yaml   (selectors [rsa, ed], spool.memory_limit 1 MiB (default), spool.dir $work/spool)"
+echo "upstream: smtp-sink -u postfix 127.0.0.1:$sink_port 256"
+echo "peak RSS: VmHWM of /proc/PID/status (reset between runs by restarting dkimgw);"
+echo "          'in DATA at once': dkimgw's open spool files (unlinked temp files in /proc/PID/fd), sampled every 50 ms"
+echo
+
+# A client that really has all its messages in DATA at once: smtp-source
+# writes a message body with blocking writes, one session at a time, so
+# with 20 MB bodies its 50 sessions overlap only a few at a time.
+cat > "$work/client.py" <<'PY'
+import socket, sys, threading
+host, port, n, body_bytes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+line = b"x" * 78 + b"\r\n"
+body = line * (body_bytes // len(line))
+barrier = threading.Barrier(n, timeout=120)
+replies, errors = [], []
+def reply(f):
+    while True:
+        l = f.readline()
+        if not l: raise EOFError("connection closed")
+        if l[3:4] != b"-": return l.decode().strip()
+def client(i):
+    try:
+        s = socket.create_connection((host, port), timeout=240)
+        f = s.makefile("rb")
+        reply(f)
+        for cmd, want in ((b"EHLO client.bench.test", "250"), (b"MAIL FROM:<news@example.com> SIZE=%d" % (len(body) + 200), "250"),
+                          (b"RCPT TO:<reader@example.net>", "250"), (b"DATA", "354")):
+            s.sendall(cmd + b"\r\n")
+            r = reply(f)
+            if not r.startswith(want): raise RuntimeError(f"{cmd.decode()}: {r}")
+        barrier.wait()  # every client is in DATA before any sends its body
+        s.sendall(b"From: <news@example.com>\r\nTo: <reader@example.net>\r\nSubject: big %d\r\n\r\n" % i)
+        for off in range(0, len(body), 1 << 16):
+            s.sendall(body[off:off + (1 << 16)])
+        s.sendall(b".\r\n")
+        replies.append(reply(f))
+        s.sendall(b"QUIT\r\n"); s.close()
+    except Exception as e:
+        errors.append(f"client {i}: {e!r}")
+        barrier.abort()
+ts = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+for t in ts: t.start()
+for t in ts: t.join()
+bad = [r for r in replies if not r.startswith("250")]
+print(f"client: {n} messages of {len(body):,} body bytes sent at once; {len(replies) - len(bad)} answered 250")
+if errors or bad: sys.exit("\n".join(errors + bad[:3]))
+PY
+
+# run NAME COMMAND...: a fresh dkimgw (so VmHWM is this run's), the
+# client, the log checked (every message 250 and signed), RSS reported.
+run() {
+  local name=$1; shift
+  local port pid log rss0 rss1 hwm1 hwm rss2 sampler t0 t1 c0 c1 max_files max_rss
+  port=$(free_port)
+  sed "s/@PORT@/$port/" "$work/dkimgw.yaml.in" > "$work/dkimgw.yaml"
+  log=$work/$name.log
+  "$BIN" serve --config "$work/dkimgw.yaml" 2> "$log" &
+  pid=$!; pids+=("$pid")
+  wait_port "$port" "dkimgw serve" "$pid" || { cat "$log"; exit 1; }
+  echo "### $name: ${*//PORT/$port}"
+  rss0=$(kb "$pid" VmRSS)
+  timeout "$RUN_TIMEOUT" smtp-source -s 1 -m 1 -l 4096 -f news@example.com -t reader@example.net -S warm 127.0.0.1:"$port"
+  rss1=$(kb "$pid" VmRSS); hwm1=$(kb "$pid" VmHWM)
+  rm -f "$work/stop" "$work/samples"
+  (
+    max_files=0 max_rss=0
+    while kill -0 "$pid" 2>/dev/null && [ ! -e "$work/stop" ]; do
+      f=$(find "/proc/$pid/fd" -lname "$work/spool/*" 2>/dev/null | wc -l)
+      r=$(kb "$pid" VmRSS 2>/dev/null || echo 0)
+      [ "$f" -gt "$max_files" ] && max_files=$f
+      [ "${r:-0}" -gt "$max_rss" ] && max_rss=$r
+      echo "$max_files $max_rss" > "$work/samples"
+      sleep 0.05
+    done
+  ) &
+  sampler=$!; pids+=("$sampler")
+  c0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+  t0=$(date +%s.%N)
+  if ! timeout "$RUN_TIMEOUT" "${@//PORT/$port}"; then
+    echo "$name failed; dkimgw's last log lines:" >&2; tail -5 "$log" >&2; exit 1
+  fi
+  t1=$(date +%s.%N)
+  touch "$work/stop"; wait "$sampler" || true; unset 'pids[-1]'
+  hwm=$(kb "$pid" VmHWM); rss2=$(kb "$pid" VmRSS)
+  c1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+  read -r max_files max_rss < "$work/samples"
+  kill -TERM "$pid"; wait "$pid" || echo "dkimgw serve exited with status $? on SIGTERM" >&2
+  unset 'pids[-1]'
+  "$PY" - "$log" "$S" <<'PY' || exit 1
+import json, sys
+tx = [json.loads(l) for l in open(sys.argv[1]) if '"msg":"transaction"' in l][1:]  # [0] is the warm-up
+n = int(sys.argv[2])
+ok = [t for t in tx if t.get("reply", "").startswith("250") and t.get("signed")]
+if len(tx) != n or len(ok) != n:
+    sys.exit(f"{len(tx)} transactions logged, {len(ok)} 250 and signed, for {n} messages: {tx[:1]}")
+sizes = sorted(t["size"] for t in tx)
+d = sorted(t["duration_s"] for t in tx)
+print(f"dkimgw log: {n} transactions, all 250 and signed (rsa, ed); message size {sizes[0]:,} bytes as spooled; "
+      f"transaction time (MAIL to upstream's reply) {d[0]:.2f}-{d[-1]:.2f} s")
+PY
+  awk -v t0="$t0" -v t1="$t1" -v n="$S" -v l="$L" -v c="$(( c1 - c0 ))" -v hz="$(getconf CLK_TCK)" 'BEGIN { s = t1 - t0
+    printf "wall: %.2f s for %d messages of %d body bytes (%.0f MB/s end to end); dkimgw CPU %.1f s (%.0f MB per CPU second)\n", s, n, l, n * l / 1e6 / s, c / hz, n * l / 1e6 / (c / hz) }'
+  echo "messages in DATA at once in dkimgw (max sampled): $max_files of $S"
+  echo "RSS: after start $(mb "$rss0"); after a 4 KB warm-up $(mb "$rss1") (peak so far $(mb "$hwm1")); max sampled during the run $(mb "$max_rss"); after $(mb "$rss2")"
+  echo "PEAK RSS (VmHWM): $(mb "$hwm"), next to $S x $(awk -v l="$L" 'BEGIN { printf "%.0f MB", l / 1e6 }') = $(awk -v l="$L" -v n="$S" 'BEGIN { printf "%.0f MB", n * l / 1e6 }') of messages:" \
+    "$(awk -v h="$hwm" -v l="$L" -v n="$S" 'BEGIN { printf "%.1f%%", 100 * h * 1024 / (n * l) }')"
+  echo
+}
+
+run smtp-source smtp-source -s "$S" -m "$S" -l "$L" -f news@example.com -t reader@example.net -S big 127.0.0.1:PORT
+run "all-in-DATA client" "$PY" "$work/client.py" 127.0.0.1 PORT "$S" "$L"

@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# Gateway vs. Postfix + OpenDKIM: the same ~4 KB messages, 20 concurrent
+# smtp-source sessions, submitted to a throwaway Postfix that either
+#
+#   opendkim: signs with the OpenDKIM milter (RSA-2048 file key, inet socket)
+#             and relays to smtp-sink, or
+#   dkimgw:   relays (no milter) through dkimgw serve (RSA-2048 in SoftHSM)
+#             to smtp-sink,
+#
+# interleaved for PF_ROUNDS rounds. A run is timed from the start of
+# smtp-source until the sink holds every message; each message is then
+# checked to carry exactly one DKIM-Signature. Loopback only, bounded by
+# timeouts; every process started here is stopped on exit. Skipped, with
+# the reason, when Postfix or OpenDKIM is missing or will not start.
+#
+# Knobs: PF_MESSAGES (default 2000), PF_SESSIONS (20), PF_BODY_BYTES (4096),
+# PF_ROUNDS (2).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=$PWD/bin/dkimgw
+PY=/usr/bin/python3
+N=${PF_MESSAGES:-2000}
+S=${PF_SESSIONS:-20}
+L=${PF_BODY_BYTES:-4096}
+ROUNDS=${PF_ROUNDS:-2}
+RUN_TIMEOUT=240 # seconds, per run (submission and delivery)
+
+skip() { echo "SKIP: $*"; exit 0; }
+for tool in smtp-source smtp-sink softhsm2-util postfix postconf opendkim openssl; do
+  command -v "$tool" >/dev/null || skip "$tool not installed (make deps)"
+done
+[ -x "$BIN" ] || skip "$BIN missing (make build)"
+[ "$(id -u)" = 0 ] || skip "a throwaway Postfix instance needs root"
+id postfix >/dev/null 2>&1 && getent group postdrop >/dev/null || skip "no postfix user or postdrop group"
+
+work=$(mktemp -d /tmp/dkimgw-bench-pf.XXXXXX)
+chmod 755 "$work"
+pids=()
+postfixes=()
+cleanup() {
+  for d in "${postfixes[@]}"; do postfix -c "$d" stop >/dev/null 2>&1 || postfix -c "$d" abort >/dev/null 2>&1 || true; done
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { # wait_port PORT NAME [PID]
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    [ -z "${3:-}" ] || kill -0 "$3" 2>/dev/null || { echo "$2 exited before listening" >&2; return 1; }
+    sleep 0.1
+  done
+  echo "$2 did not listen on port $1" >&2; return 1
+}
+HZ=$(getconf CLK_TCK)
+busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
+busy() { awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]) }'; }
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# dkimgw's token and RSA-2048 key.
+export SOFTHSM2_CONF=$work/softhsm2.conf
+mkdir "$work/tokens" "$work/spool"
+printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$SOFTHSM2_CONF"
+softhsm2-util --init-token --free --label bench --pin 1234 --so-pin 12345678 >/dev/null
+printf '1234\n' > "$work/pin"; chmod 600 "$work/pin"
+URI="pkcs11:token=bench?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:$work/pin"
+DKIMGW_HSM=$URI "$BIN" keys generate --domain example.com --selector rsa --algorithm rsa-2048 > "$work/keys.log" 2>&1 ||
+  { cat "$work/keys.log"; exit 1; }
+
+# OpenDKIM: sign mode, an RSA-2048 file key, a loopback inet socket.
+mkdir "$work/opendkim"
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$work/opendkim/odk.private" 2>/dev/null
+chmod 600 "$work/opendkim/odk.private"
+milter_port=$(free_port)
+cat > "$work/opendkim/opendkim.conf" <<CONF
+Mode                    s
+Domain                  example.com
+Selector                odk
+KeyFile                 $work/opendkim/odk.private
+Canonicalization        relaxed/relaxed
+SignatureAlgorithm      rsa-sha256
+Socket                  inet:$milter_port@127.0.0.1
+PidFile                 $work/opendkim/opendkim.pid
+InternalHosts           127.0.0.1
+Syslog                  no
+RequireSafeKeys         false
+Background              no
+CONF
+opendkim -f -x "$work/opendkim/opendkim.conf" > "$work/opendkim/log" 2>&1 &
+odk_pid=$!; pids+=("$odk_pid")
+wait_port "$milter_port" opendkim "$odk_pid" || { cat "$work/opendkim/log"; skip "opendkim did not start"; }
+
+# One smtp-sink per configuration, dumping every message (as user postfix)
+# so that the signatures can be counted; the dump costs both the same.
+start_sink() { # start_sink NAME -> sets sink_port
+  mkdir -m 777 "$work/dump-$1"
+  sink_port=$(free_port)
+  smtp-sink -u postfix -d "$work/dump-$1/%H%M%S." 127.0.0.1:"$sink_port" 256 > "$work/sink-$1.log" 2>&1 &
+  pids+=("$!")
+  wait_port "$sink_port" "smtp-sink $1" "$!" || { cat "$work/sink-$1.log"; exit 1; }
+}
+
+# A throwaway Postfix: its own config, queue and data directories, pure
+# relay to RELAYHOST, listening on 127.0.0.1:PORT only.
+make_postfix() { # make_postfix NAME PORT RELAYHOST [MILTER]
+  local d=$work/postfix-$1
+  mkdir -p "$d/etc" "$d/queue" "$d/data"
+  chown postfix "$d/data"
+  cat > "$d/etc/main.cf" <<CF
+compatibility_level = 3.6
+config_directory = $d/etc
+queue_directory = $d/queue
+data_directory = $d/data
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = $d/maillog
+maillog_file_prefixes = $d
+myhostname = postfix-$1.bench.test
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mydestination =
+local_recipient_maps =
+local_transport = error:local delivery is disabled
+alias_maps =
+alias_database =
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+relayhost = $3
+smtp_dns_support_level = disabled
+smtp_tls_security_level = none
+smtpd_tls_security_level = none
+biff = no
+${4:+smtpd_milters = $4
+milter_default_action = tempfail}
+CF
+  cat > "$d/etc/master.cf" <<CF
+127.0.0.1:$2 inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+CF
+}
+
+start_postfix() { # start_postfix NAME PORT
+  local d=$work/postfix-$1
+  postfixes+=("$d/etc")
+  if ! postfix -c "$d/etc" start > "$d/start.log" 2>&1 || ! wait_port "$2" "postfix $1"; then
+    # Postfix reports a bad main.cf only to syslog or a terminal.
+    cat "$d/start.log"; [ -f "$d/maillog" ] && tail -20 "$d/maillog"
+    command -v script >/dev/null && script -qc "postfix -c $d/etc check" /dev/null
+    skip "the throwaway Postfix ($1) did not start"
+  fi
+}
+stop_postfix() { postfix -c "$work/postfix-$1/etc" stop >/dev/null 2>&1 || true; sleep 0.5; }
+master_pid() { head -1 "$work/postfix-$1/queue/pid/master.pid" | tr -d ' '; }
+
+# The dkimgw configuration.
+start_sink dkimgw; dkimgw_sink=$sink_port
+start_sink opendkim; odk_sink=$sink_port
+gw_port=$(free_port)
+cat > "$work/dkimgw.yaml" <<YAML
+hsm:
+  uri: "$URI"
+smtp:
+  listen: "127.0.0.1:$gw_port"
+  hostname: dkimgw.bench.test
+upstream:
+  address: "127.0.0.1:$dkimgw_sink"
+spool:
+  dir: "$work/spool"
+clients:
+  - name: postfix
+    networks: ["127.0.0.0/8"]
+    domains: ["example.com"]
+domains:
+  example.com:
+    selectors: [rsa]
+log: {format: json}
+YAML
+"$BIN" serve --config "$work/dkimgw.yaml" 2> "$work/dkimgw.log" &
+gw_pid=$!; pids+=("$gw_pid")
+wait_port "$gw_port" "dkimgw serve" "$gw_pid" || { cat "$work/dkimgw.log"; exit 1; }
+
+pf_dkimgw_port=$(free_port); pf_odk_port=$(free_port)
+make_postfix dkimgw "$pf_dkimgw_port" "[127.0.0.1]:$gw_port"
+make_postfix opendkim "$pf_odk_port" "[127.0.0.1]:$odk_sink" "inet:127.0.0.1:$milter_port"
+
+cat <<EOF
+machine:  $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo); $(postconf -d mail_version | tr -d ' '), $(opendkim -V | head -1 | sed 's/.*Filter //')
+client:   smtp-source -s $S -m $N -l $L -f news@example.com -t reader@example.net -S bench 127.0.0.1:POSTFIX_PORT
+opendkim: smtp-source -> Postfix (smtpd_milters = inet:127.0.0.1:$milter_port: opendkim, Mode s, RSA-2048 file key,
+          relaxed/relaxed) -> relayhost smtp-sink -d
+dkimgw:   smtp-source -> Postfix (no milter) -> relayhost dkimgw serve (SoftHSM RSA-2048) -> smtp-sink -d
+postfix:  a throwaway instance each (postfix -c DIR start), same main.cf apart from relayhost/milter;
+          queue files are fsynced, as in production
+timing:   date +%s.%N from the start of smtp-source until the sink has dumped all $N messages;
+          then every dumped message is checked for exactly one DKIM-Signature header.
+cpu:      utime+stime per message of opendkim and of dkimgw (/proc/PID/stat); busy: all cores (/proc/stat)
+rounds:   $ROUNDS, each opendkim then dkimgw
+
+EOF
+
+results=$work/results.txt
+: > "$results"
+run() { # run NAME ROUND PORT SIGNER_PID
+  local name=$1 round=$2 port=$3 spid=$4 dump=$work/dump-$1 t0 t1 b0 b1 c0 c1 have=0 before
+  start_postfix "$name" "$port"
+  # Warm-up (also proves the path signs): 20 messages, then clear the dump.
+  timeout 60 smtp-source -s 5 -m 20 -l "$L" -f news@example.com -t reader@example.net -S warm 127.0.0.1:"$port" ||
+    { tail -20 "$work/postfix-$name/maillog"; exit 1; }
+  for _ in $(seq 600); do [ "$(find "$dump" -type f | wc -l)" -ge 20 ] && break; sleep 0.1; done
+  sleep 0.3
+  if [ "$(grep -l '^DKIM-Signature:' "$dump"/* 2>/dev/null | wc -l)" -lt 20 ]; then
+    echo "warm-up messages did not arrive signed ($name); maillog:" >&2; tail -20 "$work/postfix-$name/maillog" >&2; exit 1
+  fi
+  find "$dump" -type f -delete
+  c0=$(cpu_ticks "$spid"); b0=$(busy_ticks); t0=$(date +%s.%N)
+  if ! timeout "$RUN_TIMEOUT" smtp-source -s "$S" -m "$N" -l "$L" -f news@example.com -t reader@example.net -S bench 127.0.0.1:"$port"; then
+    echo "smtp-source into Postfix ($name) failed; maillog:" >&2; tail -20 "$work/postfix-$name/maillog" >&2; exit 1
+  fi
+  local deadline=$(( $(date +%s) + RUN_TIMEOUT ))
+  while have=$(find "$dump" -type f | wc -l); [ "$have" -lt "$N" ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "$name: only $have of $N messages delivered in time" >&2; tail -20 "$work/postfix-$name/maillog" >&2; exit 1; }
+    sleep 0.05
+  done
+  t1=$(date +%s.%N); b1=$(busy_ticks); c1=$(cpu_ticks "$spid")
+  stop_postfix "$name"
+  sleep 0.3
+  local signed one
+  signed=$(grep -l '^DKIM-Signature:' "$dump"/* | wc -l)
+  one=$(grep -c '^DKIM-Signature:' "$dump"/* | awk -F: '$NF != 1' | wc -l)
+  [ "$signed" -eq "$N" ] && [ "$one" -eq 0 ] || { echo "$name: $signed of $N messages signed, $one without exactly one signature" >&2; exit 1; }
+  find "$dump" -type f -delete
+  echo "$name $round $N $t0 $t1 $(( c1 - c0 )) $(busy "$b0" "$b1")" >> "$results"
+}
+
+for round in $(seq "$ROUNDS"); do
+  run opendkim "$round" "$pf_odk_port" "$odk_pid"
+  run dkimgw "$round" "$pf_dkimgw_port" "$gw_pid"
+done
+
+"$PY" - "$results" "$HZ" <<'PY'
+import sys, statistics
+hz = int(sys.argv[2])
+by = {}
+print("%-9s %5s %6s %7s %7s %12s %5s" % ("run", "round", "msgs", "secs", "msgs/s", "signer cpu", "busy"))
+for l in open(sys.argv[1]):
+    name, rnd, n, t0, t1, ticks, busy = l.split()
+    secs = float(t1) - float(t0); rate = int(n) / secs
+    by.setdefault(name, []).append(rate)
+    print("%-9s %5s %6s %7.2f %7.0f %9.2f ms %4s%%" % (name, rnd, n, secs, rate, int(ticks) / hz * 1000 / int(n), busy))
+m = {k: statistics.median(v) for k, v in by.items()}
+print()
+print("median msgs/s: Postfix + OpenDKIM %.0f, Postfix -> dkimgw %.0f; ratio dkimgw / OpenDKIM %.2f" % (m["opendkim"], m["dkimgw"], m["dkimgw"] / m["opendkim"]))
+print("every message of every run arrived with exactly one DKIM-Signature")
+PY
