@@ -9,38 +9,15 @@
 #      verifies through DNS; then a graceful SIGTERM
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=$PWD/bin/dkimgw
+source scripts/lib.sh
 DOMAIN=demo.example
-PY=/usr/bin/python3
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { # wait_port PORT NAME PID
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    kill -0 "$3" 2>/dev/null || { echo "$2 exited before listening" >&2; return 1; }
-    sleep 0.1
-  done
-  echo "$2 did not listen on port $1" >&2; return 1
-}
-
-work=$(mktemp -d /tmp/dkimgw-demo.XXXXXX)
-chmod 755 "$work" # smtp-sink writes its dumps as user postfix
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+lib_workdir dkimgw-demo
 
 say "1. A SoftHSM token, keys generated inside it"
-export SOFTHSM2_CONF=$work/softhsm2.conf
-mkdir "$work/tokens"
-printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$SOFTHSM2_CONF"
-softhsm2-util --init-token --free --label dkimgw-demo --pin 4321 --so-pin 87654321 >/dev/null
-printf '4321\n' > "$work/pin"; chmod 600 "$work/pin"
-export DKIMGW_HSM="pkcs11:token=dkimgw-demo?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:$work/pin"
+softhsm_token dkimgw-demo 4321
+export DKIMGW_HSM=$URI
 echo "DKIMGW_HSM=$DKIMGW_HSM"
 set -x
 "$BIN" keys generate --domain $DOMAIN --selector rsa2026 --algorithm rsa-2048 > "$work/records.zone"

@@ -3,17 +3,12 @@
 # MB/s and peak RSS (/usr/bin/time -v). RSS must stay far below 50 MB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BIN=$PWD/bin/dkimgw
-work=$(mktemp -d /tmp/dkimgw-bench.XXXXXX)
-trap 'rm -rf "$work"' EXIT
-export SOFTHSM2_CONF=$work/softhsm2.conf
-mkdir "$work/tokens"
-printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$SOFTHSM2_CONF"
-softhsm2-util --init-token --free --label bench --pin 1234 --so-pin 12345678 >/dev/null
-export DKIMGW_HSM="pkcs11:token=bench?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-value=1234"
-"$BIN" keys generate --domain example.com --selector rsa >/dev/null 2>&1
-"$BIN" keys generate --domain example.com --selector ed --algorithm ed25519 >/dev/null 2>&1
-/usr/bin/python3 - "$work/big.eml" <<'PY'
+source scripts/lib.sh
+lib_workdir dkimgw-bench-sign
+softhsm_token bench 1234
+bench_keys rsa:rsa-2048 ed:ed25519
+export DKIMGW_HSM=$URI
+"$PY" - "$work/big.eml" <<'PY'
 import sys
 with open(sys.argv[1], "w") as f:
     f.write("From: news@example.com\nTo: a@example.net\nSubject: big\n\n")

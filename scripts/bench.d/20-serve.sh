@@ -16,8 +16,7 @@
 # (20), SERVE_BODY_BYTES (4096), SERVE_ROUNDS (3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BIN=$PWD/bin/dkimgw
-PY=/usr/bin/python3
+source scripts/lib.sh
 N=${SERVE_MESSAGES:-4000}
 ND=${SERVE_DIRECT_MESSAGES:-16000}
 S=${SERVE_SESSIONS:-20}
@@ -30,30 +29,7 @@ for tool in smtp-source smtp-sink softhsm2-util; do
 done
 [ -x "$BIN" ] || { echo "SKIP: $BIN missing (make build)"; exit 0; }
 
-work=$(mktemp -d /tmp/dkimgw-bench-serve.XXXXXX)
-chmod 755 "$work"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-  done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { # wait_port PORT NAME PID
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    kill -0 "$3" 2>/dev/null || { echo "$2 exited before listening" >&2; return 1; }
-    sleep 0.1
-  done
-  echo "$2 did not listen on port $1" >&2; return 1
-}
+lib_workdir dkimgw-bench-serve
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; } # utime+stime, clock ticks
 busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; } # "busy total", all cores
 HZ=$(getconf CLK_TCK)
@@ -63,16 +39,9 @@ busy() { # busy "B0 T0" "B1 T1": share of all cores busy in between, percent
 }
 
 # A throwaway SoftHSM token with an RSA-2048 and an Ed25519 key.
-export SOFTHSM2_CONF=$work/softhsm2.conf
-mkdir "$work/tokens" "$work/spool"
-printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$SOFTHSM2_CONF"
-softhsm2-util --init-token --free --label bench --pin 1234 --so-pin 12345678 >/dev/null
-printf '1234\n' > "$work/pin"; chmod 600 "$work/pin"
-URI="pkcs11:token=bench?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:$work/pin"
-for k in rsa:rsa-2048 ed:ed25519; do
-  DKIMGW_HSM=$URI "$BIN" keys generate --domain example.com --selector "${k%%:*}" --algorithm "${k#*:}" > "$work/keys.log" 2>&1 ||
-    { cat "$work/keys.log"; exit 1; }
-done
+softhsm_token bench 1234
+mkdir "$work/spool"
+bench_keys rsa:rsa-2048 ed:ed25519
 
 sink_port=$(free_port)
 smtp-sink -u postfix 127.0.0.1:"$sink_port" 256 > "$work/sink.log" 2>&1 &

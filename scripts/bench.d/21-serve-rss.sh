@@ -9,8 +9,7 @@
 # Knobs: RSS_SESSIONS (default 50), RSS_BODY_BYTES (20000000).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BIN=$PWD/bin/dkimgw
-PY=/usr/bin/python3
+source scripts/lib.sh
 S=${RSS_SESSIONS:-50}
 L=${RSS_BODY_BYTES:-20000000}
 RUN_TIMEOUT=300
@@ -20,43 +19,13 @@ for tool in smtp-source smtp-sink softhsm2-util; do
 done
 [ -x "$BIN" ] || { echo "SKIP: $BIN missing (make build)"; exit 0; }
 
-work=$(mktemp -d /tmp/dkimgw-bench-rss.XXXXXX)
-chmod 755 "$work"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-  done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { # wait_port PORT NAME PID
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    kill -0 "$3" 2>/dev/null || { echo "$2 exited before listening" >&2; return 1; }
-    sleep 0.1
-  done
-  echo "$2 did not listen on port $1" >&2; return 1
-}
+lib_workdir dkimgw-bench-rss
 kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; } # kb PID VmRSS|VmHWM
 mb() { awk -v k="$1" 'BEGIN { printf "%.1f MB", k / 1024 }'; }
 
-export SOFTHSM2_CONF=$work/softhsm2.conf
-mkdir "$work/tokens" "$work/spool"
-printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$SOFTHSM2_CONF"
-softhsm2-util --init-token --free --label bench --pin 1234 --so-pin 12345678 >/dev/null
-printf '1234\n' > "$work/pin"; chmod 600 "$work/pin"
-URI="pkcs11:token=bench?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:$work/pin"
-for k in rsa:rsa-2048 ed:ed25519; do
-  DKIMGW_HSM=$URI "$BIN" keys generate --domain example.com --selector "${k%%:*}" --algorithm "${k#*:}" > "$work/keys.log" 2>&1 ||
-    { cat "$work/keys.log"; exit 1; }
-done
+softhsm_token bench 1234
+mkdir "$work/spool"
+bench_keys rsa:rsa-2048 ed:ed25519
 
 sink_port=$(free_port)
 smtp-sink -u postfix 127.0.0.1:"$sink_port" 256 > "$work/sink.log" 2>&1 &

@@ -17,8 +17,7 @@
 # PF_ROUNDS (2).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BIN=$PWD/bin/dkimgw
-PY=/usr/bin/python3
+source scripts/lib.sh
 N=${PF_MESSAGES:-2000}
 S=${PF_SESSIONS:-20}
 L=${PF_BODY_BYTES:-4096}
@@ -33,45 +32,19 @@ done
 [ "$(id -u)" = 0 ] || skip "a throwaway Postfix instance needs root"
 id postfix >/dev/null 2>&1 && getent group postdrop >/dev/null || skip "no postfix user or postdrop group"
 
-work=$(mktemp -d /tmp/dkimgw-bench-pf.XXXXXX)
-chmod 755 "$work"
-pids=()
+lib_workdir dkimgw-bench-pf
 postfixes=()
-cleanup() {
+lib_before_cleanup() {
   for d in "${postfixes[@]}"; do postfix -c "$d" stop >/dev/null 2>&1 || postfix -c "$d" abort >/dev/null 2>&1 || true; done
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-  done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { # wait_port PORT NAME [PID]
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    [ -z "${3:-}" ] || kill -0 "$3" 2>/dev/null || { echo "$2 exited before listening" >&2; return 1; }
-    sleep 0.1
-  done
-  echo "$2 did not listen on port $1" >&2; return 1
 }
 HZ=$(getconf CLK_TCK)
 busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
 busy() { awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]) }'; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 # dkimgw's token and RSA-2048 key.
-export SOFTHSM2_CONF=$work/softhsm2.conf
-mkdir "$work/tokens" "$work/spool"
-printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$SOFTHSM2_CONF"
-softhsm2-util --init-token --free --label bench --pin 1234 --so-pin 12345678 >/dev/null
-printf '1234\n' > "$work/pin"; chmod 600 "$work/pin"
-URI="pkcs11:token=bench?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:$work/pin"
-DKIMGW_HSM=$URI "$BIN" keys generate --domain example.com --selector rsa --algorithm rsa-2048 > "$work/keys.log" 2>&1 ||
-  { cat "$work/keys.log"; exit 1; }
+softhsm_token bench 1234
+mkdir "$work/spool"
+bench_keys rsa:rsa-2048
 
 # OpenDKIM: sign mode, an RSA-2048 file key, a loopback inet socket.
 mkdir "$work/opendkim"

@@ -1,0 +1,67 @@
+# Shared by scripts/demo.sh and scripts/bench.d/*.sh. Source it after
+# `set -euo pipefail`; everything stays on 127.0.0.1.
+
+PY=/usr/bin/python3 # Debian's: the one with python3-dkim
+SOFTHSM_MODULE=/usr/lib/softhsm/libsofthsm2.so
+BIN=${BIN:-$PWD/bin/dkimgw}
+
+# lib_workdir PREFIX makes $work (0755: smtp-sink writes its dumps as user
+# postfix) and an EXIT trap that calls lib_before_cleanup if the script
+# defines it, stops every PID in pids[] (TERM, then KILL after 5 s) and
+# removes $work.
+lib_workdir() {
+  work=$(mktemp -d "/tmp/$1.XXXXXX")
+  chmod 755 "$work"
+  pids=()
+  trap lib_cleanup EXIT
+  trap 'exit 130' INT TERM
+}
+
+lib_cleanup() {
+  if declare -F lib_before_cleanup >/dev/null; then lib_before_cleanup || true; fi
+  local p
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+
+# free_port prints a free TCP port on 127.0.0.1.
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_port PORT NAME [PID] waits (10 s at most) until something listens on
+# PORT, failing early if PID exits first.
+wait_port() {
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    [ -z "${3:-}" ] || kill -0 "$3" 2>/dev/null || { echo "$2 exited before listening" >&2; return 1; }
+    sleep 0.1
+  done
+  echo "$2 did not listen on port $1" >&2
+  return 1
+}
+
+# softhsm_token LABEL PIN gives the script a SoftHSM configuration and a
+# token of its own under $work, with the PIN in a 0600 file; it exports
+# SOFTHSM2_CONF and sets URI to a pin-source URI of the token.
+softhsm_token() {
+  export SOFTHSM2_CONF=$work/softhsm2.conf
+  mkdir -p "$work/tokens"
+  printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\n' "$work" > "$SOFTHSM2_CONF"
+  softhsm2-util --init-token --free --label "$1" --pin "$2" --so-pin "$2$2" >/dev/null
+  printf '%s\n' "$2" > "$work/pin"
+  chmod 600 "$work/pin"
+  URI="pkcs11:token=$1?module-path=$SOFTHSM_MODULE&pin-source=file:$work/pin"
+}
+
+# bench_keys SELECTOR:ALGORITHM... generates example.com keys in the token.
+bench_keys() {
+  local k
+  for k in "$@"; do
+    DKIMGW_HSM=$URI "$BIN" keys generate --domain example.com --selector "${k%%:*}" --algorithm "${k#*:}" > "$work/keys.log" 2>&1 ||
+      { cat "$work/keys.log"; return 1; }
+  done
+}
