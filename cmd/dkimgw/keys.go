@@ -97,13 +97,11 @@ signing with the key.`
 	if err != nil {
 		return failf(c, exitUsage, "%v", err)
 	}
-	ctx, cancel := tf.withTimeout(ctx)
-	defer cancel()
-	tok, code := tf.open(ctx, c, errorLogger(c))
+	ctx, tok, release, code := tf.openFor(ctx, c)
 	if tok == nil {
 		return code
 	}
-	defer tok.Close()
+	defer release()
 	key, err := tok.GenerateKey(ctx, kf.domain, kf.selector, algorithm)
 	if err != nil {
 		return failf(c, tokenExitCode(err), "%v", err)
@@ -151,13 +149,11 @@ usable: dkimgw refuses to sign with it.`
 	if code, ok := parseFlags(c, fs, usage, long, args); !ok {
 		return code
 	}
-	ctx, cancel := tf.withTimeout(ctx)
-	defer cancel()
-	tok, code := tf.open(ctx, c, errorLogger(c))
+	ctx, tok, release, code := tf.openFor(ctx, c)
 	if tok == nil {
 		return code
 	}
-	defer tok.Close()
+	defer release()
 	infos, err := tok.Keys(ctx)
 	if err != nil {
 		return failf(c, tokenExitCode(err), "%v", err)
@@ -227,13 +223,11 @@ BIND zone file accepts it.`
 	if !kf.check(c, "dns") {
 		return exitUsage
 	}
-	ctx, cancel := tf.withTimeout(ctx)
-	defer cancel()
-	tok, code := tf.open(ctx, c, errorLogger(c))
+	ctx, tok, release, code := tf.openFor(ctx, c)
 	if tok == nil {
 		return code
 	}
-	defer tok.Close()
+	defer release()
 	key, err := tok.Key(ctx, kf.domain, kf.selector)
 	if err != nil {
 		return failf(c, tokenExitCode(err), "%v", err)
@@ -271,13 +265,11 @@ selector from signing and wait out the grace period first.`
 	if !yes {
 		return failf(c, exitUsage, "keys destroy: destroying %s cannot be undone; add --yes to confirm", hsm.RecordName(kf.domain, strings.ToLower(kf.selector)))
 	}
-	ctx, cancel := tf.withTimeout(ctx)
-	defer cancel()
-	tok, code := tf.open(ctx, c, errorLogger(c))
+	ctx, tok, release, code := tf.openFor(ctx, c)
 	if tok == nil {
 		return code
 	}
-	defer tok.Close()
+	defer release()
 	if err := tok.DestroyKey(ctx, kf.domain, kf.selector); err != nil {
 		return failf(c, tokenExitCode(err), "%v", err)
 	}

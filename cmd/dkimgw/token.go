@@ -70,6 +70,19 @@ func errorLogger(c *cli) *slog.Logger {
 	return slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
 
+// openFor opens the token for one command's work, bounded by --timeout.
+// release closes the token and ends the timeout; when tok is nil, code is
+// the exit status (the reason is printed).
+func (f *tokenFlags) openFor(ctx context.Context, c *cli) (_ context.Context, tok *hsm.Token, release func(), code int) {
+	ctx, cancel := f.withTimeout(ctx)
+	tok, code = f.open(ctx, c, errorLogger(c))
+	if tok == nil {
+		cancel()
+		return ctx, nil, nil, code
+	}
+	return ctx, tok, func() { tok.Close(); cancel() }, exitOK
+}
+
 // withTimeout bounds a command's token work.
 func (f *tokenFlags) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
 	if f.timeout <= 0 {
