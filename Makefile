@@ -2,6 +2,9 @@
 # as root (it installs what the tests need); `make demo` runs the gateway
 # end to end; `make bench` measures it.
 
+# The Go toolchain's usual home, for shells whose PATH lacks it.
+export PATH := $(PATH):/usr/local/go/bin
+
 GO      ?= go
 BIN     := bin/dkimgw
 GOFLAGS ?=
