@@ -518,6 +518,62 @@ func TestUpstreamFailures(t *testing.T) {
 	}
 }
 
+func TestUpstreamTLS(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := tlsFiles(t, dir) // for dkimgw.test, self-signed
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sinkTLS := &tls.Config{Certificates: []tls.Certificate{pair}}
+	upstream := func(settings string) string {
+		return strings.Replace(baseConfig, "  timeout: 5s\n", "  timeout: 5s\n"+settings, 1)
+	}
+	required := upstream(fmt.Sprintf("  tls: required\n  tls_server_name: dkimgw.test\n  tls_ca_file: %s\n", certFile))
+	tests := []struct {
+		name      string
+		conf      string
+		sinkTLS   bool
+		wantCode  int // 0: delivered
+		wantEC    smtp.EnhancedCode
+		wantOnTLS bool
+	}{
+		{"required, verified", required, true, 0, smtp.EnhancedCode{}, true},
+		{"required, upstream without STARTTLS", required, false, 451, smtp.EnhancedCode{4, 7, 10}, false},
+		{"required, wrong name", strings.Replace(required, "tls_server_name: dkimgw.test", "tls_server_name: other.test", 1), true, 451, smtp.EnhancedCode{4, 4, 1}, false},
+		{"required, unknown CA", upstream("  tls: required\n  tls_server_name: dkimgw.test\n"), true, 451, smtp.EnhancedCode{4, 4, 1}, false},
+		{"opportunistic, offered", upstream("  tls: opportunistic\n"), true, 0, smtp.EnhancedCode{}, true},
+		{"opportunistic, not offered", upstream("  tls: opportunistic\n"), false, 0, smtp.EnhancedCode{}, false},
+		{"none, offered", upstream("  tls: none\n"), true, 0, smtp.EnhancedCode{}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t, tt.conf)
+			if tt.sinkTLS {
+				h.sink.EnableSTARTTLS(sinkTLS)
+			}
+			c := h.dial()
+			if tt.wantCode != 0 {
+				// The upstream connection is opened at MAIL: that is where
+				// a TLS failure shows, as a 4xx (the sender retries).
+				wantCode(t, c.Mail("bounce@example.com", nil), tt.wantCode, tt.wantEC)
+				if got := len(h.sink.Messages()); got != 0 {
+					t.Fatalf("%d messages reached the upstream", got)
+				}
+				return
+			}
+			if _, err := send(c, "bounce@example.com", []string{"a@example.net"}, testMsg); err != nil {
+				t.Fatalf("send: %v", err)
+			}
+			msgs := h.sink.WaitMessages(t, 1, 5*time.Second)
+			if msgs[0].TLS != tt.wantOnTLS {
+				t.Errorf("message went upstream with TLS=%v, want %v", msgs[0].TLS, tt.wantOnTLS)
+			}
+			verify(t, msgs[0].Data)
+		})
+	}
+}
+
 func TestUpstreamTimeoutIsTemporary(t *testing.T) {
 	h := newHarness(t, strings.Replace(baseConfig, "timeout: 5s", "timeout: 300ms", 1))
 	h.sink.DelayData(time.Second)

@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -22,6 +23,7 @@ type SinkMessage struct {
 	To       []string // the recipients the sink accepted, in order
 	RcptOpts []smtp.RcptOptions
 	Data     []byte // exactly as received (CRLF line endings, dots unstuffed)
+	TLS      bool   // the message came over a STARTTLS session
 }
 
 // SMTPSink is an in-process SMTP server on 127.0.0.1 that records every
@@ -42,6 +44,7 @@ type SMTPSink struct {
 	mailErr   *smtp.SMTPError
 	dataErr   *smtp.SMTPError
 	dataDelay time.Duration
+	tlsConfig *tls.Config
 	sessions  int
 	changed   chan struct{} // closed and replaced whenever msgs grows
 }
@@ -69,8 +72,11 @@ func (s *SMTPSink) serve(l net.Listener) {
 		s.mu.Lock()
 		s.sessions++
 		s.mu.Unlock()
-		return &sinkSession{sink: s}, nil
+		return &sinkSession{sink: s, conn: c}, nil
 	}))
+	s.mu.Lock()
+	srv.TLSConfig = s.tlsConfig
+	s.mu.Unlock()
 	srv.Domain = "sink.test"
 	srv.EnableSMTPUTF8 = true
 	srv.EnableDSN = true
@@ -129,6 +135,17 @@ func (s *SMTPSink) Start() {
 		s.t.Fatalf("testenv: sink: listen again on %s: %v", s.addr, err)
 	}
 	s.serve(l)
+}
+
+// EnableSTARTTLS makes the sink offer STARTTLS with cfg (nil: stop
+// offering it). It restarts the sink, closing its connections.
+func (s *SMTPSink) EnableSTARTTLS(cfg *tls.Config) {
+	s.t.Helper()
+	s.Stop()
+	s.mu.Lock()
+	s.tlsConfig = cfg
+	s.mu.Unlock()
+	s.Start()
 }
 
 // RejectRecipient makes RCPT TO:<addr> fail with err (nil: accept again).
@@ -204,6 +221,7 @@ func (s *SMTPSink) WaitMessages(t testing.TB, n int, timeout time.Duration) []Si
 
 type sinkSession struct {
 	sink     *SMTPSink
+	conn     *smtp.Conn
 	msg      *SinkMessage
 	mailSeen bool
 }
@@ -264,6 +282,7 @@ func (ss *sinkSession) Data(r io.Reader) error {
 	}
 	m := *ss.msg
 	m.Data = buf.Bytes()
+	_, m.TLS = ss.conn.TLSConnectionState()
 	s.mu.Lock()
 	s.msgs = append(s.msgs, m)
 	n := len(s.msgs)
