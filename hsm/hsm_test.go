@@ -26,30 +26,12 @@ import (
 
 func TestMain(m *testing.M) { testenv.Main(m) }
 
-// syncBuffer is a log sink that tests read while the token writes to it.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // openToken gives the test a fresh SoftHSM token, opened; the returned
 // buffer collects the token's log.
-func openToken(t *testing.T, uriSuffix string) (*hsm.Token, *testenv.SoftHSMToken, *syncBuffer) {
+func openToken(t *testing.T, uriSuffix string) (*hsm.Token, *testenv.SoftHSMToken, *testenv.LogBuffer) {
 	t.Helper()
 	st := testenv.SoftHSM(t)
-	logs := &syncBuffer{}
+	logs := &testenv.LogBuffer{}
 	tok, err := hsm.Open(t.Context(), st.URI()+uriSuffix, hsm.Options{
 		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	})

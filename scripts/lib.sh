@@ -65,3 +65,30 @@ bench_keys() {
       { cat "$work/keys.log"; return 1; }
   done
 }
+
+# bench_config FILE LISTEN_PORT UPSTREAM_PORT SELECTORS writes a dkimgw
+# configuration for the benchmarks: the token of softhsm_token, example.com
+# signed with SELECTORS (e.g. "rsa, ed"), clients on 127.0.0.0/8, JSON log
+# (one line per transaction, with duration_s), spool in $work/spool.
+bench_config() {
+  mkdir -p "$work/spool"
+  cat > "$1" <<YAML
+hsm:
+  uri: "$URI"
+smtp:
+  listen: "127.0.0.1:$2"
+  hostname: dkimgw.bench.test
+upstream:
+  address: "127.0.0.1:$3"
+spool:
+  dir: "$work/spool"
+clients:
+  - name: bench
+    networks: ["127.0.0.0/8"]
+    domains: ["example.com"]
+domains:
+  example.com:
+    selectors: [$4]
+log: {format: json}
+YAML
+}

@@ -114,25 +114,8 @@ type harness struct {
 	addr string
 	sink *testenv.SMTPSink
 	keys *memKeys
-	logs *syncBuffer
+	logs *testenv.LogBuffer
 	dir  string
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // baseConfig is the configuration of most tests; %s is the sink.
@@ -159,7 +142,7 @@ domains:
 // to the configuration text; conf, if non-empty, replaces baseConfig.
 func newHarness(t *testing.T, conf string) *harness {
 	t.Helper()
-	h := &harness{t: t, sink: testenv.NewSMTPSink(t), logs: &syncBuffer{}, dir: t.TempDir()}
+	h := &harness{t: t, sink: testenv.NewSMTPSink(t), logs: &testenv.LogBuffer{}, dir: t.TempDir()}
 	rk, ek := testKeys(t)
 	h.keys = &memKeys{keys: map[string]crypto.Signer{
 		"rsa1._domainkey.example.com": rk,

@@ -48,28 +48,6 @@ smtp-sink -u postfix 127.0.0.1:"$sink_port" 256 > "$work/sink.log" 2>&1 &
 sink_pid=$!; pids+=("$sink_pid")
 wait_port "$sink_port" smtp-sink "$sink_pid" || { cat "$work/sink.log"; exit 1; }
 
-write_config() { # write_config NAME PORT SELECTORS
-  cat > "$work/$1.yaml" <<YAML
-hsm:
-  uri: "$URI"
-smtp:
-  listen: "127.0.0.1:$2"
-  hostname: dkimgw.bench.test
-upstream:
-  address: "127.0.0.1:$sink_port"
-spool:
-  dir: "$work/spool"
-clients:
-  - name: bench
-    networks: ["127.0.0.0/8"]
-    domains: ["example.com"]
-domains:
-  example.com:
-    selectors: [$3]
-log: {format: json}
-YAML
-}
-
 # source PORT COUNT: the client; its exit status says whether every
 # message got 250.
 source_run() {
@@ -92,7 +70,7 @@ run_direct() { # run_direct ROUND
 run_serve() { # run_serve NAME ROUND
   local name=$1 round=$2 port pid log t0 t1 c0 c1 s0 s1 b0 b1 skip
   port=$(free_port)
-  write_config "$name" "$port" "$3"
+  bench_config "$work/$name.yaml" "$port" "$sink_port" "$3"
   log=$work/$name.$round.log
   "$BIN" serve --config "$work/$name.yaml" 2> "$log" &
   pid=$!; pids+=("$pid")

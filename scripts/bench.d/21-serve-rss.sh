@@ -32,25 +32,6 @@ smtp-sink -u postfix 127.0.0.1:"$sink_port" 256 > "$work/sink.log" 2>&1 &
 sink_pid=$!; pids+=("$sink_pid")
 wait_port "$sink_port" smtp-sink "$sink_pid" || { cat "$work/sink.log"; exit 1; }
 
-cat > "$work/dkimgw.yaml.in" <<YAML
-hsm:
-  uri: "$URI"
-smtp:
-  listen: "127.0.0.1:@PORT@"
-  hostname: dkimgw.bench.test
-upstream:
-  address: "127.0.0.1:$sink_port"
-spool:
-  dir: "$work/spool"
-clients:
-  - name: bench
-    networks: ["127.0.0.0/8"]
-    domains: ["example.com"]
-domains:
-  example.com:
-    selectors: [rsa, ed]
-log: {format: json}
-YAML
 
 echo "dkimgw:   bin/dkimgw serve --config dkimgw.yaml   (selectors [rsa, ed], spool.memory_limit 1 MiB (default), spool.dir $work/spool)"
 echo "upstream: smtp-sink -u postfix 127.0.0.1:$sink_port 256"
@@ -107,7 +88,7 @@ run() {
   local name=$1; shift
   local port pid log rss0 rss1 hwm1 hwm rss2 sampler t0 t1 c0 c1 max_files max_rss
   port=$(free_port)
-  sed "s/@PORT@/$port/" "$work/dkimgw.yaml.in" > "$work/dkimgw.yaml"
+  bench_config "$work/dkimgw.yaml" "$port" "$sink_port" "rsa, ed"
   log=$work/$name.log
   "$BIN" serve --config "$work/dkimgw.yaml" 2> "$log" &
   pid=$!; pids+=("$pid")

@@ -153,25 +153,7 @@ master_pid() { head -1 "$work/postfix-$1/queue/pid/master.pid" | tr -d ' '; }
 start_sink dkimgw; dkimgw_sink=$sink_port
 start_sink opendkim; odk_sink=$sink_port
 gw_port=$(free_port)
-cat > "$work/dkimgw.yaml" <<YAML
-hsm:
-  uri: "$URI"
-smtp:
-  listen: "127.0.0.1:$gw_port"
-  hostname: dkimgw.bench.test
-upstream:
-  address: "127.0.0.1:$dkimgw_sink"
-spool:
-  dir: "$work/spool"
-clients:
-  - name: postfix
-    networks: ["127.0.0.0/8"]
-    domains: ["example.com"]
-domains:
-  example.com:
-    selectors: [rsa]
-log: {format: json}
-YAML
+bench_config "$work/dkimgw.yaml" "$gw_port" "$dkimgw_sink" rsa
 "$BIN" serve --config "$work/dkimgw.yaml" 2> "$work/dkimgw.log" &
 gw_pid=$!; pids+=("$gw_pid")
 wait_port "$gw_port" "dkimgw serve" "$gw_pid" || { cat "$work/dkimgw.log"; exit 1; }
