@@ -40,8 +40,12 @@ var configCommand = &command{
 }
 
 func runConfig(ctx context.Context, c *cli, args []string) int {
+	if len(args) > 0 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help" || args[0] == "help") {
+		fmt.Fprintf(c.stdout, "usage: dkimgw %s\n%s\n", configUsage, configLong)
+		return exitOK
+	}
 	if len(args) == 0 || args[0] != "check" {
-		fmt.Fprintf(c.stderr, "usage: dkimgw %s\n", configUsage)
+		fmt.Fprintf(c.stderr, "usage: dkimgw %s\nrun 'dkimgw config --help' for more\n", configUsage)
 		return exitUsage
 	}
 	fs := newFlagSet(c, "config check")

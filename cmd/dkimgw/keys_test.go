@@ -223,3 +223,21 @@ func TestKeysErrors(t *testing.T) {
 		t.Errorf("--help does not list the flags:\n%s", r.stdout)
 	}
 }
+
+// TestEveryCommandHasHelp: --help prints the usage on stdout and exits 0,
+// for every command and subcommand.
+func TestEveryCommandHasHelp(t *testing.T) {
+	for _, args := range [][]string{
+		{"help"}, {"--help"}, {"keys", "--help"}, {"keys", "generate", "--help"}, {"keys", "list", "--help"},
+		{"keys", "dns", "--help"}, {"keys", "destroy", "--help"}, {"sign", "--help"}, {"serve", "--help"},
+		{"config", "--help"}, {"config", "check", "--help"}, {"help", "serve"},
+	} {
+		r := runCLI(t, nil, "", args...)
+		if r.code != exitOK || !strings.Contains(r.stdout, "usage: dkimgw") {
+			t.Errorf("dkimgw %s: exit %d, stdout %q, stderr %q", strings.Join(args, " "), r.code, r.stdout, r.stderr)
+		}
+	}
+	if r := runCLI(t, nil, "", "frobnicate"); r.code != exitUsage {
+		t.Errorf("unknown command: exit %d, want %d", r.code, exitUsage)
+	}
+}
