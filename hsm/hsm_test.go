@@ -344,7 +344,17 @@ func TestWrongPIN(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Open with the right PIN after a wrong one: %v", err)
 	}
-	tok.Close()
+	defer tok.Close()
+	// The process is logged in to the token now, and the token answers
+	// CKR_USER_ALREADY_LOGGED_IN to any PIN: a wrong one must still fail.
+	if _, err := hsm.Open(t.Context(), bad, hsm.Options{}); !errors.Is(err, hsm.ErrPINIncorrect) {
+		t.Fatalf("Open with a wrong PIN while logged in: got %v, want ErrPINIncorrect", err)
+	}
+	second, err := hsm.Open(t.Context(), st.URI(), hsm.Options{})
+	if err != nil {
+		t.Fatalf("second Open with the right PIN while logged in: %v", err)
+	}
+	second.Close()
 }
 
 func TestOpenErrors(t *testing.T) {

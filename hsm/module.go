@@ -1,6 +1,8 @@
 package hsm
 
 import (
+	"crypto/sha256"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"os"
@@ -29,6 +31,32 @@ type module struct {
 	lastRecovery time.Time
 
 	refs int // guarded by modulesMu
+
+	// pins holds, per token (label and serial), a hash of the PIN this
+	// process logged in with. Login is per process: a second Token of
+	// the same token gets CKR_USER_ALREADY_LOGGED_IN whatever PIN it
+	// gives, so that PIN is checked against the hash instead.
+	pinsMu sync.Mutex
+	pins   map[string][32]byte
+}
+
+// checkPIN records pin for token after a fresh login, or, when the
+// process was already logged in, reports whether pin is the one it logged
+// in with. A token logged in by something else in the process (no record)
+// gets the benefit of the doubt.
+func (m *module) checkPIN(token, pin string, alreadyLoggedIn bool) bool {
+	sum := sha256.Sum256([]byte(pin))
+	m.pinsMu.Lock()
+	defer m.pinsMu.Unlock()
+	if m.pins == nil {
+		m.pins = make(map[string][32]byte)
+	}
+	known, ok := m.pins[token]
+	if !alreadyLoggedIn || !ok {
+		m.pins[token] = sum
+		return true
+	}
+	return subtle.ConstantTimeCompare(known[:], sum[:]) == 1
 }
 
 var (

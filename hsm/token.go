@@ -183,9 +183,15 @@ func (t *Token) connectLocked() error {
 	if err != nil {
 		return fmt.Errorf("hsm: open session on token %q: %w", info.Label, err)
 	}
-	if err := c.Login(s, pkcs11.CKU_USER, t.pin); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
+	err = c.Login(s, pkcs11.CKU_USER, t.pin)
+	already := errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN))
+	if err != nil && !already {
 		_ = c.CloseSession(s)
 		return loginError(info.Label, err)
+	}
+	if !t.mod.checkPIN(info.Label+"\x00"+info.SerialNumber, t.pin, already) {
+		_ = c.CloseSession(s)
+		return loginError(info.Label, pkcs11.Error(pkcs11.CKR_PIN_INCORRECT))
 	}
 	mechs, err := c.GetMechanismList(slot)
 	if err != nil {
