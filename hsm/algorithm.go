@@ -60,11 +60,3 @@ func (a Algorithm) Bits() int {
 	}
 	return 0
 }
-
-// DKIMAlgorithm is the a= tag value of signatures made with a key of a.
-func (a Algorithm) DKIMAlgorithm() string {
-	if a == Ed25519 {
-		return "ed25519-sha256"
-	}
-	return "rsa-sha256"
-}
