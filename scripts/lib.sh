@@ -92,3 +92,27 @@ domains:
 log: {format: json}
 YAML
 }
+
+# start_sink NAME [DUMP] starts Postfix's smtp-sink as an upstream on a free
+# port and sets sink_port and sink_pid; with DUMP set, each message is
+# written under $work/dump-NAME.
+start_sink() {
+  local dump=()
+  if [ -n "${2:-}" ]; then
+    mkdir -m 777 "$work/dump-$1"
+    dump=(-d "$work/dump-$1/%H%M%S.")
+  fi
+  sink_port=$(free_port)
+  smtp-sink -u postfix "${dump[@]}" 127.0.0.1:"$sink_port" 256 > "$work/sink-$1.log" 2>&1 &
+  sink_pid=$!
+  pids+=("$sink_pid")
+  wait_port "$sink_port" "smtp-sink $1" "$sink_pid" || { cat "$work/sink-$1.log"; return 1; }
+}
+
+# CPU accounting from /proc, for "CPU per message" and "machine busy".
+HZ=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; } # utime+stime of PID, clock ticks
+busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; } # "busy total", all cores
+busy() { # busy "B0 T0" "B1 T1": share of all cores busy in between, percent
+  awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]) }'
+}

@@ -30,23 +30,13 @@ done
 [ -x "$BIN" ] || { echo "SKIP: $BIN missing (make build)"; exit 0; }
 
 lib_workdir dkimgw-bench-serve
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; } # utime+stime, clock ticks
-busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; } # "busy total", all cores
-HZ=$(getconf CLK_TCK)
 now() { date +%s.%N; }
-busy() { # busy "B0 T0" "B1 T1": share of all cores busy in between, percent
-  awk -v a="$1" -v b="$2" -v n="$(nproc)" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]) }'
-}
 
 # A throwaway SoftHSM token with an RSA-2048 and an Ed25519 key.
 softhsm_token bench 1234
-mkdir "$work/spool"
 bench_keys rsa:rsa-2048 ed:ed25519
 
-sink_port=$(free_port)
-smtp-sink -u postfix 127.0.0.1:"$sink_port" 256 > "$work/sink.log" 2>&1 &
-sink_pid=$!; pids+=("$sink_pid")
-wait_port "$sink_port" smtp-sink "$sink_pid" || { cat "$work/sink.log"; exit 1; }
+start_sink upstream
 
 # source PORT COUNT: the client; its exit status says whether every
 # message got 250.

@@ -24,13 +24,9 @@ kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; } # kb PID VmRSS|V
 mb() { awk -v k="$1" 'BEGIN { printf "%.1f MB", k / 1024 }'; }
 
 softhsm_token bench 1234
-mkdir "$work/spool"
 bench_keys rsa:rsa-2048 ed:ed25519
 
-sink_port=$(free_port)
-smtp-sink -u postfix 127.0.0.1:"$sink_port" 256 > "$work/sink.log" 2>&1 &
-sink_pid=$!; pids+=("$sink_pid")
-wait_port "$sink_port" smtp-sink "$sink_pid" || { cat "$work/sink.log"; exit 1; }
+start_sink upstream
 
 
 echo "dkimgw:   bin/dkimgw serve --config dkimgw.yaml   (selectors [rsa, ed], spool.memory_limit 1 MiB (default), spool.dir $work/spool)"

@@ -37,13 +37,8 @@ postfixes=()
 lib_before_cleanup() {
   for d in "${postfixes[@]}"; do postfix -c "$d" stop >/dev/null 2>&1 || postfix -c "$d" abort >/dev/null 2>&1 || true; done
 }
-HZ=$(getconf CLK_TCK)
-busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
-busy() { awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]) }'; }
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 # dkimgw's token and RSA-2048 key.
 softhsm_token bench 1234
-mkdir "$work/spool"
 bench_keys rsa:rsa-2048
 
 # OpenDKIM: sign mode, an RSA-2048 file key, a loopback inet socket.
@@ -71,13 +66,6 @@ wait_port "$milter_port" opendkim "$odk_pid" || { cat "$work/opendkim/log"; skip
 
 # One smtp-sink per configuration, dumping every message (as user postfix)
 # so that the signatures can be counted; the dump costs both the same.
-start_sink() { # start_sink NAME -> sets sink_port
-  mkdir -m 777 "$work/dump-$1"
-  sink_port=$(free_port)
-  smtp-sink -u postfix -d "$work/dump-$1/%H%M%S." 127.0.0.1:"$sink_port" 256 > "$work/sink-$1.log" 2>&1 &
-  pids+=("$!")
-  wait_port "$sink_port" "smtp-sink $1" "$!" || { cat "$work/sink-$1.log"; exit 1; }
-}
 
 # A throwaway Postfix: its own config, queue and data directories, pure
 # relay to RELAYHOST, listening on 127.0.0.1:PORT only.
@@ -150,8 +138,8 @@ stop_postfix() { postfix -c "$work/postfix-$1/etc" stop >/dev/null 2>&1 || true;
 master_pid() { head -1 "$work/postfix-$1/queue/pid/master.pid" | tr -d ' '; }
 
 # The dkimgw configuration.
-start_sink dkimgw; dkimgw_sink=$sink_port
-start_sink opendkim; odk_sink=$sink_port
+start_sink dkimgw dump; dkimgw_sink=$sink_port
+start_sink opendkim dump; odk_sink=$sink_port
 gw_port=$(free_port)
 bench_config "$work/dkimgw.yaml" "$gw_port" "$dkimgw_sink" rsa
 "$BIN" serve --config "$work/dkimgw.yaml" 2> "$work/dkimgw.log" &
