@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
@@ -51,15 +52,20 @@ func (c *Config) ClientByAddr(ip netip.Addr) *Client {
 }
 
 // dummyHash is compared against when a user is unknown, so that the time
-// Authenticate takes does not tell which user names exist.
-var dummyHash, _ = bcrypt.GenerateFromPassword([]byte("dkimgw timing equaliser"), bcrypt.DefaultCost)
+// Authenticate takes does not tell which user names exist. It is made on
+// first use: every dkimgw command and test binary would otherwise pay for
+// a bcrypt hash at start.
+var dummyHash = sync.OnceValue(func() []byte {
+	h, _ := bcrypt.GenerateFromPassword([]byte("dkimgw timing equaliser"), bcrypt.DefaultCost)
+	return h
+})
 
 // Authenticate checks a user name and password against the users'
 // bcrypt hashes and returns the user's client, or ErrBadCredentials. It
 // is deliberately slow (bcrypt).
 func (c *Config) Authenticate(user, password string) (*Client, error) {
 	u := c.users[user]
-	hash := dummyHash
+	hash := dummyHash()
 	if u != nil && u.hash != nil {
 		hash = u.hash
 	}
