@@ -113,9 +113,7 @@ func (p *pool) put(uc *upConn, state connState) {
 	case connClean:
 		p.keep(uc)
 	case connDirty:
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
+		started := p.background(func() {
 			ctx, cancel := context.WithTimeout(context.Background(), resetTimeout)
 			defer cancel()
 			release := uc.dc.bind(ctx)
@@ -125,8 +123,29 @@ func (p *pool) put(uc *upConn, state connState) {
 				return
 			}
 			p.keep(uc)
-		}()
+		})
+		if !started {
+			_ = uc.c.Close()
+		}
 	}
+}
+
+// background runs f in a goroutine that close waits for, unless the pool
+// is closed already: then it reports false and the caller cleans up
+// itself. Checking closed and adding to wg under one lock keeps every
+// wg.Add before close's wg.Wait.
+func (p *pool) background(f func()) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		f()
+	}()
+	return true
 }
 
 func (p *pool) keep(uc *upConn) {
@@ -141,19 +160,22 @@ func (p *pool) keep(uc *upConn) {
 	p.mu.Unlock()
 }
 
-// quit says goodbye politely in the background.
+// quit says goodbye politely in the background; once the pool is closed,
+// it just closes.
 func (p *pool) quit(uc *upConn) {
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), resetTimeout)
-		defer cancel()
-		release := uc.dc.bind(ctx)
-		if err := uc.c.Quit(); err != nil {
-			_ = uc.c.Close()
-		}
-		release()
-	}()
+	if !p.background(func() { sayQuit(uc) }) {
+		_ = uc.c.Close()
+	}
+}
+
+func sayQuit(uc *upConn) {
+	ctx, cancel := context.WithTimeout(context.Background(), resetTimeout)
+	defer cancel()
+	release := uc.dc.bind(ctx)
+	if err := uc.c.Quit(); err != nil {
+		_ = uc.c.Close()
+	}
+	release()
 }
 
 // janitor closes connections idle for longer than idle_timeout, so that
@@ -195,13 +217,16 @@ func (p *pool) close(ctx context.Context) {
 		return
 	}
 	p.closed = true
-	idle := p.idle
+	for _, uc := range p.idle {
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			sayQuit(uc)
+		}()
+	}
 	p.idle = nil
 	close(p.done)
 	p.mu.Unlock()
-	for _, uc := range idle {
-		p.quit(uc)
-	}
 	done := make(chan struct{})
 	go func() { p.wg.Wait(); close(done) }()
 	select {
