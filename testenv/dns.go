@@ -234,7 +234,13 @@ controls { };
 	for _, k := range s.Keys {
 		fmt.Fprintf(&b, "key %q {\n\talgorithm %s;\n\tsecret %q;\n};\n", k.Name, k.Algorithm, k.Secret)
 	}
-	fmt.Fprintf(&b, "zone %q {\n\ttype primary;\n\tfile %q;\n\tupdate-policy {\n", s.Zone, zonefile)
+	// The keys may also transfer the zone (AXFR), which a publisher's
+	// GetRecords needs to list what is published.
+	fmt.Fprintf(&b, "zone %q {\n\ttype primary;\n\tfile %q;\n\tallow-transfer {", s.Zone, zonefile)
+	for _, k := range s.Keys {
+		fmt.Fprintf(&b, " key %s;", k.Name)
+	}
+	b.WriteString(" };\n\tupdate-policy {\n")
 	for _, k := range s.Keys {
 		fmt.Fprintf(&b, "\t\tgrant %s wildcard *._domainkey.%s TXT;\n", k.Name, s.Zone)
 	}
@@ -266,18 +272,19 @@ key:
 	for _, k := range s.Keys {
 		fmt.Fprintf(&b, "  - id: %s\n    algorithm: %s\n    secret: %s\n", k.Name, k.Algorithm, k.Secret)
 	}
-	b.WriteString(`
-acl:
-  - id: dkimgw-update
-    key: [`)
-	for i, k := range s.Keys {
-		if i > 0 {
-			b.WriteString(", ")
-		}
-		b.WriteString(k.Name)
+	var names []string
+	for _, k := range s.Keys {
+		names = append(names, k.Name)
 	}
-	fmt.Fprintf(&b, `]
-    action: update
+	fmt.Fprintf(&b, `
+acl:
+  - id: dkimgw-transfer
+    key: [%[1]s]
+    action: transfer
+  - id: dkimgw-update
+    key: [%[1]s]
+`, strings.Join(names, ", "))
+	fmt.Fprintf(&b, `    action: update
     update-type: [TXT]
     update-owner: name
     update-owner-match: sub
@@ -287,7 +294,7 @@ zone:
   - domain: %s
     storage: "%s"
     file: %q
-    acl: [dkimgw-update]
+    acl: [dkimgw-transfer, dkimgw-update]
     zonefile-sync: -1
     zonefile-load: difference-no-serial
     journal-content: all
