@@ -50,7 +50,9 @@ func normZone(zone string) (string, error) {
 	if z == "." || z == ".." {
 		return "", fmt.Errorf("dnspub: no zone given")
 	}
-	if _, ok := dns.IsDomainName(z); !ok {
+	// A zone names a directory of the Manual publisher: no path
+	// separators, no escapes.
+	if _, ok := dns.IsDomainName(z); !ok || strings.ContainsAny(z, `/\`) || strings.HasPrefix(z, ".") {
 		return "", fmt.Errorf("dnspub: zone %q is not a domain name", zone)
 	}
 	return z, nil
@@ -179,3 +181,10 @@ func value(rr dns.RR) (string, bool) {
 	}
 	return b.String(), true
 }
+
+// ttl is rr's TTL as a duration.
+func ttl(rr dns.RR) time.Duration { return time.Duration(rr.Header().Ttl) * time.Second }
+
+// ttlOf is the TTL r is published with: zero becomes DefaultTTL, and
+// fractions of a second go.
+func ttlOf(r Record) time.Duration { return time.Duration(r.ttlSeconds()) * time.Second }

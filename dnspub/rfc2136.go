@@ -318,7 +318,7 @@ func (p *RFC2136) GetRecords(ctx context.Context, zone string) ([]Record, error)
 		for _, rr := range env.RR {
 			name := strings.ToLower(rr.Header().Name)
 			if v, ok := value(rr); ok && dns.IsSubDomain(under, name) {
-				recs = append(recs, Record{Name: relName(name, zone), TTL: time.Duration(rr.Header().Ttl) * time.Second, Value: v})
+				recs = append(recs, Record{Name: relName(name, zone), TTL: ttl(rr), Value: v})
 			}
 		}
 	}
@@ -507,7 +507,7 @@ func (p *RFC2136) DeleteRecords(ctx context.Context, zone string, recs []Record)
 		p.log.Info("record deleted", "name", fqdn, "records", len(gone))
 		for _, rr := range gone {
 			v, _ := value(rr)
-			done = append(done, Record{Name: relName(fqdn, zone), TTL: time.Duration(rr.Header().Ttl) * time.Second, Value: v})
+			done = append(done, Record{Name: relName(fqdn, zone), TTL: ttl(rr), Value: v})
 		}
 	}
 	return done, nil
@@ -530,7 +530,7 @@ func (p *RFC2136) Lookup(ctx context.Context, zone, name string) ([]Record, erro
 	recs := make([]Record, 0, len(cur))
 	for _, rr := range cur {
 		v, _ := value(rr)
-		recs = append(recs, Record{Name: relName(fqdn, zone), TTL: time.Duration(rr.Header().Ttl) * time.Second, Value: v})
+		recs = append(recs, Record{Name: relName(fqdn, zone), TTL: ttl(rr), Value: v})
 	}
 	slices.SortFunc(recs, func(a, b Record) int { return strings.Compare(a.Value, b.Value) })
 	return recs, nil
