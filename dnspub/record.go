@@ -20,8 +20,9 @@ const maxCharacterString = 255
 // Record is a TXT record in a zone.
 type Record struct {
 	// Name is the owner name, relative to the zone ("s1._domainkey", as
-	// libdns names records) or fully qualified with a trailing dot
-	// ("s1._domainkey.example.com."). "@" or "" is the zone's apex.
+	// libdns names records) or fully qualified ("s1._domainkey.example.com."
+	// or, without the trailing dot, any name that ends with the zone's).
+	// "@" or "" is the zone's apex.
 	Name string
 	// TTL is the record's TTL; zero means DefaultTTL. Publishers round
 	// it down to whole seconds.
@@ -65,6 +66,11 @@ func absName(name, zone string) (string, error) {
 	switch {
 	case n == "" || n == "@":
 		n = zone
+	case !dns.IsFqdn(n) && (n+"." == zone || strings.HasSuffix(n+".", "."+zone)):
+		// Already ends with the zone, only without the trailing dot, as
+		// DKIM tools write names ("s1._domainkey.example.com"): a name
+		// relative to example.com that repeats it is never what is meant.
+		n += "."
 	case !dns.IsFqdn(n):
 		n = n + "." + zone
 	}
