@@ -208,24 +208,39 @@ func TestRFC2136AuthErrors(t *testing.T) {
 			for _, tc := range cases {
 				t.Run(tc.name, func(t *testing.T) {
 					_, err := tc.p.AppendRecords(t.Context(), s.Zone, []dnspub.Record{tc.rec})
-					if !errors.Is(err, tc.kind) {
-						t.Fatalf("err = %v, want %v", err, tc.kind)
-					}
-					msg := err.Error()
-					for _, want := range []string{s.Zone, s.Addr, tc.hint} {
-						if !strings.Contains(msg, want) {
-							t.Errorf("error %q does not mention %q", msg, want)
-						}
-					}
-					if strings.Contains(msg, s.Keys[0].Secret) || strings.Contains(msg, wrongSecret.Secret) {
-						t.Errorf("error %q holds a secret", msg)
-					}
+					checkErr(t, s, err, tc.kind, s.Zone, tc.hint, wrongSecret.Secret)
 					if got := served(t, good, s.Zone, tc.rec.Name); len(got) != 0 {
 						t.Errorf("the zone changed: %s holds %q", tc.rec.Name, got)
 					}
 				})
 			}
+			// A zone the server is not authoritative for.
+			_, err := good.AppendRecords(t.Context(), "example.org.", []dnspub.Record{{Name: "s._domainkey", Value: "v=DKIM1; p="}})
+			checkErr(t, s, err, dnspub.ErrRefused, "example.org.", "primary of example.org.", "")
 		})
+	}
+}
+
+// checkErr checks that err is of kind and that its message names the
+// zone, the server and the hint, and holds no secret.
+func checkErr(t *testing.T, s *testenv.DNSServer, err, kind error, zone, hint, secret string) {
+	t.Helper()
+	if !errors.Is(err, kind) {
+		t.Fatalf("err = %v, want %v", err, kind)
+	}
+	msg := err.Error()
+	for _, want := range []string{zone, s.Addr, hint} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error %q does not mention %q", msg, want)
+		}
+	}
+	for _, k := range s.Keys {
+		if strings.Contains(msg, k.Secret) {
+			t.Errorf("error %q holds a secret", msg)
+		}
+	}
+	if secret != "" && strings.Contains(msg, secret) {
+		t.Errorf("error %q holds a secret", msg)
 	}
 }
 
