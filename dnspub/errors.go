@@ -143,8 +143,11 @@ func classify(e *Error, resp *dns.Msg, err error) error {
 	case dns.RcodeRefused, dns.RcodeNotAuth:
 		e.Kind = ErrRefused
 		e.Hint = fmt.Sprintf("check that the server is the primary of %s and that its update-policy (BIND) or acl (Knot) grants key %s updates of TXT records below _domainkey.%s", e.Zone, keyOrNone(e.Key), e.Zone)
-		if e.Op != "update" {
+		switch e.Op {
+		case "transfer":
 			e.Hint = fmt.Sprintf("check that the server is authoritative for %s and allows key %s to transfer the zone", e.Zone, keyOrNone(e.Key))
+		case "query":
+			e.Hint = fmt.Sprintf("check that the server is authoritative for %s and answers this host's queries", e.Zone)
 		}
 	case dns.RcodeYXRrset, dns.RcodeNXRrset, dns.RcodeYXDomain, dns.RcodeNameError:
 		e.Kind = ErrConflict

@@ -195,12 +195,14 @@ func (p *RFC2136) lookup(ctx context.Context, zone, fqdn string) ([]dns.RR, erro
 }
 
 // lookupRRs reads the TXT RRset at fqdn from the primary itself, so that
-// what it returns is what a prerequisite will be checked against.
+// what it returns is what a prerequisite will be checked against. The
+// query is signed, so that the answer is authenticated and a primary may
+// limit queries to the key.
 func (p *RFC2136) lookupRRs(ctx context.Context, zone, fqdn string) ([]dns.RR, error) {
 	m := new(dns.Msg)
 	m.SetQuestion(fqdn, dns.TypeTXT)
 	m.RecursionDesired = false
-	resp, err := p.exchange(ctx, "query", zone, fqdn, m, false)
+	resp, err := p.exchange(ctx, "query", zone, fqdn, m, true)
 	if err != nil {
 		var de *Error
 		if errors.As(err, &de) && de.Rcode == dns.RcodeNameError {

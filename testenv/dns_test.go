@@ -2,6 +2,8 @@ package testenv
 
 import (
 	"context"
+	"os"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -110,6 +112,36 @@ func TestDNSServerStopped(t *testing.T) {
 		}
 		if err := syscall.Kill(-pid, 0); err != syscall.ESRCH {
 			t.Errorf("process group %d still there after cleanup (kill 0: %v)", pid, err)
+		}
+	}
+}
+
+// TestREADMEDNSConfig keeps the README's BIND and Knot configuration for
+// DNS admins the one the test servers run with: every policy line the
+// servers get, rendered for example.com and a key dkimgw., is in it.
+func TestREADMEDNSConfig(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &DNSServer{Zone: "example.com.", Keys: []TSIGKey{{Name: "dkimgw.", Algorithm: "hmac-sha256", Secret: "c2VjcmV0"}}}
+	var lines []string
+	for _, l := range strings.Split(s.namedConf("53", "/zone.db"), "\n") {
+		if strings.Contains(l, "grant ") || strings.Contains(l, "allow-transfer { key") {
+			lines = append(lines, strings.TrimSpace(l))
+		}
+	}
+	for _, l := range strings.Split(s.knotConf("53", "/zone.db"), "\n") {
+		if strings.Contains(l, "update-") || strings.Contains(l, "action:") || strings.Contains(l, "key: [") {
+			lines = append(lines, strings.TrimSpace(l))
+		}
+	}
+	if len(lines) < 8 {
+		t.Fatalf("found only %d policy lines in the generated configs: %q", len(lines), lines)
+	}
+	for _, l := range lines {
+		if !strings.Contains(string(readme), l) {
+			t.Errorf("README.md lacks the test servers' line %q", l)
 		}
 	}
 }
