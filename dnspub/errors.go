@@ -22,7 +22,7 @@ var (
 	// ErrConflict: a prerequisite failed or the record holds another
 	// value than the one expected: someone else changed it, and dkimgw
 	// left it as it is.
-	ErrConflict = errors.New("record changed by someone else")
+	ErrConflict = errors.New("the record is not what dkimgw expects")
 	// ErrTimeout: the server did not answer in time.
 	ErrTimeout = errors.New("no answer in time")
 	// ErrServer: the server failed (SERVFAIL and other codes) or could

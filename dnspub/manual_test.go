@@ -122,8 +122,10 @@ func TestManualFlow(t *testing.T) {
 			r1 := dnspub.Record{Name: "m1._domainkey", TTL: 300 * time.Second, Value: keyRecord(t, rsa2048SPKI)}
 			r2 := dnspub.Record{Name: "m2._domainkey", TTL: 300 * time.Second, Value: `v=DKIM1; n="a \"quoted\" note\\"; p=` + strings.Repeat("y", 260)}
 
-			for range 2 { // the repeat is a no-op
-				if _, err := m.AppendRecords(ctx, s.Zone, []dnspub.Record{r1, r2}); err != nil {
+			longer := r1
+			longer.TTL = time.Hour
+			for _, recs := range [][]dnspub.Record{{r1, r2}, {r1, r2}, {longer}} { // repeats are no-ops
+				if _, err := m.AppendRecords(ctx, s.Zone, recs); err != nil {
 					t.Fatal(err)
 				}
 			}

@@ -346,8 +346,8 @@ func transferError(e *Error, err error) error {
 }
 
 // AppendRecords publishes each record at a name that holds no TXT record
-// yet. A record that is already there with the same value and TTL is left
-// alone; a name that holds anything else is an ErrConflict and is not
+// yet. A name that already holds the record's value (whatever its TTL;
+// SetRecords changes a TTL) is left alone; a name that holds anything else is an ErrConflict and is not
 // changed. It returns the records that are published when it returns:
 // on error, those before the failing one.
 func (p *RFC2136) AppendRecords(ctx context.Context, zone string, recs []Record) ([]Record, error) {
@@ -372,7 +372,7 @@ func (p *RFC2136) AppendRecords(ctx context.Context, zone string, recs []Record)
 			if lerr != nil {
 				return done, lerr
 			}
-			if !sameRRset(cur, r) {
+			if vs := values(cur); len(vs) != 1 || vs[0] != r.Value {
 				return done, p.conflict(zone, fqdn, values(cur), "the name already holds another TXT record; dkimgw publishes a selector only where nothing is: remove it or pick another selector")
 			}
 			err = nil

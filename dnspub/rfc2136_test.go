@@ -106,6 +106,11 @@ func TestRFC2136Lifecycle(t *testing.T) {
 				if got := served(t, p, s.Zone, name); len(got) != 1 {
 					t.Fatalf("after two appends the name holds %q", got)
 				}
+				longer := rec
+				longer.TTL = time.Hour
+				if _, err := p.AppendRecords(ctx, s.Zone, []dnspub.Record{longer}); err != nil {
+					t.Fatalf("append with another TTL: %v", err)
+				}
 
 				revoked := dnspub.Record{Name: name, TTL: 300 * time.Second, Value: "v=DKIM1; p="}
 				for range 2 {
