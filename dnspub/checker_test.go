@@ -9,6 +9,7 @@ import (
 
 	"github.com/dkimgw/dkimgw/dnspub"
 	"github.com/dkimgw/dkimgw/testenv"
+	"github.com/miekg/dns"
 )
 
 func TestCheckerStates(t *testing.T) {
@@ -131,5 +132,72 @@ func TestCheckerFailures(t *testing.T) {
 
 	if _, err := dnspub.NewChecker(dnspub.CheckerOptions{}); err == nil {
 		t.Error("a checker with no servers and no resolver was accepted")
+	}
+}
+
+// fakeAuthority serves zone fake.test. from memory on 127.0.0.1 over UDP
+// and TCP: two NS hosts without glue, their addresses only when asked.
+func fakeAuthority(t *testing.T) string {
+	t.Helper()
+	handler := dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+		r := new(dns.Msg)
+		r.SetReply(q)
+		r.Authoritative = true
+		name, qt := strings.ToLower(q.Question[0].Name), q.Question[0].Qtype
+		add := func(s string) {
+			rr, err := dns.NewRR(s)
+			if err != nil {
+				panic(err)
+			}
+			r.Answer = append(r.Answer, rr)
+		}
+		switch {
+		case name == "fake.test." && qt == dns.TypeNS:
+			add("fake.test. 300 IN NS ns1.fake.test.")
+			add("fake.test. 300 IN NS ns2.fake.test.")
+		case (name == "ns1.fake.test." || name == "ns2.fake.test.") && qt == dns.TypeA:
+			add(name + " 300 IN A 127.0.0.1")
+		case name == "s1._domainkey.fake.test." && qt == dns.TypeTXT:
+			add(`s1._domainkey.fake.test. 120 IN TXT "v=DKIM1; p="`)
+		case strings.HasPrefix(name, "ns") && qt == dns.TypeAAAA:
+		default:
+			r.Rcode = dns.RcodeNameError
+		}
+		w.WriteMsg(r)
+	})
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", pc.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, srv := range []*dns.Server{{PacketConn: pc, Handler: handler}, {Listener: l, Handler: handler}} {
+		started := make(chan struct{})
+		srv.NotifyStartedFunc = func() { close(started) }
+		go srv.ActivateAndServe()
+		<-started
+		t.Cleanup(func() { srv.Shutdown() })
+	}
+	return pc.LocalAddr().String()
+}
+
+// TestCheckerNSWithoutGlue: NS hosts whose addresses come without glue
+// are resolved by asking the resolver server for them.
+func TestCheckerNSWithoutGlue(t *testing.T) {
+	addr := fakeAuthority(t)
+	_, port, _ := net.SplitHostPort(addr)
+	c, err := dnspub.NewChecker(dnspub.CheckerOptions{Resolver: addr, NSPort: port, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	servers, err := c.Servers(t.Context(), "fake.test")
+	if err != nil || !slices.Equal(servers, []string{addr}) {
+		t.Fatalf("servers %v, %v; want [%s]", servers, err, addr)
+	}
+	rep, err := c.Check(t.Context(), "fake.test", dnspub.Record{Name: "s1._domainkey", Value: "v=DKIM1; p="})
+	if err != nil || !rep.Visible() || rep.MaxTTL() != 120*time.Second {
+		t.Fatalf("check: %v\n%s", err, rep)
 	}
 }
