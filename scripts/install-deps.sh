@@ -17,6 +17,8 @@ packages=(
   bind9               # a real authoritative server for DNS updates
   bind9-dnsutils      # dig, nsupdate
   bind9-utils         # named-checkzone
+  knot                # Knot DNS, the second authoritative server for DNS updates
+  knot-dnsutils       # kdig, knsupdate: an independent look at a Knot zone
   time                # /usr/bin/time -v for peak RSS in benchmarks
   openssl             # openssl speed, the raw-crypto baseline in benchmarks
 )
