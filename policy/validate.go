@@ -3,6 +3,7 @@ package policy
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"maps"
 	"net"
@@ -14,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
+
+	"github.com/dkimgw/dkimgw/dnsname"
 )
 
 type validator struct {
@@ -73,8 +76,10 @@ func (v *validator) validateHSM(c *Config) {
 func (v *validator) validateSMTP(c *Config) {
 	s := &c.SMTP
 	v.hostPort(at("smtp", "listen"), "smtp.listen", s.Listen, true)
-	if s.Hostname != "" && !validDomain(strings.TrimSuffix(s.Hostname, ".")) {
-		v.errorf(at("smtp", "hostname"), "smtp.hostname %q is not a valid host name", s.Hostname)
+	if s.Hostname != "" {
+		if _, err := dnsname.Host(s.Hostname); err != nil {
+			v.errorf(at("smtp", "hostname"), "smtp.hostname: %s", nameProblem(err))
+		}
 	}
 	if s.MaxMessageBytes < 1024 || s.MaxMessageBytes > 1<<32-1 {
 		// SIZE (RFC 1870) values are parsed as 32-bit by many clients.
@@ -196,13 +201,9 @@ func (v *validator) validateDomains(c *Config) {
 	// Sorted, so that errors come out in a stable order.
 	for _, name := range slices.Sorted(maps.Keys(c.Domains)) {
 		d := c.Domains[name]
-		key := normalizeDomain(name)
-		switch {
-		case !validDomain(key):
-			v.errorf(at("domains", name), "domains: %q is not a valid domain name (write internationalised names in their xn-- form)", name)
-			continue
-		case !strings.Contains(key, "."):
-			v.errorf(at("domains", name), "domains: %q is a top-level domain; a signing domain has at least two labels", name)
+		key, err := dnsname.Domain(name)
+		if err != nil {
+			v.errorf(at("domains", name), "domains: %s", nameProblem(err))
 			continue
 		}
 		if prev, dup := seen[key]; dup {
@@ -215,10 +216,10 @@ func (v *validator) validateDomains(c *Config) {
 		}
 		sels := make([]string, 0, len(d.Selectors))
 		for i, s := range d.Selectors {
-			s = strings.ToLower(s)
+			_, s, err := dnsname.Key(key, s)
 			switch {
-			case !validSelector(s):
-				v.errorf(at("domains", name, "selectors", i), "domains.%s.selectors: %q is not a valid selector (RFC 6376 section 3.1: letters, digits, hyphens, dot-separated)", name, d.Selectors[i])
+			case err != nil:
+				v.errorf(at("domains", name, "selectors", i), "domains.%s.selectors: %s", name, nameProblem(err))
 			case slices.Contains(sels, s):
 				v.errorf(at("domains", name, "selectors", i), "domains.%s.selectors: %q is listed twice", name, d.Selectors[i])
 			default:
@@ -315,10 +316,10 @@ func (v *validator) validateClients(c *Config) {
 		}
 		doms := make([]string, 0, len(cl.Domains))
 		for j, d := range cl.Domains {
-			key := normalizeDomain(d)
+			key, err := dnsname.Domain(d)
 			switch {
-			case !validDomain(key):
-				v.errorf(p("domains", j), "%s: %q is not a valid domain name", label, d)
+			case err != nil:
+				v.errorf(p("domains", j), "%s: %s", label, nameProblem(err))
 				continue
 			case slices.Contains(doms, key):
 				v.errorf(p("domains", j), "%s: domain %q is listed twice", label, d)
@@ -354,7 +355,7 @@ func (v *validator) hostPort(path []any, key, addr string, emptyHostOK bool) {
 		v.errorf(path, "%s %q has no host", key, addr)
 	}
 	if host != "" {
-		if _, err := netip.ParseAddr(host); err != nil && !validDomain(host) {
+		if _, err := netip.ParseAddr(host); err != nil && !isHost(host) {
 			v.errorf(path, "%s %q: %q is neither an IP address nor a host name", key, addr, host)
 		}
 	}
@@ -389,47 +390,16 @@ func normalizeDomain(s string) string {
 	return strings.TrimSuffix(strings.ToLower(strings.TrimSpace(s)), ".")
 }
 
-// validDomain reports whether s is an ASCII host name: dot-separated
-// labels of letters, digits and inner hyphens, 1-63 octets each, 253 in all.
-func validDomain(s string) bool {
-	if s == "" || len(s) > 253 {
-		return false
+// nameProblem is what a dnsname error says, without its package prefix:
+// a configuration error already names its file and line.
+func nameProblem(err error) string {
+	if ne, ok := errors.AsType[*dnsname.Error](err); ok {
+		return ne.Detail()
 	}
-	for label := range strings.SplitSeq(s, ".") {
-		if !validLabel(label, false) {
-			return false
-		}
-	}
-	return true
+	return err.Error()
 }
 
-// validSelector reports whether s is an RFC 6376 selector: one or more
-// dot-separated sub-domains. Underscores are tolerated, as many DNS
-// providers and existing selectors use them.
-func validSelector(s string) bool {
-	if s == "" || len(s) > 253-len("._domainkey.") {
-		return false
-	}
-	for label := range strings.SplitSeq(s, ".") {
-		if !validLabel(label, true) {
-			return false
-		}
-	}
-	return true
-}
-
-func validLabel(l string, underscore bool) bool {
-	if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
-		return false
-	}
-	for i := 0; i < len(l); i++ {
-		c := l[i]
-		switch {
-		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '-':
-		case c == '_' && underscore:
-		default:
-			return false
-		}
-	}
-	return true
+func isHost(s string) bool {
+	_, err := dnsname.Host(s)
+	return err == nil
 }
