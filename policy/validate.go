@@ -25,10 +25,16 @@ type validator struct {
 	dir      string
 	readFile func(string) ([]byte, error)
 	errs     []error
+	warnings []string
 }
 
 func (v *validator) errorf(path []any, format string, args ...any) {
 	v.errs = append(v.errs, &Error{File: v.file, Line: v.loc.line(path...), Msg: fmt.Sprintf(format, args...)})
+}
+
+func (v *validator) warnf(path []any, format string, args ...any) {
+	e := &Error{File: v.file, Line: v.loc.line(path...), Msg: fmt.Sprintf(format, args...)}
+	v.warnings = append(v.warnings, e.Error())
 }
 
 func at(path ...any) []any { return path }
@@ -93,6 +99,9 @@ func (v *validator) validateSMTP(c *Config) {
 	}
 	if s.MaxConnections < 1 {
 		v.errorf(at("smtp", "max_connections"), "smtp.max_connections must be at least 1, not %d", s.MaxConnections)
+	}
+	if s.MaxConnectionsPerIP < 1 {
+		v.errorf(at("smtp", "max_connections_per_ip"), "smtp.max_connections_per_ip must be at least 1, not %d", s.MaxConnectionsPerIP)
 	}
 	if s.MaxAuthFailures < 1 {
 		v.errorf(at("smtp", "max_auth_failures"), "smtp.max_auth_failures must be at least 1, not %d", s.MaxAuthFailures)
@@ -252,6 +261,7 @@ func (v *validator) validateClients(c *Config) {
 	}
 	names := make(map[string]int)
 	c.users = make(map[string]*User)
+	maxCost := 0
 	for i := range c.Clients {
 		cl := &c.Clients[i]
 		p := func(rest ...any) []any { return append([]any{"clients", i}, rest...) }
@@ -268,11 +278,33 @@ func (v *validator) validateClients(c *Config) {
 		if len(cl.Networks) == 0 && len(cl.Users) == 0 {
 			v.errorf(p(), "%s has neither networks nor users, so it can never be recognised", label)
 		}
+		if cl.RequireAuth && (len(cl.Networks) == 0 || len(cl.Users) == 0) {
+			v.errorf(p("require_auth"), "%s: require_auth needs both users (who log in) and networks (where from); without networks, leave require_auth out and the users may log in from anywhere", label)
+		}
 		for j, n := range cl.Networks {
 			pfx, err := parsePrefix(n)
 			if err != nil {
 				v.errorf(p("networks", j), "%s: %v", label, err)
 				continue
+			}
+			if cl.RequireAuth {
+				// Only where its users may log in from: no address is
+				// recognised, so overlaps and width do not matter.
+				cl.prefixes = append(cl.prefixes, pfx)
+				continue
+			}
+			if pfx.Bits() == 0 {
+				v.errorf(p("networks", j), "%s: network %s is every address: anyone could relay through dkimgw; list the MTAs' networks, or add require_auth: true so that only the client's users, after SMTP AUTH, are recognised", label, pfx)
+				continue
+			}
+			// Loopback is exempt: only this machine's processes are in it.
+			wide := pfx.Addr().Is4() && pfx.Bits() < 16 || pfx.Addr().Is6() && pfx.Bits() < 48
+			if wide && !(pfx.Bits() >= 8 && pfx.Addr().IsLoopback()) {
+				limit := "/16"
+				if pfx.Addr().Is6() {
+					limit = "/48"
+				}
+				v.warnf(p("networks", j), "%s: network %s is wider than %s: every host in it may relay and have mail signed; list the MTAs' own networks if you can", label, pfx, limit)
 			}
 			for _, other := range c.prefixes {
 				if other.prefix.Overlaps(pfx) {
@@ -305,10 +337,12 @@ func (v *validator) validateClients(c *Config) {
 				continue
 			}
 			u.hash = []byte(strings.TrimSpace(string(data)))
-			if _, err := bcrypt.Cost(u.hash); err != nil {
+			if cost, err := bcrypt.Cost(u.hash); err != nil {
 				// Never print the file's content: it might be a plain password.
 				v.errorf(p("users", j, "password_file"), "%s: user %q: %s does not hold a bcrypt hash (make one with `htpasswd -nBC 12 \"\" | tr -d ':\\n'`)", label, u.Name, u.PasswordFile)
 				u.hash = nil
+			} else {
+				maxCost = max(maxCost, cost)
 			}
 		}
 		if len(cl.Domains) == 0 {
@@ -332,6 +366,7 @@ func (v *validator) validateClients(c *Config) {
 		}
 		cl.Domains = doms
 	}
+	c.dummyHash = dummyHashOf(maxCost)
 }
 
 // positive reports a duration that is zero or negative (zero survives
