@@ -170,7 +170,7 @@ func (r *keyring) Key(ctx context.Context, domain, selector string) (crypto.Sign
 	}
 	k, err := r.tok.Load().Key(ctx, domain, selector)
 	if err != nil {
-		return nil, fmt.Errorf("key %s._domainkey.%s: %w", selector, domain, err)
+		return nil, fmt.Errorf("dkimgw: key %s._domainkey.%s: %w", selector, domain, err)
 	}
 	return k, nil
 }
