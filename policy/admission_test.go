@@ -10,6 +10,7 @@ import (
 
 const requireAuthConfig = `
 hsm: {uri: "pkcs11:token=dkim"}
+smtp: {tls: {cert_file: /etc/dkimgw/tls.crt, key_file: /etc/dkimgw/tls.key}}
 upstream: {address: "127.0.0.1:10026"}
 clients:
   - name: campaigns
@@ -71,6 +72,8 @@ func TestWideNetworksWarn(t *testing.T) {
 	want := []string{
 		"dkimgw.yaml:6: client \"campaigns\": network 2001:db8::/32 is wider than /48",
 		"dkimgw.yaml:6: client \"campaigns\": network 10.0.0.0/8 is wider than /16",
+		// decideConfig has no smtp.tls.
+		"dkimgw.yaml:10: client \"tenant-b\" has users, but without smtp.tls AUTH is never offered",
 	}
 	if len(cfg.Warnings) != len(want) {
 		t.Fatalf("warnings = %q, want %d (not for loopback 127.0.0.0/8 nor a /16)", cfg.Warnings, len(want))

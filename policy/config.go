@@ -274,7 +274,7 @@ type Client struct {
 	Users []User `yaml:"users"`
 	// RequireAuth makes the client recognised only by SMTP AUTH, and only
 	// from within its Networks: its source address alone lets nobody
-	// relay. Needs users and networks. Default false: the client is
+	// relay. Needs users, networks and smtp.tls. Default false: the client is
 	// recognised by its address, and its users may log in from anywhere.
 	RequireAuth bool `yaml:"require_auth"`
 	// Domains are the From domains (and their subdomains) whose mail the

@@ -268,6 +268,7 @@ func TestParseErrors(t *testing.T) {
 		{"every IPv4 address", edit(`"10.0.0.0/8"`, `"0.0.0.0/0"`), 7, "0.0.0.0/0 is every address: anyone could relay"},
 		{"every IPv6 address", edit(`["10.0.0.0/8"]`, `["10.0.0.0/8", "::/0"]`), 7, "::/0 is every address"},
 		{"require_auth without users", edit("    networks:", "    require_auth: true\n    networks:"), 7, "require_auth needs both users"},
+		{"require_auth without smtp.tls", withClient("  - name: t\n    require_auth: true\n    networks: [\"0.0.0.0/0\"]\n    users: [{name: t, password_file: /etc/dkimgw/tenant-b.bcrypt}]\n    domains: [example.com]\n"), 10, "require_auth without smtp.tls"},
 		{"require_auth without networks", withClient("  - name: t\n    require_auth: true\n    users: [{name: t, password_file: /etc/dkimgw/tenant-b.bcrypt}]\n    domains: [example.com]\n"), 10, "require_auth needs both users"},
 		{"max_connections_per_ip zero", minimal + "smtp:\n  max_connections_per_ip: -1\n", 13, "smtp.max_connections_per_ip must be at least 1"},
 		{"uncovered client domain", edit("domains: [example.com]", "domains: [example.com, example.net]"), 8, `domain "example.net" has no entry under domains:`},

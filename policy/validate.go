@@ -281,6 +281,14 @@ func (v *validator) validateClients(c *Config) {
 		if cl.RequireAuth && (len(cl.Networks) == 0 || len(cl.Users) == 0) {
 			v.errorf(p("require_auth"), "%s: require_auth needs both users (who log in) and networks (where from); without networks, leave require_auth out and the users may log in from anywhere", label)
 		}
+		if len(cl.Users) > 0 && c.SMTP.TLS == nil {
+			// AUTH is offered only after STARTTLS.
+			if cl.RequireAuth {
+				v.errorf(p("require_auth"), "%s: require_auth without smtp.tls: AUTH is offered only after STARTTLS, so the client could never be recognised; set smtp.tls", label)
+			} else {
+				v.warnf(p("users"), "%s has users, but without smtp.tls AUTH is never offered (it needs STARTTLS), so they cannot log in; set smtp.tls", label)
+			}
+		}
 		for j, n := range cl.Networks {
 			pfx, err := parsePrefix(n)
 			if err != nil {

@@ -311,7 +311,8 @@ func (s *Server) track(nc net.Conn) (*clientConn, string) {
 	if len(s.conns) >= s.fixed.MaxConnections {
 		return nil, replyTooManyConns
 	}
-	if perSrc > 0 && s.perSrc[src] >= perSrc {
+	// A listener that is not TCP gives no address to count by.
+	if perSrc > 0 && src.IsValid() && s.perSrc[src] >= perSrc {
 		return nil, replyTooManyFromSrc
 	}
 	cc := &clientConn{Conn: nc, srv: s, src: src, winding: s.draining}
