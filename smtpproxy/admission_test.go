@@ -223,3 +223,28 @@ func TestRequireAuth(t *testing.T) {
 		verify(t, h.sink.WaitMessages(t, 1, 5*time.Second)[0].Data)
 	})
 }
+
+// TestClientRemovedMidTransactionIsClosed: a client that a reload removed
+// while its transaction was open gets 530 at its next MAIL and is closed
+// too, although that MAIL came without RSET.
+func TestClientRemovedMidTransactionIsClosed(t *testing.T) {
+	h := newHarness(t, "")
+	conn := dialFrom(t, "127.0.0.1", h.addr)
+	readLine(t, conn)
+	fmt.Fprintf(conn, "HELO c\r\n")
+	readLine(t, conn)
+	fmt.Fprintf(conn, "MAIL FROM:<b@example.com>\r\n")
+	if l := readLine(t, conn); !strings.HasPrefix(l, "250 ") {
+		t.Fatalf("MAIL: %q", l)
+	}
+	gone := strings.Replace(fmt.Sprintf(baseConfig, h.sink.Addr()), `["127.0.0.0/8"]`, `["192.0.2.0/24"]`, 1)
+	if err := h.srv.Reload(h.parse(gone)); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(conn, "MAIL FROM:<b@example.com>\r\n")
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	all, err := readAll(conn)
+	if !errors.Is(err, io.EOF) || !strings.HasPrefix(all, "530 5.7.0 ") {
+		t.Errorf("MAIL after the client was removed: %q, %v; want 530 5.7.0 and the close", all, err)
+	}
+}

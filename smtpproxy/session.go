@@ -161,6 +161,7 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 		// second try on this connection would only serve a stranger,
 		// which would otherwise hold a connection slot until read_timeout.
 		ss.srv.logger.Info("relay refused: unknown client", "remote", ss.remote.String(), "user", ss.user, "helo", ss.helo)
+		ss.cc.setInTx(false) // endTx ended any earlier transaction
 		ss.cc.windDownWith(replyNotAClient)
 		return errAuthRequired
 	}
