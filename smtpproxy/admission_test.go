@@ -69,17 +69,14 @@ func TestUnknownClientIsClosedAfter530(t *testing.T) {
 
 func TestMaxConnectionsPerIP(t *testing.T) {
 	h := newHarness(t, strings.Replace(baseConfig, "  max_message_bytes: 65536\n", "  max_message_bytes: 65536\n  max_connections_per_ip: 2\n", 1))
-	first := dialFrom(t, "127.0.0.1", h.addr)
 	for range 2 {
-		c := first
-		if l := readLine(t, c); !strings.HasPrefix(l, "220 ") {
+		if l := readLine(t, dialFrom(t, "127.0.0.1", h.addr)); !strings.HasPrefix(l, "220 ") {
 			t.Fatalf("connection within the limit got %q", l)
 		}
-		first = dialFrom(t, "127.0.0.1", h.addr)
 	}
-	// first is now the third connection from 127.0.0.1.
-	first.SetReadDeadline(time.Now().Add(5 * time.Second))
-	all, _ := readAll(first)
+	third := dialFrom(t, "127.0.0.1", h.addr)
+	third.SetReadDeadline(time.Now().Add(5 * time.Second))
+	all, _ := readAll(third)
 	if !strings.HasPrefix(all, "421 4.7.0 ") {
 		t.Errorf("connection over the per-address limit got %q, want 421 4.7.0 and the close", all)
 	}
@@ -145,7 +142,7 @@ func TestAuthFailuresSlowDownAcrossConnections(t *testing.T) {
 		}
 		c.Close()
 	}
-	// The right password still works, without a delay to wait out first.
+	// The right password still works: only failures wait.
 	c := startTLSFrom(t, "127.0.0.1", h.addr)
 	if err := c.Auth(sasl.NewPlainClient("", "tenant", "s3cret")); err != nil {
 		t.Fatalf("AUTH with the right password: %v", err)
