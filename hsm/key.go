@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"math/big"
@@ -15,6 +16,8 @@ import (
 	"sync"
 
 	"github.com/miekg/pkcs11"
+
+	"github.com/dkimgw/dkimgw/dnsname"
 )
 
 // KeyInfo describes a dkimgw key in the token, with the private key's
@@ -88,40 +91,16 @@ func (k *Key) Info() KeyInfo { return k.info }
 // ed25519.PublicKey.
 func (k *Key) Public() crypto.PublicKey { return k.pub }
 
-// validName checks a domain or selector: dot-separated labels of letters,
-// digits and hyphens (RFC 6376 §3.1 for selectors, RFC 1035 for domains,
-// A-labels for internationalised names), lower-cased.
-func validName(kind, name string) (string, error) {
-	name = strings.TrimSuffix(strings.ToLower(strings.TrimSpace(name)), ".")
-	if name == "" {
-		return "", fmt.Errorf("hsm: %w: empty %s", ErrInvalidName, kind)
-	}
-	if len(name) > 253 {
-		return "", fmt.Errorf("hsm: %w: %s %q is longer than 253 characters", ErrInvalidName, kind, name)
-	}
-	for label := range strings.SplitSeq(name, ".") {
-		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
-			return "", fmt.Errorf("hsm: %w: %s %q: each dot-separated part must be 1-63 letters, digits or hyphens, not starting or ending with a hyphen", ErrInvalidName, kind, name)
-		}
-		for i := 0; i < len(label); i++ {
-			c := label[i]
-			if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-') {
-				return "", fmt.Errorf("hsm: %w: %s %q contains %q; use letters, digits and hyphens (internationalised domains in their xn-- form)", ErrInvalidName, kind, name, c)
-			}
-		}
-	}
-	if kind == "domain" && !strings.Contains(name, ".") {
-		return "", fmt.Errorf("hsm: %w: domain %q has no dot", ErrInvalidName, name)
-	}
-	return name, nil
-}
-
+// keyLabel checks and normalises a key's domain and selector with
+// dnsname, dkimgw's one definition of both, and returns the key's label.
+// It touches nothing, so a bad name is refused before any token call.
 func keyLabel(domain, selector string) (label, d, s string, err error) {
-	if d, err = validName("domain", domain); err != nil {
-		return "", "", "", err
-	}
-	if s, err = validName("selector", selector); err != nil {
-		return "", "", "", err
+	d, s, err = dnsname.Key(domain, selector)
+	if err != nil {
+		if ne, ok := errors.AsType[*dnsname.Error](err); ok {
+			return "", "", "", fmt.Errorf("hsm: %w: %s", ErrInvalidName, ne.Detail())
+		}
+		return "", "", "", fmt.Errorf("hsm: %w: %v", ErrInvalidName, err)
 	}
 	return RecordName(d, s), d, s, nil
 }

@@ -52,6 +52,10 @@ const (
 	// current transaction finishes and the connection is closed, so no
 	// client holds resources (or an old configuration) forever.
 	DefaultMaxSessionDuration = time.Hour
+	// DefaultMaxConnectionsPerIP bounds one source's share of
+	// max_connections, so that one host cannot lock the others out. A busy
+	// MTA opens tens of connections; 100 leaves it room.
+	DefaultMaxConnectionsPerIP = 100
 	// DefaultMaxAuthFailures is how many failed AUTH attempts a connection
 	// gets before it is closed, to slow password guessing.
 	DefaultMaxAuthFailures = 3
@@ -114,9 +118,14 @@ type Config struct {
 	// Path is the file the configuration was read from (the name given
 	// to Parse).
 	Path string `yaml:"-"`
+	// Warnings are things that validate but that an operator should look
+	// at (a client network so wide that much of the Internet may relay),
+	// each as "file:line: what and why".
+	Warnings []string `yaml:"-"`
 
-	prefixes []clientPrefix // every client network, for ClientByAddr
-	users    map[string]*User
+	prefixes  []clientPrefix // the networks that recognise a client by address, for ClientByAddr
+	users     map[string]*User
+	dummyHash func() []byte // see Authenticate
 }
 
 // HSM addresses the PKCS#11 token that holds the signing keys.
@@ -148,6 +157,10 @@ type SMTP struct {
 	// MaxConnections is the most concurrent client connections; more get
 	// 421 4.3.2 and are closed. Default 1000.
 	MaxConnections int `yaml:"max_connections"`
+	// MaxConnectionsPerIP is the most concurrent connections from one
+	// source address (one /64 for IPv6); more get 421 4.7.0 and are
+	// closed. Default 100.
+	MaxConnectionsPerIP int `yaml:"max_connections_per_ip"`
 	// ReadTimeout is how long a client may be silent while a command or
 	// DATA is expected. Default 5m.
 	ReadTimeout time.Duration `yaml:"read_timeout"`
@@ -253,11 +266,17 @@ type Client struct {
 	Name string `yaml:"name"`
 	// Networks are the source addresses (CIDR prefixes or single
 	// addresses) the client is recognised by. No two clients' networks
-	// may overlap.
+	// may overlap (networks of RequireAuth clients excepted). 0.0.0.0/0
+	// and ::/0 need RequireAuth.
 	Networks []string `yaml:"networks"`
 	// Users are the SMTP AUTH identities the client is recognised by
 	// (only over TLS). A client needs networks, users or both.
 	Users []User `yaml:"users"`
+	// RequireAuth makes the client recognised only by SMTP AUTH, and only
+	// from within its Networks: its source address alone lets nobody
+	// relay. Needs users, networks and smtp.tls. Default false: the client is
+	// recognised by its address, and its users may log in from anywhere.
+	RequireAuth bool `yaml:"require_auth"`
 	// Domains are the From domains (and their subdomains) whose mail the
 	// client may have signed. Each must be covered by an entry under the
 	// top-level domains key.
@@ -377,6 +396,7 @@ func Parse(name string, data []byte, readFile func(name string) ([]byte, error))
 	if len(v.errs) > 0 {
 		return nil, errors.Join(v.errs...)
 	}
+	cfg.Warnings = v.warnings
 	return cfg, nil
 }
 
@@ -387,6 +407,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&s.MaxRecipients, DefaultMaxRecipients)
 	setDefault(&s.MaxLineLength, DefaultMaxLineLength)
 	setDefault(&s.MaxConnections, DefaultMaxConnections)
+	setDefault(&s.MaxConnectionsPerIP, DefaultMaxConnectionsPerIP)
 	setDefault(&s.ReadTimeout, DefaultReadTimeout)
 	setDefault(&s.WriteTimeout, DefaultWriteTimeout)
 	setDefault(&s.DataTimeout, DefaultDataTimeout)

@@ -40,7 +40,8 @@ type Signing struct {
 }
 
 // ClientByAddr returns the client whose networks contain ip, or nil.
-// IPv4-mapped IPv6 addresses count as IPv4.
+// IPv4-mapped IPv6 addresses count as IPv4. A client with RequireAuth is
+// never recognised by its address.
 func (c *Config) ClientByAddr(ip netip.Addr) *Client {
 	ip = ip.Unmap().WithZone("")
 	for _, p := range c.prefixes {
@@ -51,23 +52,41 @@ func (c *Config) ClientByAddr(ip netip.Addr) *Client {
 	return nil
 }
 
-// dummyHash is compared against when a user is unknown, so that the time
-// Authenticate takes does not tell which user names exist. It is made on
-// first use: every dkimgw command and test binary would otherwise pay for
-// a bcrypt hash at start.
-var dummyHash = sync.OnceValue(func() []byte {
-	h, _ := bcrypt.GenerateFromPassword([]byte("dkimgw timing equaliser"), bcrypt.DefaultCost)
-	return h
-})
+// dummyHashOf returns the maker of the hash that Authenticate compares
+// against when a user is unknown, so that the time it takes does not tell
+// which user names exist. Its cost is the highest of the configured
+// hashes' (bcrypt's time doubles with each step of cost, so a cheaper
+// dummy would tell). It is made on first use: every dkimgw command and
+// test binary would otherwise pay for a bcrypt hash at start.
+func dummyHashOf(cost int) func() []byte {
+	if cost < bcrypt.MinCost {
+		cost = bcrypt.DefaultCost
+	}
+	return sync.OnceValue(func() []byte {
+		h, _ := bcrypt.GenerateFromPassword([]byte("dkimgw timing equaliser"), cost)
+		return h
+	})
+}
+
+// defaultDummyHash serves a Config not made by Parse.
+var defaultDummyHash = dummyHashOf(bcrypt.DefaultCost)
 
 // Authenticate checks a user name and password against the users'
 // bcrypt hashes and returns the user's client, or ErrBadCredentials. It
-// is deliberately slow (bcrypt).
+// is deliberately slow (bcrypt), as slow for an unknown user as for a
+// known one. It does not look at where the user logs in from: see
+// [Client.AuthFrom].
 func (c *Config) Authenticate(user, password string) (*Client, error) {
 	u := c.users[user]
-	hash := dummyHash()
+	dummy := c.dummyHash
+	if dummy == nil {
+		dummy = defaultDummyHash
+	}
+	var hash []byte
 	if u != nil && u.hash != nil {
 		hash = u.hash
+	} else {
+		hash = dummy()
 	}
 	if err := bcrypt.CompareHashAndPassword(hash, []byte(password)); err != nil || u == nil {
 		return nil, ErrBadCredentials
@@ -159,11 +178,27 @@ func isSubdomain(d, parent string) bool {
 }
 
 // ClientByUser returns the client of an SMTP AUTH user (already
-// authenticated), or nil when the user is unknown, e.g. because a reload
-// removed it.
-func (c *Config) ClientByUser(user string) *Client {
-	if u := c.users[user]; u != nil {
+// authenticated) logged in from ip, or nil when the user is unknown (a
+// reload may have removed it) or its client does not take logins from ip.
+func (c *Config) ClientByUser(user string, ip netip.Addr) *Client {
+	if u := c.users[user]; u != nil && u.client.AuthFrom(ip) {
 		return u.client
 	}
 	return nil
+}
+
+// AuthFrom reports whether the client's users may log in from ip: from
+// anywhere, unless the client has RequireAuth, which limits logins to its
+// networks.
+func (cl *Client) AuthFrom(ip netip.Addr) bool {
+	if !cl.RequireAuth {
+		return true
+	}
+	ip = ip.Unmap().WithZone("")
+	for _, p := range cl.prefixes {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
 }

@@ -15,4 +15,10 @@ func TestExampleConfig(t *testing.T) {
 	if len(cfg.Clients) != 1 || len(cfg.Selectors()) != 2 {
 		t.Fatalf("example has %d clients and %d selectors, want 1 and 2", len(cfg.Clients), len(cfg.Selectors()))
 	}
+	if len(cfg.Warnings) != 0 {
+		t.Errorf("the example draws warnings: %q", cfg.Warnings)
+	}
+	if cfg.SMTP.MaxConnectionsPerIP != policy.DefaultMaxConnectionsPerIP {
+		t.Errorf("example max_connections_per_ip = %d, want the default %d", cfg.SMTP.MaxConnectionsPerIP, policy.DefaultMaxConnectionsPerIP)
+	}
 }

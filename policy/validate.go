@@ -3,6 +3,7 @@ package policy
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"maps"
 	"net"
@@ -14,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
+
+	"github.com/dkimgw/dkimgw/dnsname"
 )
 
 type validator struct {
@@ -22,10 +25,16 @@ type validator struct {
 	dir      string
 	readFile func(string) ([]byte, error)
 	errs     []error
+	warnings []string
 }
 
 func (v *validator) errorf(path []any, format string, args ...any) {
 	v.errs = append(v.errs, &Error{File: v.file, Line: v.loc.line(path...), Msg: fmt.Sprintf(format, args...)})
+}
+
+func (v *validator) warnf(path []any, format string, args ...any) {
+	e := &Error{File: v.file, Line: v.loc.line(path...), Msg: fmt.Sprintf(format, args...)}
+	v.warnings = append(v.warnings, e.Error())
 }
 
 func at(path ...any) []any { return path }
@@ -73,8 +82,10 @@ func (v *validator) validateHSM(c *Config) {
 func (v *validator) validateSMTP(c *Config) {
 	s := &c.SMTP
 	v.hostPort(at("smtp", "listen"), "smtp.listen", s.Listen, true)
-	if s.Hostname != "" && !validDomain(strings.TrimSuffix(s.Hostname, ".")) {
-		v.errorf(at("smtp", "hostname"), "smtp.hostname %q is not a valid host name", s.Hostname)
+	if s.Hostname != "" {
+		if _, err := dnsname.Host(s.Hostname); err != nil {
+			v.errorf(at("smtp", "hostname"), "smtp.hostname: %s", nameProblem(err))
+		}
 	}
 	if s.MaxMessageBytes < 1024 || s.MaxMessageBytes > 1<<32-1 {
 		// SIZE (RFC 1870) values are parsed as 32-bit by many clients.
@@ -88,6 +99,9 @@ func (v *validator) validateSMTP(c *Config) {
 	}
 	if s.MaxConnections < 1 {
 		v.errorf(at("smtp", "max_connections"), "smtp.max_connections must be at least 1, not %d", s.MaxConnections)
+	}
+	if s.MaxConnectionsPerIP < 1 {
+		v.errorf(at("smtp", "max_connections_per_ip"), "smtp.max_connections_per_ip must be at least 1, not %d", s.MaxConnectionsPerIP)
 	}
 	if s.MaxAuthFailures < 1 {
 		v.errorf(at("smtp", "max_auth_failures"), "smtp.max_auth_failures must be at least 1, not %d", s.MaxAuthFailures)
@@ -196,13 +210,9 @@ func (v *validator) validateDomains(c *Config) {
 	// Sorted, so that errors come out in a stable order.
 	for _, name := range slices.Sorted(maps.Keys(c.Domains)) {
 		d := c.Domains[name]
-		key := normalizeDomain(name)
-		switch {
-		case !validDomain(key):
-			v.errorf(at("domains", name), "domains: %q is not a valid domain name (write internationalised names in their xn-- form)", name)
-			continue
-		case !strings.Contains(key, "."):
-			v.errorf(at("domains", name), "domains: %q is a top-level domain; a signing domain has at least two labels", name)
+		key, err := dnsname.Domain(name)
+		if err != nil {
+			v.errorf(at("domains", name), "domains: %s", nameProblem(err))
 			continue
 		}
 		if prev, dup := seen[key]; dup {
@@ -215,10 +225,10 @@ func (v *validator) validateDomains(c *Config) {
 		}
 		sels := make([]string, 0, len(d.Selectors))
 		for i, s := range d.Selectors {
-			s = strings.ToLower(s)
+			_, s, err := dnsname.Key(key, s)
 			switch {
-			case !validSelector(s):
-				v.errorf(at("domains", name, "selectors", i), "domains.%s.selectors: %q is not a valid selector (RFC 6376 section 3.1: letters, digits, hyphens, dot-separated)", name, d.Selectors[i])
+			case err != nil:
+				v.errorf(at("domains", name, "selectors", i), "domains.%s.selectors: %s", name, nameProblem(err))
 			case slices.Contains(sels, s):
 				v.errorf(at("domains", name, "selectors", i), "domains.%s.selectors: %q is listed twice", name, d.Selectors[i])
 			default:
@@ -251,6 +261,7 @@ func (v *validator) validateClients(c *Config) {
 	}
 	names := make(map[string]int)
 	c.users = make(map[string]*User)
+	maxCost := 0
 	for i := range c.Clients {
 		cl := &c.Clients[i]
 		p := func(rest ...any) []any { return append([]any{"clients", i}, rest...) }
@@ -267,11 +278,41 @@ func (v *validator) validateClients(c *Config) {
 		if len(cl.Networks) == 0 && len(cl.Users) == 0 {
 			v.errorf(p(), "%s has neither networks nor users, so it can never be recognised", label)
 		}
+		if cl.RequireAuth && (len(cl.Networks) == 0 || len(cl.Users) == 0) {
+			v.errorf(p("require_auth"), "%s: require_auth needs both users (who log in) and networks (where from); without networks, leave require_auth out and the users may log in from anywhere", label)
+		}
+		if len(cl.Users) > 0 && c.SMTP.TLS == nil {
+			// AUTH is offered only after STARTTLS.
+			if cl.RequireAuth {
+				v.errorf(p("require_auth"), "%s: require_auth without smtp.tls: AUTH is offered only after STARTTLS, so the client could never be recognised; set smtp.tls", label)
+			} else {
+				v.warnf(p("users"), "%s has users, but without smtp.tls AUTH is never offered (it needs STARTTLS), so they cannot log in; set smtp.tls", label)
+			}
+		}
 		for j, n := range cl.Networks {
 			pfx, err := parsePrefix(n)
 			if err != nil {
 				v.errorf(p("networks", j), "%s: %v", label, err)
 				continue
+			}
+			if cl.RequireAuth {
+				// Only where its users may log in from: no address is
+				// recognised, so overlaps and width do not matter.
+				cl.prefixes = append(cl.prefixes, pfx)
+				continue
+			}
+			if pfx.Bits() == 0 {
+				v.errorf(p("networks", j), "%s: network %s is every address: anyone could relay through dkimgw; list the MTAs' networks, or add require_auth: true so that only the client's users, after SMTP AUTH, are recognised", label, pfx)
+				continue
+			}
+			// Loopback is exempt: only this machine's processes are in it.
+			wide := pfx.Addr().Is4() && pfx.Bits() < 16 || pfx.Addr().Is6() && pfx.Bits() < 48
+			if wide && !(pfx.Bits() >= 8 && pfx.Addr().IsLoopback()) {
+				limit := "/16"
+				if pfx.Addr().Is6() {
+					limit = "/48"
+				}
+				v.warnf(p("networks", j), "%s: network %s is wider than %s: every host in it may relay and have mail signed; list the MTAs' own networks if you can", label, pfx, limit)
 			}
 			for _, other := range c.prefixes {
 				if other.prefix.Overlaps(pfx) {
@@ -304,10 +345,12 @@ func (v *validator) validateClients(c *Config) {
 				continue
 			}
 			u.hash = []byte(strings.TrimSpace(string(data)))
-			if _, err := bcrypt.Cost(u.hash); err != nil {
+			if cost, err := bcrypt.Cost(u.hash); err != nil {
 				// Never print the file's content: it might be a plain password.
 				v.errorf(p("users", j, "password_file"), "%s: user %q: %s does not hold a bcrypt hash (make one with `htpasswd -nBC 12 \"\" | tr -d ':\\n'`)", label, u.Name, u.PasswordFile)
 				u.hash = nil
+			} else {
+				maxCost = max(maxCost, cost)
 			}
 		}
 		if len(cl.Domains) == 0 {
@@ -315,10 +358,10 @@ func (v *validator) validateClients(c *Config) {
 		}
 		doms := make([]string, 0, len(cl.Domains))
 		for j, d := range cl.Domains {
-			key := normalizeDomain(d)
+			key, err := dnsname.Domain(d)
 			switch {
-			case !validDomain(key):
-				v.errorf(p("domains", j), "%s: %q is not a valid domain name", label, d)
+			case err != nil:
+				v.errorf(p("domains", j), "%s: %s", label, nameProblem(err))
 				continue
 			case slices.Contains(doms, key):
 				v.errorf(p("domains", j), "%s: domain %q is listed twice", label, d)
@@ -331,6 +374,7 @@ func (v *validator) validateClients(c *Config) {
 		}
 		cl.Domains = doms
 	}
+	c.dummyHash = dummyHashOf(maxCost)
 }
 
 // positive reports a duration that is zero or negative (zero survives
@@ -354,7 +398,7 @@ func (v *validator) hostPort(path []any, key, addr string, emptyHostOK bool) {
 		v.errorf(path, "%s %q has no host", key, addr)
 	}
 	if host != "" {
-		if _, err := netip.ParseAddr(host); err != nil && !validDomain(host) {
+		if _, err := netip.ParseAddr(host); err != nil && !isHost(host) {
 			v.errorf(path, "%s %q: %q is neither an IP address nor a host name", key, addr, host)
 		}
 	}
@@ -389,47 +433,16 @@ func normalizeDomain(s string) string {
 	return strings.TrimSuffix(strings.ToLower(strings.TrimSpace(s)), ".")
 }
 
-// validDomain reports whether s is an ASCII host name: dot-separated
-// labels of letters, digits and inner hyphens, 1-63 octets each, 253 in all.
-func validDomain(s string) bool {
-	if s == "" || len(s) > 253 {
-		return false
+// nameProblem is what a dnsname error says, without its package prefix:
+// a configuration error already names its file and line.
+func nameProblem(err error) string {
+	if ne, ok := errors.AsType[*dnsname.Error](err); ok {
+		return ne.Detail()
 	}
-	for label := range strings.SplitSeq(s, ".") {
-		if !validLabel(label, false) {
-			return false
-		}
-	}
-	return true
+	return err.Error()
 }
 
-// validSelector reports whether s is an RFC 6376 selector: one or more
-// dot-separated sub-domains. Underscores are tolerated, as many DNS
-// providers and existing selectors use them.
-func validSelector(s string) bool {
-	if s == "" || len(s) > 253-len("._domainkey.") {
-		return false
-	}
-	for label := range strings.SplitSeq(s, ".") {
-		if !validLabel(label, true) {
-			return false
-		}
-	}
-	return true
-}
-
-func validLabel(l string, underscore bool) bool {
-	if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
-		return false
-	}
-	for i := 0; i < len(l); i++ {
-		c := l[i]
-		switch {
-		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '-':
-		case c == '_' && underscore:
-		default:
-			return false
-		}
-	}
-	return true
+func isHost(s string) bool {
+	_, err := dnsname.Host(s)
+	return err == nil
 }

@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/dkimgw/dkimgw/dnsname"
 )
 
 // signedHeaders are the fields signed when present, in h= order
@@ -43,10 +45,11 @@ var oversignedHeaders = map[string]bool{
 
 // Identity is one signature to make: d=Domain, s=Selector, signed with Key.
 type Identity struct {
-	// Domain is the signing domain (d=), ASCII or UTF-8; it is written in
-	// A-label form.
+	// Domain is the signing domain (d=), ASCII or UTF-8, valid for
+	// [dnsname.Domain]; it is written lower-case, in A-label form.
 	Domain string
-	// Selector is the key's selector (s=).
+	// Selector is the key's selector (s=), valid for [dnsname.Selector];
+	// it is written lower-case, in A-label form.
 	Selector string
 	// Key is the private key: an RSA key of at least 1024 bits (RFC 8301;
 	// dkimgw's tokens refuse less than 2048) gives rsa-sha256, an Ed25519
@@ -119,14 +122,16 @@ func signOne(ctx context.Context, id Identity, canonHeaders string, tags signatu
 	if id.Key == nil {
 		return "", fmt.Errorf("signer: no key for selector %q of %q", id.Selector, id.Domain)
 	}
-	d, err := normalizeDomain(id.Domain)
+	// d= and s= follow dkimgw's one definition of names, the one the
+	// configuration and the token use.
+	d, sel, err := dnsname.Key(id.Domain, id.Selector)
 	if err != nil {
-		return "", fmt.Errorf("signer: signing domain: %w", err)
+		if ne, ok := errors.AsType[*dnsname.Error](err); ok {
+			return "", fmt.Errorf("signer: identity: %s", ne.Detail())
+		}
+		return "", fmt.Errorf("signer: identity: %w", err)
 	}
-	if err := checkSelector(id.Selector); err != nil {
-		return "", err
-	}
-	tags.d, tags.s = d, id.Selector
+	tags.d, tags.s = d, sel
 	pub := id.Key.Public()
 	var hashOpt crypto.Hash
 	switch pub := pub.(type) {
@@ -157,25 +162,6 @@ func signOne(ctx context.Context, id Identity, canonHeaders string, tags signatu
 		return "", fmt.Errorf("signer: sign as %s: %w", tags.name(), err)
 	}
 	return unsigned + foldBase64(base64.StdEncoding.EncodeToString(sig)) + "\r\n", nil
-}
-
-// checkSelector enforces RFC 6376 §3.1: a selector is one or more labels.
-func checkSelector(s string) error {
-	if s == "" {
-		return errors.New("signer: empty selector")
-	}
-	for _, label := range strings.Split(s, ".") {
-		if label == "" || len(label) > 63 {
-			return fmt.Errorf("signer: selector %q: empty label or label longer than 63 octets", s)
-		}
-		for i := 0; i < len(label); i++ {
-			c := label[i]
-			if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_') {
-				return fmt.Errorf("signer: selector %q: invalid character %q", s, c)
-			}
-		}
-	}
-	return nil
 }
 
 // headerKeys returns the h= list for a header section: each field of

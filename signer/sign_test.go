@@ -253,7 +253,7 @@ func TestFolding(t *testing.T) {
 		"Subject: x\r\nDate: x\r\nMessage-ID: <x@y>\r\nIn-Reply-To: <x@y>\r\nReferences: <x@y>\r\nMIME-Version: 1.0\r\n" +
 		"Content-Type: text/plain\r\nContent-Transfer-Encoding: 7bit\r\nList-Id: <l.example.com>\r\n" +
 		"List-Unsubscribe: <mailto:u@example.com>\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\nFeedback-ID: a:b:c\r\n\r\nbody\r\n"
-	long := strings.Repeat("a", 63) + "." + strings.Repeat("b", 63) + "." + strings.Repeat("c", 63) + "." + strings.Repeat("d", 50) + ".example"
+	long := strings.Repeat("a", 63) + "." + strings.Repeat("b", 63) + "." + strings.Repeat("c", 63) + "." + strings.Repeat("d", 36) + ".example" // 236 octets: rsa._domainkey. and it make 251
 	for _, tt := range []struct {
 		domain, selector string
 		max              int
@@ -327,9 +327,9 @@ func TestSignErrors(t *testing.T) {
 	}{
 		{"no identity", nil, Options{}, nil, "signer: no identity"},
 		{"nil key", []Identity{{Domain: "example.com", Selector: "s"}}, Options{}, nil, "no key"},
-		{"bad domain", []Identity{{Domain: "exa mple.com", Selector: "s", Key: edKey}}, Options{}, nil, "signing domain"},
+		{"bad domain", []Identity{{Domain: "exa mple.com", Selector: "s", Key: edKey}}, Options{}, nil, `"exa mple.com" is not a valid domain name`},
 		{"bad selector", []Identity{{Domain: "example.com", Selector: "s;x=1", Key: edKey}}, Options{}, nil, "selector"},
-		{"empty selector", []Identity{{Domain: "example.com", Key: edKey}}, Options{}, nil, "empty selector"},
+		{"empty selector", []Identity{{Domain: "example.com", Key: edKey}}, Options{}, nil, `"" is not a valid selector`},
 		{"negative expiry", []Identity{{Domain: "example.com", Selector: "s", Key: edKey}}, Options{Expire: -time.Second}, nil, "negative expiry"},
 		{"small RSA key", []Identity{{Domain: "example.com", Selector: "s", Key: small}}, Options{}, nil, "768 bits"},
 		{"key error is wrapped", []Identity{{Domain: "example.com", Selector: "ed", Key: edKey}, {Domain: "example.com", Selector: "s", Key: failingKey{rsaKey, boom}}}, Options{}, boom, "sign as s=s d=example.com"},

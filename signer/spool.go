@@ -51,7 +51,7 @@ type RefusedError struct {
 	Reason string
 }
 
-func (e *RefusedError) Error() string { return "message refused: " + e.Reason }
+func (e *RefusedError) Error() string { return "signer: message refused: " + e.Reason }
 
 func refusef(format string, args ...any) error {
 	return &RefusedError{Reason: fmt.Sprintf(format, args...)}
@@ -308,7 +308,8 @@ func (s *spooler) write(p []byte) error {
 func (s *spooler) emit(p []byte) error {
 	s.size += int64(len(p))
 	if s.opts.MaxMessageBytes > 0 && s.size > s.opts.MaxMessageBytes {
-		return fmt.Errorf("signer: message exceeds %d bytes: %w", s.opts.MaxMessageBytes, ErrTooLarge)
+		// ErrTooLarge carries the package prefix.
+		return fmt.Errorf("%w: more than %d bytes", ErrTooLarge, s.opts.MaxMessageBytes)
 	}
 	s.lastLF = p[len(p)-1] == '\n'
 	if err := s.store(p); err != nil {

@@ -357,7 +357,7 @@ func TestRefusedCorpus(t *testing.T) {
 			if !strings.Contains(refused.Reason, reason) {
 				t.Errorf("reason = %q, want it to contain %q", refused.Reason, reason)
 			}
-			if !strings.HasPrefix(err.Error(), "message refused: ") {
+			if !strings.HasPrefix(err.Error(), "signer: message refused: ") {
 				t.Errorf("Error() = %q", err)
 			}
 			assertEmptyDir(t, dir)
@@ -463,5 +463,20 @@ func TestSpoolManyContinuationLines(t *testing.T) {
 	}
 	if len(m.fields) != 2 || len(m.fields[1].raw) != len("Subject: x\r\n")+250_000*4 {
 		t.Errorf("fields not as expected: %d", len(m.fields))
+	}
+}
+
+// TestErrorsHaveOnePrefix: every error says "signer: " once, however it
+// was wrapped.
+func TestErrorsHaveOnePrefix(t *testing.T) {
+	_, err := Spool(t.Context(), strings.NewReader(hdr+strings.Repeat("x", 2000)+"\r\n"), SpoolOptions{MaxMessageBytes: 1024})
+	_, refused := Spool(t.Context(), strings.NewReader("Subject: no From\r\n\r\nbody\r\n"), SpoolOptions{})
+	for _, err := range []error{err, refused} {
+		if err == nil {
+			t.Fatal("Spool succeeded, want an error")
+		}
+		if n := strings.Count(err.Error(), "signer:"); n != 1 || !strings.HasPrefix(err.Error(), "signer: ") {
+			t.Errorf("error %q: want exactly one leading \"signer: \"", err)
+		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 )
@@ -21,12 +22,14 @@ var past = time.Unix(1, 0)
 type clientConn struct {
 	net.Conn
 	srv *Server
+	src netip.Prefix // the source it is counted under (sourceOf)
 
 	mu      sync.Mutex
 	inTx    bool // between MAIL and the end of the transaction
 	winding bool // shutting down, or the session is over its time
 	isTLS   bool // the session runs over STARTTLS: no raw writes
 	said421 bool
+	bye     string // the 421 reply that closes it; "" for replyShuttingDown
 
 	timer     *time.Timer
 	closeOnce sync.Once
@@ -59,7 +62,11 @@ func (c *clientConn) Read(b []byte) (int, error) {
 	if say {
 		c.said421 = true
 	}
+	bye := c.bye
 	c.mu.Unlock()
+	if bye == "" {
+		bye = replyShuttingDown
+	}
 	if !closing {
 		return n, err
 	}
@@ -68,17 +75,28 @@ func (c *clientConn) Read(b []byte) (int, error) {
 		// TLS session cannot be written to from below TLS: there the
 		// timeout error makes go-smtp send its own 421.
 		_ = c.Conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		_, _ = io.WriteString(c.Conn, "421 4.3.2 Service shutting down, closing connection\r\n")
+		_, _ = io.WriteString(c.Conn, bye)
 		return 0, io.EOF
 	}
 	return n, err
 }
 
+// replyShuttingDown closes a connection that winds down.
+const replyShuttingDown = "421 4.3.2 Service shutting down, closing connection\r\n"
+
 // windDown makes the connection close after its transaction in flight, or
 // at once when there is none.
-func (c *clientConn) windDown() {
+func (c *clientConn) windDown() { c.windDownWith("") }
+
+// windDownWith is windDown with bye (a full reply line) as the 421 sent
+// before closing, instead of replyShuttingDown. The reply being written
+// now still reaches the client: only the next read fails.
+func (c *clientConn) windDownWith(bye string) {
 	c.mu.Lock()
 	c.winding = true
+	if bye != "" && c.bye == "" {
+		c.bye = bye
+	}
 	idle := !c.inTx
 	c.mu.Unlock()
 	if idle {
@@ -125,12 +143,17 @@ func (l *listener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		if cc := l.srv.track(nc); cc != nil {
+		cc, refusal := l.srv.track(nc)
+		if cc != nil {
 			return cc, nil
 		}
-		l.srv.logger.Warn("connection refused: too many connections", "remote", nc.RemoteAddr().String())
+		reason := "too many connections"
+		if refusal == replyTooManyFromSrc {
+			reason = "too many connections from this source"
+		}
+		l.srv.logger.Warn("connection refused", "reason", reason, "remote", nc.RemoteAddr().String())
 		_ = nc.SetWriteDeadline(time.Now().Add(time.Second))
-		_, _ = io.WriteString(nc, "421 4.3.2 Too many connections, try again later\r\n")
+		_, _ = io.WriteString(nc, refusal)
 		_ = nc.Close()
 	}
 }

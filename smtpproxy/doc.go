@@ -11,6 +11,14 @@
 // Nothing is queued in dkimgw: any failure before the upstream's 250 is a
 // 4xx, and the sending MTA keeps the message.
 //
+// Who gets in (admission.go, conn.go): at most smtp.max_connections
+// connections, and smtp.max_connections_per_ip from one source (an IPv4
+// address or an IPv6 /64), both counted at accept time and refused with a
+// 421; a host that is no client gets 530 at MAIL and is then closed;
+// failed AUTH attempts are counted per source across connections, and
+// each reply waits longer than the last (bounded, forgotten after a quiet
+// period, with a cap on the sources remembered).
+//
 // Every error returned to go-smtp is a bare *smtp.SMTPError (go-smtp
 // type-asserts it and would otherwise answer 554), built in errors.go.
 //

@@ -42,6 +42,10 @@ var (
 		Message: "Too many authentication failures, closing connection"}
 )
 
+// replyNotAClient closes the connection of an unrecognised client after
+// its 530 (written raw by clientConn, hence the full line).
+const replyNotAClient = "421 4.7.0 Not a client of this relay, closing connection\r\n"
+
 func unauthorizedDomain(domain string) *smtp.SMTPError {
 	return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 1},
 		Message: fmt.Sprintf("Not allowed to send mail From domain %q through dkimgw", domain)}

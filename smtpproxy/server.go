@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -71,8 +73,14 @@ type Server struct {
 
 	mu       sync.Mutex
 	conns    map[*clientConn]struct{}
+	perSrc   map[netip.Prefix]int // connections by source (sourceOf)
 	draining bool
 	addr     net.Addr
+
+	auth *authThrottle
+	// bcrypt bounds the AUTH checks that run at once to the CPUs, so
+	// that password guessing on many connections cannot starve signing.
+	bcrypt chan struct{}
 
 	ctx    context.Context // ends when the server is closed for good
 	cancel context.CancelFunc
@@ -142,6 +150,9 @@ func New(opts Options) (*Server, error) {
 		now:    now,
 		fixed:  fixedOf(cfg),
 		conns:  make(map[*clientConn]struct{}),
+		perSrc: make(map[netip.Prefix]int),
+		auth:   newAuthThrottle(),
+		bcrypt: make(chan struct{}, runtime.GOMAXPROCS(0)),
 		ctx:    ctx,
 		cancel: cancel,
 	}
@@ -284,22 +295,43 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return err
 }
 
-func (s *Server) track(nc net.Conn) *clientConn {
+// Replies to a connection refused at accept time.
+const (
+	replyTooManyConns   = "421 4.3.2 Too many connections, try again later\r\n"
+	replyTooManyFromSrc = "421 4.7.0 Too many connections from your address, try again later\r\n"
+)
+
+// track admits a new connection, or returns the reply that refuses it:
+// smtp.max_connections in all, smtp.max_connections_per_ip per source.
+func (s *Server) track(nc net.Conn) (*clientConn, string) {
+	src := sourceOf(nc.RemoteAddr())
+	perSrc := s.state.Load().cfg.SMTP.MaxConnectionsPerIP
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(s.conns) >= s.fixed.MaxConnections {
-		return nil
+		return nil, replyTooManyConns
 	}
-	cc := &clientConn{Conn: nc, srv: s, winding: s.draining}
+	// A listener that is not TCP gives no address to count by.
+	if perSrc > 0 && src.IsValid() && s.perSrc[src] >= perSrc {
+		return nil, replyTooManyFromSrc
+	}
+	cc := &clientConn{Conn: nc, srv: s, src: src, winding: s.draining}
 	s.conns[cc] = struct{}{}
+	s.perSrc[src]++
 	cc.timer = time.AfterFunc(s.fixed.MaxSessionDuration, cc.windDown)
-	return cc
+	return cc, ""
 }
 
 func (s *Server) untrack(cc *clientConn) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.conns[cc]; !ok {
+		return
+	}
 	delete(s.conns, cc)
-	s.mu.Unlock()
+	if s.perSrc[cc.src]--; s.perSrc[cc.src] <= 0 {
+		delete(s.perSrc, cc.src)
+	}
 }
 
 func (s *Server) connCount() int {

@@ -71,7 +71,7 @@ func (s *Server) newSession(c *smtp.Conn) (*session, error) {
 // authenticated user's client, else the client of the source address.
 func (ss *session) client(cfg *policy.Config) *policy.Client {
 	if ss.user != "" {
-		return cfg.ClientByUser(ss.user)
+		return cfg.ClientByUser(ss.user, ss.remote)
 	}
 	return cfg.ClientByAddr(ss.remote)
 }
@@ -105,18 +105,42 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 
 func (ss *session) authenticate(user, password string) error {
 	cfg := ss.srv.state.Load().cfg
+	// bcrypt is slow on purpose; no more run at once than there are CPUs.
+	select {
+	case ss.srv.bcrypt <- struct{}{}:
+	case <-ss.ctx.Done():
+		return errShuttingDown
+	}
 	cl, err := cfg.Authenticate(user, password)
+	<-ss.srv.bcrypt
 	if err != nil {
 		return ss.authFailed(user, "bad user name or password")
+	}
+	if !cl.AuthFrom(ss.remote) {
+		// The same reply as a wrong password: the password is not
+		// confirmed to someone outside the client's networks.
+		return ss.authFailed(user, "client "+cl.Name+" has require_auth and this address is outside its networks")
 	}
 	ss.user = user
 	ss.srv.logger.Info("authenticated", "remote", ss.remote.String(), "user", user, "client", cl.Name)
 	return nil
 }
 
+// authFailed counts a failure against the connection (max_auth_failures
+// closes it) and against its source across connections: the reply waits
+// longer with each recent failure from the source, which slows guessing
+// on many connections at once.
 func (ss *session) authFailed(user, why string) error {
 	ss.authFailures++
-	ss.srv.logger.Warn("authentication failed", "remote", ss.remote.String(), "user", user, "reason", why, "failures", ss.authFailures)
+	delay, recent := ss.srv.auth.failed(ss.cc.src)
+	ss.srv.logger.Warn("authentication failed", "remote", ss.remote.String(), "user", user, "reason", why,
+		"failures", ss.authFailures, "source_failures", recent, "delay_s", delay.Seconds())
+	t := time.NewTimer(delay)
+	select {
+	case <-t.C:
+	case <-ss.ctx.Done():
+		t.Stop()
+	}
 	if ss.authFailures >= ss.srv.state.Load().cfg.SMTP.MaxAuthFailures {
 		ss.cc.windDown()
 		return errTooManyAuthFailures
@@ -132,7 +156,13 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 	st := ss.srv.state.Load()
 	cl := ss.client(st.cfg)
 	if cl == nil {
+		// The client sees the 530, then the connection closes: a client
+		// that authenticates does so before MAIL (Postfix, Exim), so a
+		// second try on this connection would only serve a stranger,
+		// which would otherwise hold a connection slot until read_timeout.
 		ss.srv.logger.Info("relay refused: unknown client", "remote", ss.remote.String(), "user", ss.user, "helo", ss.helo)
+		ss.cc.setInTx(false) // endTx ended any earlier transaction
+		ss.cc.windDownWith(replyNotAClient)
 		return errAuthRequired
 	}
 	tx := &transaction{

@@ -38,3 +38,17 @@ func TestDependenciesPointDown(t *testing.T) {
 		}
 	}
 }
+
+// TestDNSNameIsALeaf: dnsname is the one definition of names that policy,
+// signer and hsm share, so it must import none of them.
+func TestDNSNameIsALeaf(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", "github.com/dkimgw/dkimgw/dnsname").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list -deps: %v\n%s", err, out)
+	}
+	for dep := range strings.FieldsSeq(string(out)) {
+		if strings.HasPrefix(dep, "github.com/dkimgw/dkimgw/") && dep != "github.com/dkimgw/dkimgw/dnsname" {
+			t.Errorf("dnsname depends on %s", dep)
+		}
+	}
+}

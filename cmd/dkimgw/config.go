@@ -25,7 +25,9 @@ const (
 config check decodes the configuration strictly (an unknown key is an
 error naming its line), validates it as a whole, then opens the token and
 checks that every selector under domains: names a usable key: present,
-non-extractable, and able to sign. It serves nothing.
+non-extractable, and able to sign. It serves nothing. Warnings (things
+that are valid but risky, such as a client network wider than /16) go
+to stderr and do not change the exit status.
 
 Exit status: 0 valid; 78 the file is invalid; 69 a key is missing or
 unusable; 75 the token is unreachable (try again); 77 wrong PIN.`
@@ -59,6 +61,9 @@ func runConfig(ctx context.Context, c *cli, args []string) int {
 	if err != nil {
 		return failf(c, exitConfig, "invalid configuration:\n%v", err)
 	}
+	for _, w := range cfg.Warnings {
+		fmt.Fprintf(c.stderr, "dkimgw: warning: %s\n", w)
+	}
 	ctx, cancel := tf.withTimeout(ctx)
 	defer cancel()
 	tok, err := hsm.Open(ctx, cfg.HSM.URI, hsm.Options{Logger: errorLogger(c), Getenv: c.getenv})
@@ -69,8 +74,16 @@ func runConfig(ctx context.Context, c *cli, args []string) int {
 	if _, err := checkKeys(ctx, tok, cfg, c.stdout); err != nil {
 		return failf(c, tokenExitCode(err), "%s: %v", *path, err)
 	}
-	fmt.Fprintf(c.stdout, "%s: OK (%d clients, %d domains, %d keys)\n", *path, len(cfg.Clients), len(cfg.Domains), len(cfg.Selectors()))
+	fmt.Fprintf(c.stdout, "%s: OK (%d clients, %d domains, %d keys, %d warnings)\n", *path, len(cfg.Clients), len(cfg.Domains), len(cfg.Selectors()), len(cfg.Warnings))
 	return exitOK
+}
+
+// logWarnings tells the operator, at WARN, what the configuration's
+// validation found suspicious but allowed.
+func logWarnings(logger *slog.Logger, cfg *policy.Config) {
+	for _, w := range cfg.Warnings {
+		logger.Warn("configuration warning", "config", cfg.Path, "warning", w)
+	}
 }
 
 // tokenTimeout bounds opening the token and checking the keys.

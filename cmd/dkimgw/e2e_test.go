@@ -97,6 +97,8 @@ type gwConfig struct {
 	// use; domains are the signing domains and their selectors.
 	clientDomains []string
 	domains       map[string][]string
+	// networks are the client's networks; nil: 127.0.0.1/32.
+	networks []string
 }
 
 func standardConfig(uri, upstream string) gwConfig {
@@ -114,7 +116,11 @@ func (c gwConfig) yaml() string {
 	fmt.Fprintf(&b, "hsm:\n  uri: %q\n", c.uri)
 	b.WriteString("smtp:\n  listen: \"127.0.0.1:0\"\n  hostname: dkimgw.test\n")
 	fmt.Fprintf(&b, "upstream:\n  address: %q\n  timeout: 30s\n  connect_timeout: 5s\n", c.upstream)
-	fmt.Fprintf(&b, "clients:\n  - name: mta\n    networks: [\"127.0.0.1/32\"]\n    domains: [%s]\n", strings.Join(c.clientDomains, ", "))
+	networks := c.networks
+	if networks == nil {
+		networks = []string{"127.0.0.1/32"}
+	}
+	fmt.Fprintf(&b, "clients:\n  - name: mta\n    networks: [\"%s\"]\n    domains: [%s]\n", strings.Join(networks, `", "`), strings.Join(c.clientDomains, ", "))
 	b.WriteString("domains:\n")
 	for _, d := range slices.Sorted(maps.Keys(c.domains)) {
 		fmt.Fprintf(&b, "  %s:\n    selectors: [%s]\n", d, strings.Join(c.domains[d], ", "))

@@ -51,6 +51,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	}
 	level := new(slog.LevelVar)
 	logger := newLogger(c.stderr, cfg.Log, level)
+	logWarnings(logger, cfg)
 
 	openCtx, cancel := context.WithTimeout(ctx, tokenTimeout)
 	tok, err := hsm.Open(openCtx, cfg.HSM.URI, hsm.Options{Logger: logger, Getenv: c.getenv})
@@ -136,6 +137,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, tok *hsm.Token, ring *ke
 		return
 	}
 	level.Set(cfg.Log.SlogLevel())
+	logWarnings(logger, cfg)
 }
 
 // keyring is the smtpproxy.KeySource of serve: the token keys of the
@@ -168,7 +170,7 @@ func (r *keyring) Key(ctx context.Context, domain, selector string) (crypto.Sign
 	}
 	k, err := r.tok.Load().Key(ctx, domain, selector)
 	if err != nil {
-		return nil, fmt.Errorf("key %s._domainkey.%s: %w", selector, domain, err)
+		return nil, fmt.Errorf("dkimgw: key %s._domainkey.%s: %w", selector, domain, err)
 	}
 	return k, nil
 }

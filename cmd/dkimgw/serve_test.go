@@ -44,6 +44,19 @@ func TestConfigCheck(t *testing.T) {
 		}
 	})
 
+	t.Run("warnings", func(t *testing.T) {
+		cfg := good
+		cfg.networks = []string{"127.0.0.1/32", "10.0.0.0/8"}
+		path := write("wide.yaml", cfg.yaml())
+		r := runCLI(t, nil, "", "config", "check", "--config", path)
+		if r.code != exitOK || !strings.Contains(r.stdout, path+": OK") || !strings.Contains(r.stdout, "1 warnings") {
+			t.Fatalf("exit %d, stdout %q, stderr %q; want 0, OK and 1 warning", r.code, r.stdout, r.stderr)
+		}
+		if want := "dkimgw: warning: " + path + ":"; !strings.Contains(r.stderr, want) || !strings.Contains(r.stderr, "10.0.0.0/8 is wider than /16") {
+			t.Errorf("stderr %q: want %q and the wide network named", r.stderr, want)
+		}
+	})
+
 	t.Run("unknown key", func(t *testing.T) {
 		text := good.yaml()
 		// Line 3 is "smtp:"; the typo goes on line 4.
@@ -367,7 +380,14 @@ func testSIGHUP(t *testing.T, bin string) {
 	_, uri, records := e2eToken(t, append(slices.Clone(standardKeys), tokenKey{"example.org", "rsa2", hsm.RSA2048})...)
 	sink := testenv.NewSMTPSink(t)
 	cfg := standardConfig(uri, sink.Addr())
+	// A network wider than /48 validates, with a warning at start.
+	cfg.networks = []string{"127.0.0.1/32", "2001:db8::/32"}
 	gw := startGateway(t, bin, cfg)
+	if l := gw.waitLog(0, 30*time.Second, "the start-up warning", func(l logLine) bool {
+		return l.str("msg") == "configuration warning" || l.str("msg") == "dkimgw serving"
+	}); l.str("level") != "WARN" || !strings.Contains(l.str("warning"), "2001:db8::/32 is wider than /48") {
+		t.Errorf("at start: logged %s, want a WARN naming 2001:db8::/32", l.raw)
+	}
 	orgMsg := func(id string) string {
 		return testMessage("info@example.org", "x@example.net", id, "org", "From example.org.\r\n")
 	}
@@ -425,6 +445,7 @@ func testSIGHUP(t *testing.T, bin string) {
 	good := cfg
 	good.clientDomains = []string{"example.com", "example.org"}
 	good.domains = map[string][]string{"example.com": {"rsa1", "ed1"}, "example.org": {"rsa2"}}
+	good.networks = []string{"127.0.0.1/32", "10.0.0.0/8"}
 	mark := gw.mark()
 	gw.writeConfig(good)
 	gw.signal(syscall.SIGHUP)
@@ -433,6 +454,12 @@ func testSIGHUP(t *testing.T, bin string) {
 	})
 	if l.str("msg") != "configuration reloaded" {
 		t.Fatalf("a valid configuration was not reloaded: %s", l.raw)
+	}
+	// Its warning is logged too.
+	if l := gw.waitLog(mark, 30*time.Second, "the reload's warning", func(l logLine) bool {
+		return l.str("msg") == "configuration warning" && strings.Contains(l.str("warning"), "10.0.0.0/8")
+	}); l.str("level") != "WARN" {
+		t.Errorf("after the reload: logged %s, want a WARN naming 10.0.0.0/8", l.raw)
 	}
 	n := len(sink.Messages())
 	res := sendDirect(t, gw.addr, "info@example.org", []string{"x@example.net"}, orgMsg("org-after-reload@e2e.test"))
