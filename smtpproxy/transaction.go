@@ -45,17 +45,23 @@ type transaction struct {
 }
 
 // mail takes an upstream connection and relays MAIL FROM. A reused
-// connection that turns out dead (the upstream closed it while idle) is
-// replaced once by a fresh one.
+// connection can have died while idle (the upstream restarted, or closed
+// it after its own idle timeout): if it fails before the upstream has
+// committed to anything, it is closed with the rest of the idle ones and
+// MAIL is retried once on a new connection, whose failure is the one the
+// client gets.
 func (tx *transaction) mail(from string, opts *smtp.MailOptions) error {
-	up, err := tx.st.pool.get(tx.ctx)
+	pool := tx.st.pool
+	up, err := pool.get(tx.ctx, false)
 	if err != nil {
 		return tx.upstreamUnavailable(err)
 	}
 	err = tx.upstreamMail(up, from, opts)
-	if err != nil && up.reused && !healthy(err) {
-		tx.st.pool.put(up, connBroken)
-		if up, err = tx.st.pool.get(tx.ctx); err != nil {
+	if err != nil && up.reused && !healthy(err) && tx.ctx.Err() == nil {
+		pool.logger.Debug("pooled upstream connection dead, reconnecting", "upstream", pool.cfg.Address, "error", err)
+		pool.put(up, connBroken)
+		pool.dropIdle()
+		if up, err = pool.get(tx.ctx, true); err != nil {
 			return tx.upstreamUnavailable(err)
 		}
 		err = tx.upstreamMail(up, from, opts)
@@ -64,8 +70,9 @@ func (tx *transaction) mail(from string, opts *smtp.MailOptions) error {
 		state := connClean // a refused MAIL starts no transaction
 		if !healthy(err) {
 			state = connBroken
+			tx.internal = err
 		}
-		tx.st.pool.put(up, state)
+		pool.put(up, state)
 		return upstreamReply(err)
 	}
 	tx.up = up

@@ -63,9 +63,10 @@ func newPool(cfg policy.Upstream, hostname string, logger *slog.Logger) *pool {
 	return p
 }
 
-// get returns a connection ready for MAIL: an idle one if there is one,
-// else a new one. It waits for a free slot at most connect_timeout.
-func (p *pool) get(ctx context.Context) (*upConn, error) {
+// get returns a connection ready for MAIL: an idle one if there is one
+// and fresh is false, else a new one. It waits for a free slot at most
+// connect_timeout.
+func (p *pool) get(ctx context.Context, fresh bool) (*upConn, error) {
 	wait := time.NewTimer(p.cfg.ConnectTimeout)
 	defer wait.Stop()
 	select {
@@ -75,8 +76,10 @@ func (p *pool) get(ctx context.Context) (*upConn, error) {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	if uc := p.popIdle(); uc != nil {
-		return uc, nil
+	if !fresh {
+		if uc := p.popIdle(); uc != nil {
+			return uc, nil
+		}
 	}
 	uc, err := p.dial(ctx)
 	if err != nil {
@@ -146,6 +149,20 @@ func (p *pool) background(f func()) bool {
 		f()
 	}()
 	return true
+}
+
+// dropIdle closes every idle connection. It is called when a reused
+// connection turned out dead: idle connections are reused most recently
+// used first, so the others have been idle at least as long, to the same
+// upstream, and are dead too if it restarted or timed them out.
+func (p *pool) dropIdle() {
+	p.mu.Lock()
+	idle := p.idle
+	p.idle = nil
+	p.mu.Unlock()
+	for _, uc := range idle {
+		_ = uc.c.Close()
+	}
 }
 
 func (p *pool) keep(uc *upConn) {
@@ -318,4 +335,11 @@ const (
 func healthy(err error) bool {
 	var se *smtp.SMTPError
 	return err == nil || errors.As(err, &se) && se.Code != 421
+}
+
+// idleCount is how many connections wait in the pool.
+func (p *pool) idleCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.idle)
 }
