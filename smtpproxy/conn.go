@@ -12,21 +12,36 @@ import (
 // Read or Write at once.
 var past = time.Unix(1, 0)
 
-// clientConn is a client connection as go-smtp sees it. It lets the
-// server wind a connection down without cutting a transaction short:
-// once winding down, a read *between* transactions fails at once (the
-// client gets 421 and the connection closes), while a transaction in
-// flight runs to its end first. go-smtp sets a read deadline before every
-// command, so the rule lives in SetReadDeadline and Read.
+// clientConn is a client connection as go-smtp sees it. go-smtp sets a
+// read deadline before every command, BDAT chunks included, so the rules
+// about how long a client may take live in SetReadDeadline and Read:
+//
+//   - Winding down (shutdown, or the session is over max_session_duration):
+//     a read *between* transactions fails at once (the client gets 421 and
+//     the connection closes); a transaction in flight may go on, but for
+//     at most data_timeout, so that no client keeps a session alive by
+//     trickling commands or chunks.
+//   - While a message is received (DATA or BDAT), no read deadline goes
+//     past the transfer's data deadline, whatever go-smtp asks for: each
+//     BDAT command would otherwise get a fresh read_timeout.
+//   - A read that times out during a transfer fails it for good: the read
+//     returns errDataTimeout (go-smtp answers a BDAT chunk whose read
+//     failed with a 554 unless the error is an *smtp.SMTPError), and every
+//     later read fails too, so the rest of the message is not taken for
+//     commands and the connection closes.
 type clientConn struct {
 	net.Conn
 	srv *Server
 
-	mu      sync.Mutex
-	inTx    bool // between MAIL and the end of the transaction
-	winding bool // shutting down, or the session is over its time
-	isTLS   bool // the session runs over STARTTLS: no raw writes
-	said421 bool
+	mu         sync.Mutex
+	inTx       bool      // between MAIL and the end of the transaction
+	winding    bool      // shutting down, or the session is over its time
+	windLimit  time.Time // winding down in a transaction: when reads end
+	dataLimit  time.Time // a message is being received: when it must be in
+	dataFailed bool      // a transfer timed out: nothing more is read
+	deadline   time.Time // the read deadline in force
+	isTLS      bool      // the session runs over STARTTLS: no raw writes
+	said421    bool
 
 	timer     *time.Timer
 	closeOnce sync.Once
@@ -34,10 +49,25 @@ type clientConn struct {
 
 func (c *clientConn) SetReadDeadline(t time.Time) error {
 	c.mu.Lock()
-	if c.winding && !c.inTx {
+	defer c.mu.Unlock()
+	return c.setReadDeadlineLocked(t)
+}
+
+// setReadDeadlineLocked applies t, or an earlier deadline the rules above
+// impose. It runs under mu, so that a deadline computed before a limit
+// changed cannot overwrite one computed after.
+func (c *clientConn) setReadDeadlineLocked(t time.Time) error {
+	switch {
+	case c.dataFailed || c.winding && !c.inTx:
 		t = past
+	default:
+		for _, l := range []time.Time{c.windLimit, c.dataLimit} {
+			if !l.IsZero() && (t.IsZero() || t.After(l)) {
+				t = l
+			}
+		}
 	}
-	c.mu.Unlock()
+	c.deadline = t
 	return c.Conn.SetReadDeadline(t)
 }
 
@@ -54,7 +84,13 @@ func (c *clientConn) Read(b []byte) (int, error) {
 		return n, err
 	}
 	c.mu.Lock()
-	closing := c.winding && !c.inTx
+	if c.dataFailed || !c.dataLimit.IsZero() && isTimeout(err) {
+		c.dataFailed = true
+		c.mu.Unlock()
+		return 0, errDataTimeout
+	}
+	overTime := !c.windLimit.IsZero() && !time.Now().Before(c.windLimit)
+	closing := c.winding && (!c.inTx || overTime)
 	say := closing && !c.isTLS && !c.said421
 	if say {
 		c.said421 = true
@@ -74,26 +110,44 @@ func (c *clientConn) Read(b []byte) (int, error) {
 	return n, err
 }
 
-// windDown makes the connection close after its transaction in flight, or
-// at once when there is none.
+// windDown makes the connection close after its transaction in flight,
+// which gets at most data_timeout more, or at once when there is none.
 func (c *clientConn) windDown() {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.winding = true
-	idle := !c.inTx
-	c.mu.Unlock()
-	if idle {
-		_ = c.Conn.SetReadDeadline(past)
+	if c.inTx && c.windLimit.IsZero() {
+		c.windLimit = time.Now().Add(c.srv.state.Load().cfg.SMTP.DataTimeout)
 	}
+	_ = c.setReadDeadlineLocked(c.deadline)
 }
 
 func (c *clientConn) setInTx(v bool) {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.inTx = v
-	closeNow := !v && c.winding
-	c.mu.Unlock()
-	if closeNow {
-		_ = c.Conn.SetReadDeadline(past)
+	switch {
+	case v && c.winding && c.windLimit.IsZero():
+		// The transaction started as the connection began to wind down.
+		c.windLimit = time.Now().Add(c.srv.state.Load().cfg.SMTP.DataTimeout)
+	case !v && c.winding:
+		_ = c.setReadDeadlineLocked(past)
 	}
+}
+
+// startData puts the transfer of a message under deadline, until
+// endData.
+func (c *clientConn) startData(deadline time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.dataLimit = deadline
+	_ = c.setReadDeadlineLocked(c.deadline)
+}
+
+func (c *clientConn) endData() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.dataLimit = time.Time{}
 }
 
 func (c *clientConn) setTLS() {

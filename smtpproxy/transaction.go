@@ -141,8 +141,12 @@ func (tx *transaction) data(r io.Reader) error {
 		return errUpstreamBroken
 	}
 
-	// Each read may wait read_timeout; the whole transfer data_timeout.
+	// Each read may wait read_timeout; the whole transfer data_timeout,
+	// which the client connection enforces on go-smtp's reads of BDAT
+	// commands and chunks too.
 	deadline := time.Now().Add(cfg.SMTP.DataTimeout)
+	tx.ss.cc.startData(deadline)
+	defer tx.ss.cc.endData()
 	dr := &deadlineReader{r: r, conn: tx.ss.conn, idle: cfg.SMTP.ReadTimeout, deadline: deadline}
 	msg, err := signer.Spool(tx.ctx, dr, signer.SpoolOptions{
 		Dir:             cfg.Spool.Dir,
@@ -154,7 +158,7 @@ func (tx *transaction) data(r io.Reader) error {
 		// go-smtp reads (and discards) the rest of the message before it
 		// sends our reply: give a client that is still sending until
 		// data_timeout, and one that has stopped nothing more.
-		if isTimeout(err) {
+		if isTimeout(err) || errors.Is(err, errDataTimeout) {
 			deadline = past
 		}
 		_ = tx.ss.conn.Conn().SetReadDeadline(deadline)
@@ -182,7 +186,7 @@ func (tx *transaction) spoolError(err error) error {
 		return errTooLarge
 	case errors.Is(err, smtp.ErrTooLongLine):
 		return errLineTooLong
-	case isTimeout(err), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, smtp.ErrDataReset):
+	case isTimeout(err), errors.Is(err, errDataTimeout), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, smtp.ErrDataReset):
 		return errDataTimeout
 	}
 	return errLocal
