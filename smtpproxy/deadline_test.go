@@ -168,10 +168,12 @@ const trickleLine = "a line of a message that arrives slowly\r\n"
 // go-smtp sets a new read deadline before each chunk) the transfer fails
 // with a 4xx and the connection closes.
 func TestDataTimeoutCoversTheWholeTransfer(t *testing.T) {
+	t.Parallel() // mostly waiting
 	conf := strings.Replace(baseConfig, "  max_message_bytes: 65536\n", "  max_message_bytes: 65536\n  data_timeout: 2s\n", 1)
 	for _, chunking := range []bool{false, true} {
 		name := map[bool]string{false: "DATA", true: "BDAT"}[chunking]
 		t.Run(name, func(t *testing.T) {
+			t.Parallel()
 			h := newHarness(t, conf)
 			c := dialRaw(t, h.addr)
 			if ehlo := c.cmd("EHLO client.test", "250"); !strings.Contains(ehlo, "CHUNKING") {
@@ -208,10 +210,12 @@ func TestDataTimeoutCoversTheWholeTransfer(t *testing.T) {
 // transaction in flight may finish, but gets at most data_timeout (2s)
 // more, so trickling cannot keep a session open for ever.
 func TestMaxSessionDurationBoundsATransaction(t *testing.T) {
+	t.Parallel() // mostly waiting
 	conf := strings.Replace(baseConfig, "  max_message_bytes: 65536\n", "  max_message_bytes: 65536\n  data_timeout: 2s\n  max_session_duration: 1s\n", 1)
 	for _, chunking := range []bool{false, true} {
 		name := map[bool]string{false: "commands", true: "BDAT"}[chunking]
 		t.Run(name, func(t *testing.T) {
+			t.Parallel()
 			h := newHarness(t, conf)
 			c := dialRaw(t, h.addr)
 			c.cmd("EHLO client.test", "250")

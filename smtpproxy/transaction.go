@@ -3,6 +3,7 @@ package smtpproxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"sync"
@@ -88,6 +89,7 @@ func (tx *transaction) upstreamMail(up *upConn, from string, opts *smtp.MailOpti
 	}
 	release := up.dc.bind(tx.ctx)
 	err := up.c.Mail(from, o)
+	up.lastUsed = time.Now()
 	if !release() && err == nil {
 		err = context.Cause(tx.ctx)
 	}
@@ -116,6 +118,7 @@ func (tx *transaction) rcpt(to string, opts *smtp.RcptOptions) error {
 	}
 	release := tx.up.dc.bind(tx.ctx)
 	err := tx.up.c.Rcpt(to, o)
+	tx.up.lastUsed = time.Now()
 	ok := release()
 	if err == nil && !ok {
 		err = context.Cause(tx.ctx)
@@ -140,6 +143,15 @@ func (tx *transaction) data(r io.Reader) error {
 	if tx.up == nil {
 		return errUpstreamBroken
 	}
+	ka := startKeepalive(tx.ctx, tx.up, cfg.Upstream.Keepalive)
+	defer func() {
+		// Not through relay (the message was refused, or never came):
+		// the connection goes back to the pool only if the NOOPs left
+		// it usable.
+		if err := ka.end(); err != nil && !healthy(err) {
+			tx.breakUp()
+		}
+	}()
 
 	// Each read may wait read_timeout; the whole transfer data_timeout,
 	// which the client connection enforces on go-smtp's reads of BDAT
@@ -171,6 +183,14 @@ func (tx *transaction) data(r io.Reader) error {
 	fields, err := tx.sign(msg)
 	if err != nil {
 		return err
+	}
+	if err := ka.end(); err != nil && !healthy(err) {
+		// The upstream dropped the connection (or stopped answering)
+		// while the client was sending: the recipients' answers are
+		// given, so the transaction cannot move to another connection.
+		tx.breakUp()
+		tx.internal = fmt.Errorf("smtpproxy: keeping the upstream connection alive (NOOP): %w", err)
+		return errUpstreamBroken
 	}
 	return tx.relay(fields, msg)
 }
@@ -289,6 +309,7 @@ func (tx *transaction) relay(fields []string, msg *signer.Message) error {
 		return reply
 	}
 	tx.done = true
+	up.junk = 0 // an upstream forgives junk commands once a message is delivered
 	reply := okReply(resp.StatusText)
 	tx.upstream = replyCode(reply)
 	return reply

@@ -48,6 +48,8 @@ type upConn struct {
 	reused    bool
 	tls       bool
 	idleSince time.Time
+	lastUsed  time.Time // when the last command went upstream
+	junk      int       // NOOPs and RSETs since the last delivered message
 }
 
 func newPool(cfg policy.Upstream, hostname string, logger *slog.Logger) *pool {
@@ -110,6 +112,11 @@ func (p *pool) popIdle() *upConn {
 // (nil-safe) are closed.
 func (p *pool) put(uc *upConn, state connState) {
 	<-p.slots
+	if state != connBroken && uc.junk >= maxJunk {
+		p.logger.Debug("upstream connection retired: too many NOOPs and RSETs without a delivered message", "upstream", p.cfg.Address, "junk", uc.junk)
+		p.quit(uc)
+		return
+	}
 	switch state {
 	case connBroken:
 		_ = uc.c.Close()
@@ -121,6 +128,7 @@ func (p *pool) put(uc *upConn, state connState) {
 			defer cancel()
 			release := uc.dc.bind(ctx)
 			err := uc.c.Reset()
+			uc.junk++
 			if !release() || err != nil {
 				_ = uc.c.Close()
 				return
@@ -318,7 +326,7 @@ func (p *pool) open(ctx context.Context, tlsConfig *tls.Config) (*upConn, error)
 		_ = c.Close()
 		return nil, fmt.Errorf("smtpproxy: upstream %s: greeting or EHLO: %w", p.cfg.Address, err)
 	}
-	return &upConn{pool: p, c: c, dc: dc, tls: tlsConfig != nil}, nil
+	return &upConn{pool: p, c: c, dc: dc, tls: tlsConfig != nil, lastUsed: time.Now()}, nil
 }
 
 // connState says how a connection goes back to the pool.
