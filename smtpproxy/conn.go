@@ -24,11 +24,14 @@ var past = time.Unix(1, 0)
 //   - While a message is received (DATA or BDAT), no read deadline goes
 //     past the transfer's data deadline, whatever go-smtp asks for: each
 //     BDAT command would otherwise get a fresh read_timeout.
-//   - A read that times out during a transfer fails it for good: the read
-//     returns errDataTimeout (go-smtp answers a BDAT chunk whose read
-//     failed with a 554 unless the error is an *smtp.SMTPError), and every
-//     later read fails too, so the rest of the message is not taken for
-//     commands and the connection closes.
+//   - A read that fails during a transfer fails it for good: the read
+//     returns an *smtp.SMTPError, errDataTimeout or errDataIncomplete, and
+//     so does every later read, so the rest of the message is not taken
+//     for commands and the connection closes. go-smtp reads a BDAT chunk
+//     through an io.LimitReader: it would answer a read error other than
+//     an *smtp.SMTPError with 554, and take an EOF (the client gone in
+//     the middle of the chunk) for the end of the chunk, relaying a
+//     truncated message if it was the LAST one.
 type clientConn struct {
 	net.Conn
 	srv *Server
@@ -84,10 +87,13 @@ func (c *clientConn) Read(b []byte) (int, error) {
 		return n, err
 	}
 	c.mu.Lock()
-	if c.dataFailed || !c.dataLimit.IsZero() && isTimeout(err) {
+	if c.dataFailed || !c.dataLimit.IsZero() {
 		c.dataFailed = true
 		c.mu.Unlock()
-		return 0, errDataTimeout
+		if isTimeout(err) {
+			return 0, errDataTimeout
+		}
+		return 0, errDataIncomplete
 	}
 	overTime := !c.windLimit.IsZero() && !time.Now().Before(c.windLimit)
 	closing := c.winding && (!c.inTx || overTime)

@@ -274,3 +274,47 @@ func TestBDAT(t *testing.T) {
 		t.Errorf("verified %v, want two signatures", ids)
 	}
 }
+
+// TestMessageCutShortIsNotRelayed: a client whose connection ends in the
+// middle of its message must not have the part that arrived relayed. Over
+// BDAT this needs care: go-smtp reads a chunk through an io.LimitReader
+// and takes an early EOF for the end of the chunk, so a LAST chunk cut
+// short looked complete.
+func TestMessageCutShortIsNotRelayed(t *testing.T) {
+	for _, chunking := range []bool{false, true} {
+		name := map[bool]string{false: "DATA", true: "BDAT"}[chunking]
+		t.Run(name, func(t *testing.T) {
+			h := newHarness(t, "")
+			c := dialRaw(t, h.addr)
+			c.cmd("EHLO client.test", "250")
+			c.cmd("MAIL FROM:<b@example.com>", "250")
+			c.cmd("RCPT TO:<a@example.net>", "250")
+			if chunking {
+				// 1000 bytes of the chunk never come.
+				c.write(fmt.Sprintf("BDAT %d LAST\r\n%s", len(testMsg)+1000, testMsg))
+			} else {
+				c.cmd("DATA", "354")
+				c.write(testMsg) // no final dot
+			}
+			// The client is gone (half-closed, so that it sees any reply).
+			if err := c.conn.(*net.TCPConn).CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			replies, _ := c.rest()
+			failed := false
+			for _, r := range replies {
+				if !strings.HasPrefix(r, "4") {
+					t.Errorf("reply %q to a message cut short (all: %q)", r, replies)
+				}
+				failed = failed || strings.HasPrefix(r, "451 4.4.2")
+			}
+			if !failed {
+				t.Errorf("replies %q, want a 451 4.4.2", replies)
+			}
+			time.Sleep(200 * time.Millisecond)
+			if n := len(h.sink.Messages()); n != 0 {
+				t.Errorf("%d messages reached the upstream: a truncated message was relayed", n)
+			}
+		})
+	}
+}

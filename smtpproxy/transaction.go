@@ -170,7 +170,7 @@ func (tx *transaction) data(r io.Reader) error {
 		// go-smtp reads (and discards) the rest of the message before it
 		// sends our reply: give a client that is still sending until
 		// data_timeout, and one that has stopped nothing more.
-		if isTimeout(err) || errors.Is(err, errDataTimeout) {
+		if isTimeout(err) || errors.Is(err, errDataTimeout) || errors.Is(err, errDataIncomplete) {
 			deadline = past
 		}
 		_ = tx.ss.conn.Conn().SetReadDeadline(deadline)
@@ -206,6 +206,8 @@ func (tx *transaction) spoolError(err error) error {
 		return errTooLarge
 	case errors.Is(err, smtp.ErrTooLongLine):
 		return errLineTooLong
+	case errors.Is(err, errDataIncomplete):
+		return errDataIncomplete
 	case isTimeout(err), errors.Is(err, errDataTimeout), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, smtp.ErrDataReset):
 		return errDataTimeout
 	}
