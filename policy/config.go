@@ -70,6 +70,19 @@ const (
 	// connection is kept; it is below Postfix's smtpd_timeout (300s), so
 	// the upstream rarely closes a connection under us.
 	DefaultUpstreamIdleTimeout = 60 * time.Second
+	// DefaultUpstreamKeepalive is how often dkimgw sends NOOP on the
+	// upstream connection of a transaction while its client sends the
+	// message: the upstream would otherwise see a silent client for as long
+	// as the upload (up to smtp.data_timeout) and drop it. A minute is far
+	// below Postfix's smtpd_timeout (300s, RFC 5321's 5 minutes), and makes
+	// at most 10 NOOPs in the default data_timeout: Postfix counts NOOP as a
+	// junk command and drops a client after about 120 of them without a
+	// delivered message.
+	DefaultUpstreamKeepalive = time.Minute
+	// MaxKeepalivesPerMessage bounds smtp.data_timeout/upstream.keepalive,
+	// the NOOPs one message can cost: half of the 100 junk commands
+	// Postfix allows between two delivered messages.
+	MaxKeepalivesPerMessage = 50
 	// DefaultUpstreamMaxIdle is how many idle upstream connections the pool
 	// keeps for reuse.
 	DefaultUpstreamMaxIdle = 32
@@ -169,7 +182,8 @@ type SMTP struct {
 	// DataTimeout bounds a whole DATA (or BDAT) transfer. Default 10m.
 	DataTimeout time.Duration `yaml:"data_timeout"`
 	// MaxSessionDuration bounds a connection's life; the transaction in
-	// flight then finishes and the connection is closed. Default 1h.
+	// flight then gets at most DataTimeout more to finish, and the
+	// connection is closed. Default 1h.
 	MaxSessionDuration time.Duration `yaml:"max_session_duration"`
 	// MaxAuthFailures is how many failed AUTH attempts close a
 	// connection. Default 3.
@@ -212,6 +226,13 @@ type Upstream struct {
 	ConnectTimeout time.Duration `yaml:"connect_timeout"`
 	// IdleTimeout is how long an idle pooled connection is kept. Default 60s.
 	IdleTimeout time.Duration `yaml:"idle_timeout"`
+	// Keepalive is how often a NOOP goes upstream while the client sends
+	// the message, so that the upstream does not drop the connection as
+	// idle (Postfix: smtpd_timeout). It must be below the upstream's idle
+	// limit, and at least smtp.data_timeout/50: upstreams limit NOOPs
+	// (Postfix drops a client after about 120 without a delivered
+	// message). Default 1m.
+	Keepalive time.Duration `yaml:"keepalive"`
 	// MaxConnections bounds open upstream connections; a transaction that
 	// finds none free waits until ConnectTimeout, then gets 451 4.4.5.
 	// Default smtp.max_connections (one per client connection).
@@ -419,6 +440,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&u.Timeout, DefaultUpstreamTimeout)
 	setDefault(&u.ConnectTimeout, DefaultUpstreamConnectTimeout)
 	setDefault(&u.IdleTimeout, DefaultUpstreamIdleTimeout)
+	setDefault(&u.Keepalive, DefaultUpstreamKeepalive)
 	setDefault(&u.MaxConnections, s.MaxConnections)
 	setDefault(&u.MaxIdle, min(DefaultUpstreamMaxIdle, u.MaxConnections))
 

@@ -176,6 +176,7 @@ func TestParseDefaults(t *testing.T) {
 		{"upstream.timeout", cfg.Upstream.Timeout, DefaultUpstreamTimeout},
 		{"upstream.connect_timeout", cfg.Upstream.ConnectTimeout, DefaultUpstreamConnectTimeout},
 		{"upstream.idle_timeout", cfg.Upstream.IdleTimeout, DefaultUpstreamIdleTimeout},
+		{"upstream.keepalive", cfg.Upstream.Keepalive, DefaultUpstreamKeepalive},
 		{"upstream.max_connections", cfg.Upstream.MaxConnections, DefaultMaxConnections},
 		{"upstream.max_idle", cfg.Upstream.MaxIdle, DefaultUpstreamMaxIdle},
 		{"spool.dir", cfg.Spool.Dir, ""},
@@ -246,6 +247,8 @@ func TestParseErrors(t *testing.T) {
 		{"unknown upstream tls", edit("  address:", "  tls: always\n  address:"), 4, `upstream.tls: unknown value "always"`},
 		{"unreadable ca file", edit("  address:", "  tls_ca_file: /nope.pem\n  address:"), 4, "upstream.tls_ca_file"},
 		{"ca file without certs", edit("  address:", "  tls_ca_file: /etc/dkimgw/plain.txt\n  address:"), 4, "holds no PEM certificate"},
+		{"negative keepalive", edit("  address:", "  keepalive: -1s\n  address:"), 4, "upstream.keepalive must be a positive duration"},
+		{"keepalive too frequent", edit("  address:", "  keepalive: 5s\n  address:"), 4, "upstream.keepalive 5s would send up to 120 NOOPs while one message arrives (smtp.data_timeout 10m0s)"},
 		{"max_idle above max_connections", edit("  address:", "  max_connections: 2\n  max_idle: 3\n  address:"), 5, "upstream.max_idle"},
 
 		{"unknown on_token_error", minimal + "on_token_error: ignore\n", 12, `on_token_error: unknown value "ignore"`},

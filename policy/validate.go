@@ -166,6 +166,11 @@ func (v *validator) validateUpstream(c *Config) {
 	v.positive(at("upstream", "timeout"), "upstream.timeout", u.Timeout)
 	v.positive(at("upstream", "connect_timeout"), "upstream.connect_timeout", u.ConnectTimeout)
 	v.positive(at("upstream", "idle_timeout"), "upstream.idle_timeout", u.IdleTimeout)
+	v.positive(at("upstream", "keepalive"), "upstream.keepalive", u.Keepalive)
+	if u.Keepalive > 0 && c.SMTP.DataTimeout > 0 && c.SMTP.DataTimeout/u.Keepalive > MaxKeepalivesPerMessage {
+		v.errorf(at("upstream", "keepalive"), "upstream.keepalive %s would send up to %d NOOPs while one message arrives (smtp.data_timeout %s); upstreams limit them (Postfix drops a client after about 120 without a delivered message): use at least %s",
+			u.Keepalive, c.SMTP.DataTimeout/u.Keepalive, c.SMTP.DataTimeout, c.SMTP.DataTimeout/MaxKeepalivesPerMessage)
+	}
 	if u.MaxConnections < 1 {
 		v.errorf(at("upstream", "max_connections"), "upstream.max_connections must be at least 1, not %d", u.MaxConnections)
 	}

@@ -13,23 +13,41 @@ import (
 // Read or Write at once.
 var past = time.Unix(1, 0)
 
-// clientConn is a client connection as go-smtp sees it. It lets the
-// server wind a connection down without cutting a transaction short:
-// once winding down, a read *between* transactions fails at once (the
-// client gets 421 and the connection closes), while a transaction in
-// flight runs to its end first. go-smtp sets a read deadline before every
-// command, so the rule lives in SetReadDeadline and Read.
+// clientConn is a client connection as go-smtp sees it. go-smtp sets a
+// read deadline before every command, BDAT chunks included, so the rules
+// about how long a client may take live in SetReadDeadline and Read:
+//
+//   - Winding down (shutdown, or the session is over max_session_duration):
+//     a read *between* transactions fails at once (the client gets 421 and
+//     the connection closes); a transaction in flight may go on, but for
+//     at most data_timeout, so that no client keeps a session alive by
+//     trickling commands or chunks.
+//   - While a message is received (DATA or BDAT), no read deadline goes
+//     past the transfer's data deadline, whatever go-smtp asks for: each
+//     BDAT command would otherwise get a fresh read_timeout.
+//   - A read that fails during a transfer fails it for good: the read
+//     returns an *smtp.SMTPError, errDataTimeout or errDataIncomplete, and
+//     so does every later read, so the rest of the message is not taken
+//     for commands and the connection closes. go-smtp reads a BDAT chunk
+//     through an io.LimitReader: it would answer a read error other than
+//     an *smtp.SMTPError with 554, and take an EOF (the client gone in
+//     the middle of the chunk) for the end of the chunk, relaying a
+//     truncated message if it was the LAST one.
 type clientConn struct {
 	net.Conn
 	srv *Server
 	src netip.Prefix // the source it is counted under (sourceOf)
 
-	mu      sync.Mutex
-	inTx    bool // between MAIL and the end of the transaction
-	winding bool // shutting down, or the session is over its time
-	isTLS   bool // the session runs over STARTTLS: no raw writes
-	said421 bool
-	bye     string // the 421 reply that closes it; "" for replyShuttingDown
+	mu         sync.Mutex
+	inTx       bool      // between MAIL and the end of the transaction
+	winding    bool      // shutting down, or the session is over its time
+	windLimit  time.Time // winding down in a transaction: when reads end
+	dataLimit  time.Time // a message is being received: when it must be in
+	dataFailed bool      // a transfer timed out: nothing more is read
+	deadline   time.Time // the read deadline in force
+	isTLS      bool      // the session runs over STARTTLS: no raw writes
+	said421    bool
+	bye        string // the 421 reply that closes it; "" for replyShuttingDown
 
 	timer     *time.Timer
 	closeOnce sync.Once
@@ -37,10 +55,25 @@ type clientConn struct {
 
 func (c *clientConn) SetReadDeadline(t time.Time) error {
 	c.mu.Lock()
-	if c.winding && !c.inTx {
+	defer c.mu.Unlock()
+	return c.setReadDeadlineLocked(t)
+}
+
+// setReadDeadlineLocked applies t, or an earlier deadline the rules above
+// impose. It runs under mu, so that a deadline computed before a limit
+// changed cannot overwrite one computed after.
+func (c *clientConn) setReadDeadlineLocked(t time.Time) error {
+	switch {
+	case c.dataFailed || c.winding && !c.inTx:
 		t = past
+	default:
+		for _, l := range []time.Time{c.windLimit, c.dataLimit} {
+			if !l.IsZero() && (t.IsZero() || t.After(l)) {
+				t = l
+			}
+		}
 	}
-	c.mu.Unlock()
+	c.deadline = t
 	return c.Conn.SetReadDeadline(t)
 }
 
@@ -57,7 +90,16 @@ func (c *clientConn) Read(b []byte) (int, error) {
 		return n, err
 	}
 	c.mu.Lock()
-	closing := c.winding && !c.inTx
+	if c.dataFailed || !c.dataLimit.IsZero() {
+		c.dataFailed = true
+		c.mu.Unlock()
+		if isTimeout(err) {
+			return 0, errDataTimeout
+		}
+		return 0, errDataIncomplete
+	}
+	overTime := !c.windLimit.IsZero() && !time.Now().Before(c.windLimit)
+	closing := c.winding && (!c.inTx || overTime)
 	say := closing && !c.isTLS && !c.said421
 	if say {
 		c.said421 = true
@@ -84,8 +126,8 @@ func (c *clientConn) Read(b []byte) (int, error) {
 // replyShuttingDown closes a connection that winds down.
 const replyShuttingDown = "421 4.3.2 Service shutting down, closing connection\r\n"
 
-// windDown makes the connection close after its transaction in flight, or
-// at once when there is none.
+// windDown makes the connection close after its transaction in flight,
+// which gets at most data_timeout more, or at once when there is none.
 func (c *clientConn) windDown() { c.windDownWith("") }
 
 // windDownWith is windDown with bye (a full reply line) as the 421 sent
@@ -93,25 +135,43 @@ func (c *clientConn) windDown() { c.windDownWith("") }
 // now still reaches the client: only the next read fails.
 func (c *clientConn) windDownWith(bye string) {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.winding = true
 	if bye != "" && c.bye == "" {
 		c.bye = bye
 	}
-	idle := !c.inTx
-	c.mu.Unlock()
-	if idle {
-		_ = c.Conn.SetReadDeadline(past)
+	if c.inTx && c.windLimit.IsZero() {
+		c.windLimit = time.Now().Add(c.srv.state.Load().cfg.SMTP.DataTimeout)
 	}
+	_ = c.setReadDeadlineLocked(c.deadline)
 }
 
 func (c *clientConn) setInTx(v bool) {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.inTx = v
-	closeNow := !v && c.winding
-	c.mu.Unlock()
-	if closeNow {
-		_ = c.Conn.SetReadDeadline(past)
+	switch {
+	case v && c.winding && c.windLimit.IsZero():
+		// The transaction started as the connection began to wind down.
+		c.windLimit = time.Now().Add(c.srv.state.Load().cfg.SMTP.DataTimeout)
+	case !v && c.winding:
+		_ = c.setReadDeadlineLocked(past)
 	}
+}
+
+// startData puts the transfer of a message under deadline, until
+// endData.
+func (c *clientConn) startData(deadline time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.dataLimit = deadline
+	_ = c.setReadDeadlineLocked(c.deadline)
+}
+
+func (c *clientConn) endData() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.dataLimit = time.Time{}
 }
 
 func (c *clientConn) setTLS() {

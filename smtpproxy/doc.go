@@ -19,6 +19,14 @@
 // each reply waits longer than the last (bounded, forgotten after a quiet
 // period, with a cap on the sources remembered).
 //
+// Upstream connections are pooled. A reused connection found dead at MAIL
+// is replaced by a new one (and the other idle ones are dropped); while
+// the client sends its message, NOOPs keep the upstream from dropping
+// the connection as idle. Client-side limits (read_timeout per command or
+// chunk, data_timeout per message, DATA or BDAT alike, and
+// max_session_duration) are enforced by the client connection's read
+// deadlines, which go-smtp would otherwise reset before every command.
+//
 // Every error returned to go-smtp is a bare *smtp.SMTPError (go-smtp
 // type-asserts it and would otherwise answer 554), built in errors.go.
 //

@@ -138,8 +138,9 @@ domains:
     expire: 120h
 `
 
-// newHarness starts a sink and a proxy in front of it. extra is appended
-// to the configuration text; conf, if non-empty, replaces baseConfig.
+// newHarness starts a sink and a proxy in front of it. conf, if
+// non-empty, replaces baseConfig; its %s, if any, is the sink's address
+// (a conf without one names another upstream).
 func newHarness(t *testing.T, conf string) *harness {
 	t.Helper()
 	h := &harness{t: t, sink: testenv.NewSMTPSink(t), logs: &testenv.LogBuffer{}, dir: t.TempDir()}
@@ -151,7 +152,10 @@ func newHarness(t *testing.T, conf string) *harness {
 	if conf == "" {
 		conf = baseConfig
 	}
-	cfg := h.parse(fmt.Sprintf(conf, h.sink.Addr()))
+	if strings.Contains(conf, "%s") {
+		conf = fmt.Sprintf(conf, h.sink.Addr())
+	}
+	cfg := h.parse(conf)
 	srv, err := New(Options{Config: cfg, Keys: h.keys, Logger: slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	if err != nil {
 		t.Fatalf("New: %v", err)

@@ -3,6 +3,7 @@ package smtpproxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"sync"
@@ -45,17 +46,23 @@ type transaction struct {
 }
 
 // mail takes an upstream connection and relays MAIL FROM. A reused
-// connection that turns out dead (the upstream closed it while idle) is
-// replaced once by a fresh one.
+// connection can have died while idle (the upstream restarted, or closed
+// it after its own idle timeout): if it fails before the upstream has
+// committed to anything, it is closed with the rest of the idle ones and
+// MAIL is retried once on a new connection, whose failure is the one the
+// client gets.
 func (tx *transaction) mail(from string, opts *smtp.MailOptions) error {
-	up, err := tx.st.pool.get(tx.ctx)
+	pool := tx.st.pool
+	up, err := pool.get(tx.ctx, false)
 	if err != nil {
 		return tx.upstreamUnavailable(err)
 	}
 	err = tx.upstreamMail(up, from, opts)
-	if err != nil && up.reused && !healthy(err) {
-		tx.st.pool.put(up, connBroken)
-		if up, err = tx.st.pool.get(tx.ctx); err != nil {
+	if err != nil && up.reused && !healthy(err) && tx.ctx.Err() == nil {
+		pool.logger.Debug("pooled upstream connection dead, reconnecting", "upstream", pool.cfg.Address, "error", err)
+		pool.put(up, connBroken)
+		pool.dropIdle()
+		if up, err = pool.get(tx.ctx, true); err != nil {
 			return tx.upstreamUnavailable(err)
 		}
 		err = tx.upstreamMail(up, from, opts)
@@ -64,8 +71,9 @@ func (tx *transaction) mail(from string, opts *smtp.MailOptions) error {
 		state := connClean // a refused MAIL starts no transaction
 		if !healthy(err) {
 			state = connBroken
+			tx.internal = err
 		}
-		tx.st.pool.put(up, state)
+		pool.put(up, state)
 		return upstreamReply(err)
 	}
 	tx.up = up
@@ -81,6 +89,7 @@ func (tx *transaction) upstreamMail(up *upConn, from string, opts *smtp.MailOpti
 	}
 	release := up.dc.bind(tx.ctx)
 	err := up.c.Mail(from, o)
+	up.lastUsed = time.Now()
 	if !release() && err == nil {
 		err = context.Cause(tx.ctx)
 	}
@@ -109,6 +118,7 @@ func (tx *transaction) rcpt(to string, opts *smtp.RcptOptions) error {
 	}
 	release := tx.up.dc.bind(tx.ctx)
 	err := tx.up.c.Rcpt(to, o)
+	tx.up.lastUsed = time.Now()
 	ok := release()
 	if err == nil && !ok {
 		err = context.Cause(tx.ctx)
@@ -133,9 +143,22 @@ func (tx *transaction) data(r io.Reader) error {
 	if tx.up == nil {
 		return errUpstreamBroken
 	}
+	ka := startKeepalive(tx.ctx, tx.up, cfg.Upstream.Keepalive)
+	defer func() {
+		// Not through relay (the message was refused, or never came):
+		// the connection goes back to the pool only if the NOOPs left
+		// it usable.
+		if err := ka.end(); err != nil && !healthy(err) {
+			tx.breakUp()
+		}
+	}()
 
-	// Each read may wait read_timeout; the whole transfer data_timeout.
+	// Each read may wait read_timeout; the whole transfer data_timeout,
+	// which the client connection enforces on go-smtp's reads of BDAT
+	// commands and chunks too.
 	deadline := time.Now().Add(cfg.SMTP.DataTimeout)
+	tx.ss.cc.startData(deadline)
+	defer tx.ss.cc.endData()
 	dr := &deadlineReader{r: r, conn: tx.ss.conn, idle: cfg.SMTP.ReadTimeout, deadline: deadline}
 	msg, err := signer.Spool(tx.ctx, dr, signer.SpoolOptions{
 		Dir:             cfg.Spool.Dir,
@@ -147,7 +170,7 @@ func (tx *transaction) data(r io.Reader) error {
 		// go-smtp reads (and discards) the rest of the message before it
 		// sends our reply: give a client that is still sending until
 		// data_timeout, and one that has stopped nothing more.
-		if isTimeout(err) {
+		if isTimeout(err) || errors.Is(err, errDataTimeout) || errors.Is(err, errDataIncomplete) {
 			deadline = past
 		}
 		_ = tx.ss.conn.Conn().SetReadDeadline(deadline)
@@ -160,6 +183,14 @@ func (tx *transaction) data(r io.Reader) error {
 	fields, err := tx.sign(msg)
 	if err != nil {
 		return err
+	}
+	if err := ka.end(); err != nil && !healthy(err) {
+		// The upstream dropped the connection (or stopped answering)
+		// while the client was sending: the recipients' answers are
+		// given, so the transaction cannot move to another connection.
+		tx.breakUp()
+		tx.internal = fmt.Errorf("smtpproxy: keeping the upstream connection alive (NOOP): %w", err)
+		return errUpstreamBroken
 	}
 	return tx.relay(fields, msg)
 }
@@ -175,7 +206,9 @@ func (tx *transaction) spoolError(err error) error {
 		return errTooLarge
 	case errors.Is(err, smtp.ErrTooLongLine):
 		return errLineTooLong
-	case isTimeout(err), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, smtp.ErrDataReset):
+	case errors.Is(err, errDataIncomplete):
+		return errDataIncomplete
+	case isTimeout(err), errors.Is(err, errDataTimeout), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, smtp.ErrDataReset):
 		return errDataTimeout
 	}
 	return errLocal
@@ -278,6 +311,7 @@ func (tx *transaction) relay(fields []string, msg *signer.Message) error {
 		return reply
 	}
 	tx.done = true
+	up.junk = 0 // an upstream forgives junk commands once a message is delivered
 	reply := okReply(resp.StatusText)
 	tx.upstream = replyCode(reply)
 	return reply

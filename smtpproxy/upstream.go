@@ -48,6 +48,8 @@ type upConn struct {
 	reused    bool
 	tls       bool
 	idleSince time.Time
+	lastUsed  time.Time // when the last command went upstream
+	junk      int       // NOOPs and RSETs since the last delivered message
 }
 
 func newPool(cfg policy.Upstream, hostname string, logger *slog.Logger) *pool {
@@ -63,9 +65,10 @@ func newPool(cfg policy.Upstream, hostname string, logger *slog.Logger) *pool {
 	return p
 }
 
-// get returns a connection ready for MAIL: an idle one if there is one,
-// else a new one. It waits for a free slot at most connect_timeout.
-func (p *pool) get(ctx context.Context) (*upConn, error) {
+// get returns a connection ready for MAIL: an idle one if there is one
+// and fresh is false, else a new one. It waits for a free slot at most
+// connect_timeout.
+func (p *pool) get(ctx context.Context, fresh bool) (*upConn, error) {
 	wait := time.NewTimer(p.cfg.ConnectTimeout)
 	defer wait.Stop()
 	select {
@@ -75,8 +78,10 @@ func (p *pool) get(ctx context.Context) (*upConn, error) {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	if uc := p.popIdle(); uc != nil {
-		return uc, nil
+	if !fresh {
+		if uc := p.popIdle(); uc != nil {
+			return uc, nil
+		}
 	}
 	uc, err := p.dial(ctx)
 	if err != nil {
@@ -107,6 +112,11 @@ func (p *pool) popIdle() *upConn {
 // (nil-safe) are closed.
 func (p *pool) put(uc *upConn, state connState) {
 	<-p.slots
+	if state != connBroken && uc.junk >= maxJunk {
+		p.logger.Debug("upstream connection retired: too many NOOPs and RSETs without a delivered message", "upstream", p.cfg.Address, "junk", uc.junk)
+		p.quit(uc)
+		return
+	}
 	switch state {
 	case connBroken:
 		_ = uc.c.Close()
@@ -118,6 +128,7 @@ func (p *pool) put(uc *upConn, state connState) {
 			defer cancel()
 			release := uc.dc.bind(ctx)
 			err := uc.c.Reset()
+			uc.junk++
 			if !release() || err != nil {
 				_ = uc.c.Close()
 				return
@@ -146,6 +157,20 @@ func (p *pool) background(f func()) bool {
 		f()
 	}()
 	return true
+}
+
+// dropIdle closes every idle connection. It is called when a reused
+// connection turned out dead: idle connections are reused most recently
+// used first, so the others have been idle at least as long, to the same
+// upstream, and are dead too if it restarted or timed them out.
+func (p *pool) dropIdle() {
+	p.mu.Lock()
+	idle := p.idle
+	p.idle = nil
+	p.mu.Unlock()
+	for _, uc := range idle {
+		_ = uc.c.Close()
+	}
 }
 
 func (p *pool) keep(uc *upConn) {
@@ -301,7 +326,7 @@ func (p *pool) open(ctx context.Context, tlsConfig *tls.Config) (*upConn, error)
 		_ = c.Close()
 		return nil, fmt.Errorf("smtpproxy: upstream %s: greeting or EHLO: %w", p.cfg.Address, err)
 	}
-	return &upConn{pool: p, c: c, dc: dc, tls: tlsConfig != nil}, nil
+	return &upConn{pool: p, c: c, dc: dc, tls: tlsConfig != nil, lastUsed: time.Now()}, nil
 }
 
 // connState says how a connection goes back to the pool.
@@ -318,4 +343,11 @@ const (
 func healthy(err error) bool {
 	var se *smtp.SMTPError
 	return err == nil || errors.As(err, &se) && se.Code != 421
+}
+
+// idleCount is how many connections wait in the pool.
+func (p *pool) idleCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.idle)
 }

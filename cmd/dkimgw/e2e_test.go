@@ -627,3 +627,69 @@ func dialRefused(addr string) (bool, string) {
 	}
 	return true, fmt.Sprintf("greeting %q, %v", line, err)
 }
+
+// sendBDAT runs one transaction against addr with CHUNKING (RFC 3030), as
+// Exim does when the server offers it: msg goes in chunks cut at cuts,
+// the last one with LAST, or an empty "BDAT 0 LAST" after them when
+// emptyLast. It returns the reply to the LAST chunk, failing the test on
+// any other failure.
+func sendBDAT(t *testing.T, addr, from string, to []string, msg string, cuts []int, emptyLast bool) string {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(60 * time.Second))
+	r := textproto.NewReader(bufio.NewReader(conn))
+	reply := func(what string, want int) string {
+		t.Helper()
+		code, text, err := r.ReadResponse(want)
+		if err != nil {
+			t.Fatalf("%s: %d %s (%v)", what, code, text, err)
+		}
+		return fmt.Sprintf("%d %s", code, text)
+	}
+	send := func(s string) {
+		t.Helper()
+		if _, err := io.WriteString(conn, s); err != nil {
+			t.Fatalf("write: %v", err)
+		}
+	}
+	reply("greeting", 220)
+	send("EHLO client.test\r\n")
+	if ehlo := reply("EHLO", 250); !strings.Contains(ehlo, "CHUNKING") {
+		t.Fatalf("EHLO reply lacks CHUNKING: %q", ehlo)
+	}
+	send("MAIL FROM:<" + from + ">\r\n")
+	reply("MAIL", 250)
+	for _, rcpt := range to {
+		send("RCPT TO:<" + rcpt + ">\r\n")
+		reply("RCPT "+rcpt, 250)
+	}
+	var chunks []string
+	prev := 0
+	for _, c := range cuts {
+		chunks = append(chunks, msg[prev:c])
+		prev = c
+	}
+	chunks = append(chunks, msg[prev:])
+	if emptyLast {
+		chunks = append(chunks, "")
+	}
+	for i, c := range chunks {
+		if i < len(chunks)-1 {
+			send(fmt.Sprintf("BDAT %d\r\n%s", len(c), c))
+			reply(fmt.Sprintf("BDAT chunk %d", i), 250)
+			continue
+		}
+		send(fmt.Sprintf("BDAT %d LAST\r\n%s", len(c), c))
+	}
+	// 0 accepts any code: the caller judges the reply to LAST.
+	code, text, err := r.ReadResponse(0)
+	if err != nil {
+		t.Fatalf("BDAT LAST: %v", err)
+	}
+	send("QUIT\r\n")
+	return fmt.Sprintf("%d %s", code, text)
+}

@@ -118,6 +118,7 @@ func TestServe(t *testing.T) {
 	t.Run("NoLossUpstreamDown", func(t *testing.T) { testNoLossUpstreamDown(t, bin) })
 	t.Run("NoLossTokenUnavailable", func(t *testing.T) { testNoLossTokenUnavailable(t, bin) })
 	t.Run("PerRecipientReplies", func(t *testing.T) { testPerRecipientReplies(t, bin) })
+	t.Run("BDAT", func(t *testing.T) { testBDAT(t, bin) })
 	t.Run("SIGHUP", func(t *testing.T) { testSIGHUP(t, bin) })
 	t.Run("SIGTERM", func(t *testing.T) { testSIGTERM(t, bin) })
 }
@@ -337,6 +338,46 @@ func testNoLossTokenUnavailable(t *testing.T, bin string) {
 	r.gw.waitLog(mark, time.Second, "the token's recovery", func(l logLine) bool {
 		return l.str("msg") == "token recovered"
 	})
+}
+
+// testBDAT: messages sent with CHUNKING (BDAT, as Exim sends when offered
+// it), in several chunks and with an empty BDAT 0 LAST, arrive signed,
+// unchanged, and every verifier passes every signature.
+func testBDAT(t *testing.T, bin string) {
+	_, uri, records := e2eToken(t, standardKeys...)
+	sink := testenv.NewSMTPSink(t)
+	gw := startGateway(t, bin, standardConfig(uri, sink.Addr()))
+
+	long := strings.Repeat("A body line long enough to need a few chunks, with a trailing space \r\n", 200)
+	tests := []struct {
+		id        string
+		body      string
+		cuts      []int // where the chunks end, into the whole message
+		emptyLast bool
+	}{
+		{"one-chunk@e2e.test", "One chunk, with LAST.\r\n", nil, false},
+		{"three-chunks@e2e.test", long, []int{10, 4000}, false},
+		{"empty-last@e2e.test", long + ".A line with a leading dot (not stuffed in BDAT).\r\n", []int{300, 9000}, true},
+	}
+	var relayed [][]byte
+	for i, tt := range tests {
+		msg := testMessage("News <news@mail.example.com>", "rcpt@example.net", tt.id, "BDAT "+tt.id, tt.body)
+		if reply := sendBDAT(t, gw.addr, "news@mail.example.com", []string{"rcpt@example.net"}, msg, tt.cuts, tt.emptyLast); !strings.HasPrefix(reply, "250 ") || !strings.Contains(reply, fmt.Sprintf("queued as SINK%d", i+1)) {
+			t.Fatalf("<%s>: reply to BDAT LAST %q, want the upstream's 250", tt.id, reply)
+		}
+		got := exactlyOne(t, sink, tt.id)
+		if !strings.HasSuffix(string(got.Data), msg) {
+			t.Errorf("<%s>: the relayed message does not end with the one sent:\n%s", tt.id, got.Data)
+		}
+		checkSigned(t, records, got.Data, standardSigs)
+		relayed = append(relayed, got.Data)
+	}
+	verifyIndependently(t, records, standardSigs, relayed...)
+	for _, tx := range gw.transactions(0) {
+		if tx.fields["signed"] != true || !strings.HasPrefix(tx.str("reply"), "250 ") {
+			t.Errorf("transaction log line: %s", tx.raw)
+		}
+	}
 }
 
 // testPerRecipientReplies: through the binary, each RCPT gets the
