@@ -42,6 +42,9 @@ type Bolt struct {
 	held   bool
 	nowFn  func() time.Time
 	hostFn func() (string, error)
+	// noSync skips fsync: for tests, whose "crashes" are of the process,
+	// not of the machine.
+	noSync bool
 }
 
 var _ Store = (*Bolt)(nil)
@@ -87,7 +90,7 @@ func (b *Bolt) open(ctx context.Context, readOnly bool) (*bolt.DB, error) {
 	for {
 		// A timeout shorter than bbolt's own retry makes Open try the
 		// flock once; the wait is here, where ctx can end it.
-		db, err := bolt.Open(b.path, 0o600, &bolt.Options{Timeout: time.Nanosecond, ReadOnly: readOnly})
+		db, err := bolt.Open(b.path, 0o600, &bolt.Options{Timeout: time.Nanosecond, ReadOnly: readOnly, NoSync: b.noSync})
 		if readOnly && errors.Is(err, os.ErrNotExist) {
 			return nil, nil
 		}

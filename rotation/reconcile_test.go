@@ -30,6 +30,9 @@ type env struct {
 	pol    Policy
 	logs   *bytes.Buffer
 	r      *Reconciler
+	// verified remembers (selector, served value) pairs already checked:
+	// RSA signing at every pass would dominate the suite's time.
+	verified map[string]bool
 }
 
 func testPolicy() Policy {
@@ -42,7 +45,7 @@ func testPolicy() Policy {
 
 func newEnv(t *testing.T, pol Policy, lags ...time.Duration) *env {
 	t.Helper()
-	e := &env{t: t, dir: t.TempDir(), clock: &clock{t: t0}, faults: &faults{}, sink: &sink{}, pol: pol, logs: &bytes.Buffer{}}
+	e := &env{t: t, dir: t.TempDir(), clock: &clock{t: t0}, faults: &faults{}, sink: &sink{}, pol: pol, logs: &bytes.Buffer{}, verified: map[string]bool{}}
 	e.ks = newFakeKeyStore(e.faults)
 	zone := pol.Zone
 	if zone == "" {
@@ -60,6 +63,7 @@ func (e *env) open() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
+	b.noSync = true
 	r, err := New(Options{
 		Store: faultyStore{b, e.faults}, Keys: e.ks, Checker: e.dns,
 		Publishers: map[string]Publisher{"primary": e.dns},
@@ -147,6 +151,10 @@ func (e *env) verifyWith(sel string) {
 	if served == "" {
 		e.t.Fatalf("active key %s: not served by every server", sel)
 	}
+	if e.verified[sel+"|"+served] {
+		return
+	}
+	e.verified[sel+"|"+served] = true
 	m, err := signer.Spool(ctx, strings.NewReader("From: a@"+e.pol.Domain+"\r\nSubject: x\r\n\r\nhi\r\n"), signer.SpoolOptions{})
 	if err != nil {
 		e.t.Fatal(err)
@@ -460,13 +468,13 @@ func TestCrashAtEveryPoint(t *testing.T) {
 	pol.Interval = 3 * 24 * time.Hour
 	pol.Grace = 24 * time.Hour
 	pol.RevokeFor = 12 * time.Hour
-	const span, step = 6 * 24 * time.Hour, 4 * time.Hour
+	const span, step = 6 * 24 * time.Hour, 6 * time.Hour
 
 	scenario := func(e *env) {
 		for end := e.clock.Now().Add(span); e.clock.Now().Before(end); e.clock.Advance(step) {
 			if _, err := e.pass(); err != nil {
 				if !errors.Is(err, errFault) {
-					t.Fatalf("fault %q: unexpected error %v", e.faults.fired, err)
+					e.t.Fatalf("fault %q: unexpected error %v", e.faults.fired, err)
 				}
 				e.open() // crash: a new reconciler on the same file
 			}
@@ -476,21 +484,25 @@ func TestCrashAtEveryPoint(t *testing.T) {
 	scenario(base)
 	want := base.shape()
 	points := base.faults.n
+	t.Logf("%d fault points", points)
 	if !strings.Contains(want, "destroyed") || points < 20 {
 		t.Fatalf("the fault-free run did not go through a whole rotation (%d fault points):\n%s", points, want)
 	}
 	base.noDoubles()
 	for at := 1; at <= points; at++ {
-		e := newEnv(t, pol)
-		e.faults.at = at
-		scenario(e)
-		if e.faults.fired == "" {
-			t.Fatalf("fault %d never fired", at)
-		}
-		if got := e.shape(); got != want {
-			t.Errorf("fault %d (%s): end state\n%s\nwant\n%s", at, e.faults.fired, got, want)
-		}
-		e.noDoubles()
+		t.Run(fmt.Sprint(at), func(t *testing.T) {
+			t.Parallel() // the runs wait on file I/O more than on the CPU
+			e := newEnv(t, pol)
+			e.faults.at = at
+			scenario(e)
+			if e.faults.fired == "" {
+				t.Fatalf("fault %d never fired", at)
+			}
+			if got := e.shape(); got != want {
+				t.Errorf("fault %d (%s): end state\n%s\nwant\n%s", at, e.faults.fired, got, want)
+			}
+			e.noDoubles()
+		})
 	}
 }
 
@@ -503,7 +515,7 @@ func TestErrorsWithoutCrash(t *testing.T) {
 	pol.Grace = 12 * time.Hour
 	pol.RevokeFor = 12 * time.Hour
 	scenario := func(e *env) {
-		for end := e.clock.Now().Add(4 * 24 * time.Hour); e.clock.Now().Before(end); e.clock.Advance(4 * time.Hour) {
+		for end := e.clock.Now().Add(4 * 24 * time.Hour); e.clock.Now().Before(end); e.clock.Advance(6 * time.Hour) {
 			e.pass() //nolint:errcheck // errors are the point
 		}
 	}
@@ -511,13 +523,16 @@ func TestErrorsWithoutCrash(t *testing.T) {
 	scenario(base)
 	want := base.shape()
 	for at := 1; at <= base.faults.n; at++ {
-		e := newEnv(t, pol)
-		e.faults.at = at
-		scenario(e)
-		if got := e.shape(); got != want {
-			t.Errorf("fault %d (%s): end state\n%s\nwant\n%s", at, e.faults.fired, got, want)
-		}
-		e.noDoubles()
+		t.Run(fmt.Sprint(at), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, pol)
+			e.faults.at = at
+			scenario(e)
+			if got := e.shape(); got != want {
+				t.Errorf("fault %d (%s): end state\n%s\nwant\n%s", at, e.faults.fired, got, want)
+			}
+			e.noDoubles()
+		})
 	}
 }
 
@@ -716,4 +731,40 @@ func TestCheckerErrorIsReported(t *testing.T) {
 		t.Fatalf("err = %v, want the checker's error under one rotation: prefix", err)
 	}
 	_ = context.Background
+}
+
+// TestReconcileWaitsForTheLock: a second reconciler on the same state
+// file does nothing while the first holds the lock, and says who holds it.
+func TestReconcileWaitsForTheLock(t *testing.T) {
+	pol := testPolicy()
+	pol.Algorithms = []Algorithm{Ed25519}
+	e := newEnv(t, pol)
+	other, _ := OpenBolt(e.dir)
+	unlock, err := other.Lock(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	_, err = e.r.Reconcile(ctx)
+	var le *LockedError
+	if !errors.As(err, &le) {
+		t.Fatalf("Reconcile while another holds the lock: %v, want a LockedError", err)
+	}
+	if len(e.ks.labels()) != 0 {
+		t.Fatal("a reconciler that did not get the lock generated a key")
+	}
+	done := make(chan error, 1)
+	go func() { _, err := e.r.Reconcile(t.Context()); done <- err }()
+	time.Sleep(100 * time.Millisecond)
+	if len(e.ks.labels()) != 0 {
+		t.Fatal("the waiting reconciler went ahead")
+	}
+	unlock()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if len(e.ks.labels()) != 1 {
+		t.Fatalf("after the lock was released: key store %v, want one key", e.ks.labels())
+	}
 }
