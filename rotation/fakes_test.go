@@ -83,6 +83,9 @@ type fakeKeyStore struct {
 	generated map[string]int // successful generations per label
 	destroyed map[string]int
 	panicKeys bool
+	// requireLock, when set, fails Keys unless it reports true: the
+	// reconciler must read the key store under the state store's lock.
+	requireLock func() bool
 }
 
 func newFakeKeyStore(f *faults) *fakeKeyStore {
@@ -144,6 +147,9 @@ func (s *fakeKeyStore) Keys(ctx context.Context) ([]KeyInfo, error) {
 	if s.panicKeys {
 		s.panicKeys = false
 		panic("fake key store panics once")
+	}
+	if s.requireLock != nil && !s.requireLock() {
+		return nil, errors.New("key store read without the state store lock")
 	}
 	var out []KeyInfo
 	for id, k := range s.keys {

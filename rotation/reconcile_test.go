@@ -30,6 +30,7 @@ type env struct {
 	pol    Policy
 	logs   *bytes.Buffer
 	r      *Reconciler
+	bolt   *Bolt
 	// verified remembers (selector, served value) pairs already checked:
 	// RSA signing at every pass would dominate the suite's time.
 	verified map[string]bool
@@ -64,6 +65,7 @@ func (e *env) open() {
 		e.t.Fatal(err)
 	}
 	b.noSync = true
+	e.bolt = b
 	r, err := New(Options{
 		Store: faultyStore{b, e.faults}, Keys: e.ks, Checker: e.dns,
 		Publishers: map[string]Publisher{"primary": e.dns},
@@ -739,6 +741,7 @@ func TestReconcileWaitsForTheLock(t *testing.T) {
 	pol := testPolicy()
 	pol.Algorithms = []Algorithm{Ed25519}
 	e := newEnv(t, pol)
+	e.ks.requireLock = func() bool { e.bolt.mu.Lock(); defer e.bolt.mu.Unlock(); return e.bolt.held }
 	other, _ := OpenBolt(e.dir)
 	unlock, err := other.Lock(t.Context())
 	if err != nil {
@@ -766,5 +769,42 @@ func TestReconcileWaitsForTheLock(t *testing.T) {
 	}
 	if len(e.ks.labels()) != 1 {
 		t.Fatalf("after the lock was released: key store %v, want one key", e.ks.labels())
+	}
+}
+
+// TestActiveRecordAlteredIsReported: a record changed behind dkimgw's back
+// after activation is reported at every pass.
+func TestActiveRecordAlteredIsReported(t *testing.T) {
+	pol := testPolicy()
+	pol.Algorithms = []Algorithm{Ed25519}
+	e := newEnv(t, pol)
+	e.run(12*time.Hour, time.Hour)
+	k := e.byState(StateActive)[0]
+	e.dns.servers[0].override[k.Selector+"._domainkey"] = nil
+	rep, err := e.r.Reconcile(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Warnings) != 1 || !strings.Contains(rep.Warnings[0], "ns1: absent") {
+		t.Fatalf("warnings %v, want one naming ns1", rep.Warnings)
+	}
+}
+
+// TestDroppedAlgorithmRetired: when the policy stops listing an algorithm,
+// its active key is retired once the remaining algorithm has one.
+func TestDroppedAlgorithmRetired(t *testing.T) {
+	e := newEnv(t, testPolicy())
+	e.run(12*time.Hour, time.Hour)
+	e.pol.Algorithms = []Algorithm{Ed25519}
+	e.open()
+	e.mustPass()
+	for _, k := range e.keys() {
+		want := StateActive
+		if k.Algorithm == RSA2048 {
+			want = StateRetired
+		}
+		if k.State != want {
+			t.Errorf("%s (%s): %s, want %s", k.Selector, k.Algorithm, k.State, want)
+		}
 	}
 }

@@ -300,7 +300,7 @@ func (r *Reconciler) domainPass(ctx context.Context, p Policy, all []KeyInfo, dr
 		return errors.Join(append(errs, err)...)
 	}
 	for _, k := range keys {
-		if !ps.stepped[k.Selector] && (k.State == StateRetired || k.State == StateRevoked) {
+		if !ps.stepped[k.Selector] && (k.State == StateRetired || k.State == StateRevoked || k.State == StateActive) {
 			if err := ps.step(ctx, k, keys); err != nil {
 				errs = append(errs, err)
 			}

@@ -27,6 +27,8 @@ func (ps *pass) step(ctx context.Context, k Key, keys []Key) error {
 		err = ps.await(ctx, k)
 	case StateVisible:
 		err = ps.activate(ctx, k, keys)
+	case StateActive:
+		err = ps.watch(ctx, k, keys)
 	case StateRetired:
 		err = ps.revoke(ctx, k)
 	case StateRevoked:
@@ -317,6 +319,39 @@ func (ps *pass) activate(ctx context.Context, k Key, keys []Key) error {
 			what += "; compromised: revoked now, without grace"
 		}
 		ps.transition(ctx, old, StateActive, what, old.Compromised)
+	}
+	return nil
+}
+
+// watch checks an active key. A key whose record DNS no longer serves
+// exactly is reported (its mail may fail verification; only an operator
+// can tell why the zone changed). A key of an algorithm the policy no
+// longer lists is retired, once another algorithm has an active key, so
+// that the domain is never left without one.
+func (ps *pass) watch(ctx context.Context, k Key, keys []Key) error {
+	if !ps.p.hasAlgorithm(k.Algorithm) {
+		other := ""
+		for _, o := range keys {
+			if o.State == StateActive && ps.p.hasAlgorithm(o.Algorithm) {
+				other = o.Selector
+			}
+		}
+		if other == "" {
+			return nil
+		}
+		if ps.dry {
+			ps.act(Action{Selector: k.Selector, Algorithm: k.Algorithm, From: k.State, To: StateRetired, What: "the policy no longer lists " + string(k.Algorithm)})
+			return nil
+		}
+		k.State, k.RetiredAt, k.Note = StateRetired, ps.now, "the policy no longer lists "+string(k.Algorithm)
+		return ps.save(ctx, k, StateActive, k.Note)
+	}
+	ok, why, _, err := ps.exact(ctx, k.Selector, k.Record)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		ps.warn(ctx, k.Selector, k.Algorithm, fmt.Sprintf("active key %s is not served exactly (%s): mail it signs may fail verification; check the zone", ps.p.recordName(k.Selector), why))
 	}
 	return nil
 }
