@@ -7,36 +7,38 @@
 //
 // # Lifecycle
 //
-//		planned -> generated -> published -> visible -> active -> retired -> revoked -> destroyed
+//	planned -> generated -> published -> visible -> active -> retired -> revoked -> destroyed
 //
-//	  - planned: the selector is reserved in the state store; nothing exists
-//	    yet. Selectors come from the policy's template (default
-//	    {alg}{yyyymmdd}: rsa20261201, ed20261201), are one DNS label
-//	    (letters, digits, inner hyphens: RFC 6376 §3.1), get a "-2", "-3"...
-//	    suffix when taken, and are never used again for another key: a
-//	    destroyed key's record stays in the store as a tombstone, and a
-//	    selector the key store holds is also taken.
-//	  - generated: the key pair exists in the key store; its record value
-//	    ("v=DKIM1; k=...; p=...") is recorded.
-//	  - published: the publisher holds the record.
-//	  - visible: every authoritative server has served exactly that record
-//	    (one TXT record, that value) for the longest of the record's TTL and
-//	    the zone's negative-caching TTL (RFC 2308): from then on no resolver
-//	    can still hold "no such name" from before, or another value.
-//	    Should a server stop serving it exactly, the wait starts again.
-//	  - active: a probe message signed with the key (package signer, the
-//	    signing code the relay uses) has verified, with go-msgauth, against
-//	    the record as every server serves it at that moment. In the same
-//	    transaction the previous active key of the algorithm is retired:
-//	    never two active keys of one algorithm for a domain (the store
-//	    refuses such a write whatever the caller computed).
-//	  - retired: no longer signing; the record stays published for the
-//	    grace period, for mail in queues and later re-verification.
-//	  - revoked: the record is replaced by "v=DKIM1; p=" (RFC 6376 §3.6.1:
-//	    an empty p= means the key was revoked) for revoke_for.
-//	  - destroyed: the record is deleted, and the key destroyed in the key
-//	    store if dkimgw generated it. dkimgw never destroys a key it did not
-//	    create: an adopted key is left in the key store for its operator.
+// The states:
+//
+//   - planned: the selector is reserved in the state store; nothing exists
+//     yet. Selectors come from the policy's template (default
+//     {alg}{yyyymmdd}: rsa20261201, ed20261201), are one DNS label
+//     (letters, digits, inner hyphens: RFC 6376 §3.1), get a "-2", "-3"...
+//     suffix when taken, and are never used again for another key: a
+//     destroyed key's record stays in the store as a tombstone, and a
+//     selector the key store holds is also taken.
+//   - generated: the key pair exists in the key store; its record value
+//     ("v=DKIM1; k=...; p=...") is recorded.
+//   - published: the publisher holds the record.
+//   - visible: every authoritative server has served exactly that record
+//     (one TXT record, that value) for the longest of the record's TTL and
+//     the zone's negative-caching TTL (RFC 2308): from then on no resolver
+//     can still hold "no such name" from before, or another value.
+//     Should a server stop serving it exactly, the wait starts again.
+//   - active: a probe message signed with the key (package signer, the
+//     signing code the relay uses) has verified, with go-msgauth, against
+//     the record as every server serves it at that moment. In the same
+//     transaction the previous active key of the algorithm is retired:
+//     never two active keys of one algorithm for a domain (the store
+//     refuses such a write whatever the caller computed).
+//   - retired: no longer signing; the record stays published for the
+//     grace period, for mail in queues and later re-verification.
+//   - revoked: the record is replaced by "v=DKIM1; p=" (RFC 6376 §3.6.1:
+//     an empty p= means the key was revoked) for revoke_for.
+//   - destroyed: the record is deleted, and the key destroyed in the key
+//     store if dkimgw generated it. dkimgw never destroys a key it did not
+//     create: an adopted key is left in the key store for its operator.
 //
 // A pass ([Reconciler.Reconcile]) takes at most one step per key, under
 // the store's lock. It first adopts unknown keys, then plans a new key
@@ -90,7 +92,8 @@
 // # Emergency rotation
 //
 // [Reconciler.Emergency] treats every key of a domain as compromised: keys
-// on their way in are withdrawn, a new key per algorithm is planned, then
+// on their way in are withdrawn (retired and at once revoked, since a crash may
+// have published one), a new key per algorithm is planned, then
 // generated and published at once. The compromised active keys keep
 // signing until their successors are visible (otherwise the domain's mail
 // would get 451 meanwhile) and are revoked, without grace, in the pass

@@ -133,8 +133,8 @@ type Status struct {
 	Key
 	// Next is the key's next step, and When when it is due (zero: at the
 	// next pass, or when DNS shows the record; see Next).
-	Next string
-	When time.Time
+	Next string    `json:"next,omitempty"`
+	When time.Time `json:"when,omitzero"`
 }
 
 // Status lists every key of every managed domain, tombstones included.

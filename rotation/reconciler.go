@@ -105,7 +105,11 @@ type Action struct {
 func (a Action) String() string {
 	s := fmt.Sprintf("%s %s (%s): %s", a.Domain, a.Selector, a.Algorithm, a.What)
 	if a.From != a.To {
-		s += fmt.Sprintf(" [%s -> %s]", a.From, a.To)
+		from := a.From
+		if from == "" {
+			from = "new"
+		}
+		s += fmt.Sprintf(" [%s -> %s]", from, a.To)
 	}
 	if a.DryRun {
 		s = "would: " + s
