@@ -36,7 +36,9 @@ const lockPoll = 50 * time.Millisecond
 type Bolt struct {
 	path string
 
-	mu     sync.Mutex // guards db and held
+	// mu guards db and held. Calls on the held database keep a read lock
+	// for their duration, so that unlock closes it only after them.
+	mu     sync.RWMutex
 	sem    chan struct{}
 	db     *bolt.DB
 	held   bool
@@ -147,7 +149,7 @@ func (b *Bolt) Lock(ctx context.Context) (func() error, error) {
 	return func() error {
 		var err error
 		once.Do(func() {
-			b.mu.Lock()
+			b.mu.Lock() // waits for calls on db in flight
 			b.db, b.held = nil, false
 			b.mu.Unlock()
 			_ = os.Remove(b.path + ".owner")
@@ -162,12 +164,12 @@ func (b *Bolt) Lock(ctx context.Context) (func() error, error) {
 
 // with runs fn on the held database, or on one opened for the call.
 func (b *Bolt) with(ctx context.Context, readOnly bool, fn func(*bolt.DB) error) error {
-	b.mu.Lock()
-	db, held := b.db, b.held
-	b.mu.Unlock()
-	if held {
-		return fn(db)
+	b.mu.RLock()
+	if b.held {
+		defer b.mu.RUnlock()
+		return fn(b.db)
 	}
+	b.mu.RUnlock()
 	db, err := b.open(ctx, readOnly)
 	if err != nil {
 		return err

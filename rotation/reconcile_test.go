@@ -808,3 +808,51 @@ func TestDroppedAlgorithmRetired(t *testing.T) {
 		}
 	}
 }
+
+// TestDryRunAdoption: a dry run reports the adoption of an unknown key and
+// no new key for its algorithm, as the real pass does.
+func TestDryRunAdoption(t *testing.T) {
+	pol := testPolicy()
+	pol.Algorithms = []Algorithm{Ed25519}
+	e := newEnv(t, pol)
+	e.ks.add("example.com", "byhand", Ed25519)
+	rep, err := e.r.Pass(t.Context(), PassOptions{DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Actions) != 1 || rep.Actions[0].Selector != "byhand" {
+		t.Fatalf("dry run: %v, want only the adoption of byhand", rep.Actions)
+	}
+	if len(e.keys()) != 0 {
+		t.Fatal("dry run wrote to the state")
+	}
+}
+
+// TestStatusDuringPasses: reading the state while passes run (as `rotate
+// status` and the relay's keyring do) never fails.
+func TestStatusDuringPasses(t *testing.T) {
+	pol := testPolicy()
+	pol.Algorithms = []Algorithm{Ed25519}
+	e := newEnv(t, pol)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() {
+		for ctx.Err() == nil {
+			if _, err := e.r.Active(ctx); err != nil && ctx.Err() == nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	for range 40 {
+		if _, err := e.r.Reconcile(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		e.clock.Advance(time.Hour)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Active during passes: %v", err)
+	}
+}

@@ -178,7 +178,9 @@ func (r *Reconciler) Pass(ctx context.Context, opts PassOptions) (Report, error)
 			errs = append(errs, err)
 		}
 	}
-	r.fillActive(ctx, pols, &rep)
+	if err := r.fillActive(ctx, pols, &rep); err != nil {
+		errs = append(errs, err)
+	}
 	return rep, errors.Join(errs...)
 }
 
@@ -207,14 +209,15 @@ func (r *Reconciler) policy(domain string) (Policy, bool) {
 	return Policy{}, false
 }
 
-func (r *Reconciler) fillActive(ctx context.Context, pols []Policy, rep *Report) {
+func (r *Reconciler) fillActive(ctx context.Context, pols []Policy, rep *Report) error {
 	for _, p := range pols {
 		keys, err := r.store.Keys(ctx, p.Domain)
 		if err != nil {
-			continue
+			return err
 		}
 		rep.Active[p.Domain] = activeOf(keys)
 	}
+	return nil
 }
 
 func activeOf(keys []Key) []ActiveKey {
@@ -261,10 +264,13 @@ type pass struct {
 	now     time.Time
 	inStore map[string]KeyInfo // selector -> key, this domain's
 	stepped map[string]bool
+	// dryAdopted are the algorithms a dry run would adopt a key for, so
+	// that it does not also report a new key for them.
+	dryAdopted map[Algorithm]bool
 }
 
 func (r *Reconciler) domainPass(ctx context.Context, p Policy, all []KeyInfo, dry bool, rep *Report) error {
-	ps := &pass{r: r, p: p, dry: dry, rep: rep, now: r.now(), inStore: map[string]KeyInfo{}, stepped: map[string]bool{}}
+	ps := &pass{r: r, p: p, dry: dry, rep: rep, now: r.now(), inStore: map[string]KeyInfo{}, stepped: map[string]bool{}, dryAdopted: map[Algorithm]bool{}}
 	for _, k := range all {
 		if strings.EqualFold(strings.TrimSuffix(k.Domain, "."), p.Domain) {
 			ps.inStore[strings.ToLower(k.Selector)] = k
@@ -351,6 +357,7 @@ func (ps *pass) adopt(ctx context.Context, keys []Key) error {
 		if ps.dry {
 			ps.act(Action{Selector: sel, Algorithm: ki.Algorithm, To: StateGenerated, What: "adopt unknown key from the key store"})
 			inflight[ki.Algorithm] = true
+			ps.dryAdopted[ki.Algorithm] = true
 			continue
 		}
 		key, err := ps.key(ctx, sel)
@@ -397,7 +404,7 @@ func (ps *pass) schedule(ctx context.Context, keys []Key) error {
 				inflight = true
 			}
 		}
-		if inflight {
+		if inflight || ps.dryAdopted[alg] {
 			continue
 		}
 		why := ""
