@@ -89,6 +89,16 @@ func (e *LockedError) Unwrap() error { return e.Err }
 
 // open opens the file, waiting for its flock no longer than ctx allows.
 func (b *Bolt) open(ctx context.Context, readOnly bool) (*bolt.DB, error) {
+	if readOnly {
+		// A reader must not open a file a writer has created but not yet
+		// initialised: bbolt would try to initialise it through a
+		// read-only descriptor (EBADF). Until it has data, the store is
+		// empty. A writer initialises under its exclusive flock, so a
+		// file with data is either complete or waited for.
+		if fi, err := os.Stat(b.path); errors.Is(err, os.ErrNotExist) || (err == nil && fi.Size() == 0) {
+			return nil, nil
+		}
+	}
 	for {
 		// A timeout shorter than bbolt's own retry makes Open try the
 		// flock once; the wait is here, where ctx can end it.
