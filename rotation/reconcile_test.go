@@ -788,6 +788,17 @@ func TestActiveRecordAlteredIsReported(t *testing.T) {
 	if len(rep.Warnings) != 1 || !strings.Contains(rep.Warnings[0], "ns1: absent") {
 		t.Fatalf("warnings %v, want one naming ns1", rep.Warnings)
 	}
+	delete(e.dns.servers[0].override, k.Selector+"._domainkey")
+	if err := e.ks.DestroyKey(t.Context(), "example.com", k.Selector); err != nil {
+		t.Fatal(err)
+	}
+	rep, err = e.r.Reconcile(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Warnings) != 1 || !strings.Contains(rep.Warnings[0], "missing from the key store") {
+		t.Fatalf("warnings %v, want one saying the active key is gone", rep.Warnings)
+	}
 }
 
 // TestDroppedAlgorithmRetired: when the policy stops listing an algorithm,

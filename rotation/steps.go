@@ -113,7 +113,8 @@ func (ps *pass) generate(ctx context.Context, k Key) error {
 	return ps.save(ctx, k, StatePlanned, what)
 }
 
-// served returns the values the publisher holds for name.
+// published returns the values the publisher holds for name (relative
+// to the zone).
 func (ps *pass) published(ctx context.Context, name string) ([]string, error) {
 	cctx, cancel := ps.call(ctx)
 	defer cancel()
@@ -323,8 +324,8 @@ func (ps *pass) activate(ctx context.Context, k Key, keys []Key) error {
 	return nil
 }
 
-// watch checks an active key. A key whose record DNS no longer serves
-// exactly is reported (its mail may fail verification; only an operator
+// watch checks an active key. A key missing from the key store, or whose
+// record DNS no longer serves exactly, is reported (its mail may fail verification; only an operator
 // can tell why the zone changed). A key of an algorithm the policy no
 // longer lists is retired, once another algorithm has an active key, so
 // that the domain is never left without one.
@@ -345,6 +346,9 @@ func (ps *pass) watch(ctx context.Context, k Key, keys []Key) error {
 		}
 		k.State, k.RetiredAt, k.Note = StateRetired, ps.now, "the policy no longer lists "+string(k.Algorithm)
 		return ps.save(ctx, k, StateActive, k.Note)
+	}
+	if _, ok := ps.inStore[k.Selector]; !ok {
+		ps.warn(ctx, k.Selector, k.Algorithm, fmt.Sprintf("active key %s is missing from the key store: the domain's mail cannot be signed with it; start an emergency rotation", ps.p.recordName(k.Selector)))
 	}
 	ok, why, _, err := ps.exact(ctx, k.Selector, k.Record)
 	if err != nil {
