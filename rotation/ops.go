@@ -23,6 +23,10 @@ const emergencyPasses = 4
 // until their successors are visible (otherwise the domain's mail would
 // get 451 meanwhile) and are revoked without grace in the pass that
 // activates the successors; compromised retired keys are revoked now.
+//
+// Each call is a new emergency rotation (the replacements of an earlier
+// one are treated as compromised too). After an interruption, ordinary
+// passes finish the one recorded: its intent is in the store.
 func (r *Reconciler) Emergency(ctx context.Context, domain string) (Report, error) {
 	domain = strings.TrimSuffix(strings.ToLower(domain), ".")
 	p, ok := r.policy(domain)

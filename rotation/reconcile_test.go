@@ -867,3 +867,41 @@ func TestStatusDuringPasses(t *testing.T) {
 		t.Fatalf("Active during passes: %v", err)
 	}
 }
+
+// failingPublisher refuses every change, like a primary with a wrong TSIG key.
+type failingPublisher struct{ *fakeDNS }
+
+func (*failingPublisher) SetRecords(context.Context, string, []Record) error {
+	return errors.New("NOTAUTH from 127.0.0.1:53: check the TSIG key")
+}
+
+// TestOneDomainFailsOthersGoOn: a domain whose publisher fails does not
+// hold back the others, and its error names the domain and the cause.
+func TestOneDomainFailsOthersGoOn(t *testing.T) {
+	e := newEnv(t, testPolicy())
+	bad := &failingPublisher{newFakeDNS(e.clock, "broken.example", nil)}
+	b, _ := OpenBolt(e.dir)
+	good := testPolicy()
+	good.Algorithms = []Algorithm{Ed25519}
+	broken := Policy{Domain: "broken.example", Algorithms: []Algorithm{Ed25519}, Publisher: "bad"}
+	r, err := New(Options{Store: b, Keys: e.ks, Checker: e.dns, Now: e.clock.Now,
+		Publishers: map[string]Publisher{"primary": e.dns, "bad": bad}, Policies: []Policy{good, broken}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lastErr error
+	for range 8 {
+		_, lastErr = r.Reconcile(t.Context())
+		e.clock.Advance(time.Hour)
+	}
+	if lastErr == nil || !strings.Contains(lastErr.Error(), "broken.example") || !strings.Contains(lastErr.Error(), "check the TSIG key") {
+		t.Fatalf("error %v, want one naming broken.example and the publisher's advice", lastErr)
+	}
+	act, err := r.Active(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(act["example.com"]) != 1 || len(act["broken.example"]) != 0 {
+		t.Fatalf("active %v, want example.com rotated and broken.example without a key", act)
+	}
+}
