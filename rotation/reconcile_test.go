@@ -905,3 +905,62 @@ func TestOneDomainFailsOthersGoOn(t *testing.T) {
 		t.Fatalf("active %v, want example.com rotated and broken.example without a key", act)
 	}
 }
+
+// TestEmergencyCrashAtEveryPoint: an emergency rotation interrupted at any
+// fault point is finished by ordinary passes, with the same end state.
+func TestEmergencyCrashAtEveryPoint(t *testing.T) {
+	pol := testPolicy()
+	pol.Algorithms = []Algorithm{Ed25519}
+	scenario := func(e *env, at int) {
+		e.run(12*time.Hour, 2*time.Hour)
+		if at > 0 {
+			e.faults.at = e.faults.n + at
+		}
+		if _, err := e.r.Emergency(e.t.Context(), "example.com"); err != nil {
+			if !errors.Is(err, errFault) {
+				e.t.Fatalf("Emergency: %v", err)
+			}
+			e.open()
+			// The operator sees the failure; if it came before the
+			// emergency was recorded, they run it again.
+			recorded := false
+			for _, k := range e.keys() {
+				recorded = recorded || k.Compromised
+			}
+			if !recorded {
+				if _, err := e.r.Emergency(e.t.Context(), "example.com"); err != nil {
+					e.t.Fatalf("Emergency again: %v", err)
+				}
+			}
+		}
+		for range 12 {
+			e.clock.Advance(time.Hour)
+			if _, err := e.pass(); err != nil {
+				if !errors.Is(err, errFault) {
+					e.t.Fatalf("fault %q: %v", e.faults.fired, err)
+				}
+				e.open()
+			}
+		}
+	}
+	base := newEnv(t, pol)
+	scenario(base, 0)
+	want := base.shape()
+	if !strings.Contains(want, "compromised=true") || strings.Count(want, "state ") != 2 {
+		t.Fatalf("fault-free emergency:\n%s", want)
+	}
+	before := newEnv(t, pol)
+	before.run(12*time.Hour, 2*time.Hour)
+	points := base.faults.n - before.faults.n
+	for at := 1; at <= points; at++ {
+		t.Run(fmt.Sprint(at), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, pol)
+			scenario(e, at)
+			if got := e.shape(); got != want {
+				t.Errorf("fault %d (%s): end state\n%s\nwant\n%s", at, e.faults.fired, got, want)
+			}
+			e.noDoubles()
+		})
+	}
+}
