@@ -11,7 +11,6 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 )
 
@@ -385,5 +384,3 @@ func (s faultyStore) Update(ctx context.Context, changes ...Change) error {
 	}
 	return s.faults.point("store update after")
 }
-
-var _ testing.TB = (*testing.T)(nil)

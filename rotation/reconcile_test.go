@@ -732,7 +732,6 @@ func TestCheckerErrorIsReported(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "no route to ns1") || strings.Count(err.Error(), "rotation:") != 1 {
 		t.Fatalf("err = %v, want the checker's error under one rotation: prefix", err)
 	}
-	_ = context.Background
 }
 
 // TestReconcileWaitsForTheLock: a second reconciler on the same state
