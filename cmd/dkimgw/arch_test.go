@@ -18,6 +18,7 @@ func TestDependenciesPointDown(t *testing.T) {
 		"github.com/dkimgw/dkimgw/dnspub",
 		"github.com/dkimgw/dkimgw/cmd/dkimgw",
 		"github.com/miekg/pkcs11",
+		"github.com/miekg/dns",
 		"github.com/ThalesGroup/crypto11",
 	}
 	for _, pkg := range []string{"signer", "policy", "smtpproxy", "rotation"} {
