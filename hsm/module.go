@@ -4,7 +4,6 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"errors"
-	"fmt"
 	"os"
 	"sync"
 	"time"
@@ -77,19 +76,19 @@ func acquireModule(path string) (m *module, fresh bool, err error) {
 	// what is wrong with the path ourselves.
 	if _, err := os.Stat(path); err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return nil, false, fmt.Errorf("hsm: %w: %s does not exist; install the vendor's PKCS#11 library (SoftHSM: apt-get install softhsm2) or fix module-path", ErrModuleNotFound, path)
+			return nil, false, errorf("%w: %s does not exist; install the vendor's PKCS#11 library (SoftHSM: apt-get install softhsm2) or fix module-path", ErrModuleNotFound, path)
 		}
-		return nil, false, fmt.Errorf("hsm: %w: %w", ErrModuleNotFound, err)
+		return nil, false, errorf("%w: %w", ErrModuleNotFound, err)
 	}
 	ctx := pkcs11.New(path)
 	if ctx == nil {
-		return nil, false, fmt.Errorf("hsm: %w: %s is not a loadable PKCS#11 library (dlopen failed or it has no C_GetFunctionList)", ErrModuleNotFound, path)
+		return nil, false, errorf("%w: %s is not a loadable PKCS#11 library (dlopen failed or it has no C_GetFunctionList)", ErrModuleNotFound, path)
 	}
 	// Initialize keeps miekg's default CKF_OS_LOCKING_OK: without it
 	// concurrent calls crash SoftHSM.
 	if err := ctx.Initialize(); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
 		ctx.Destroy()
-		return nil, false, temporary(fmt.Errorf("hsm: initialise PKCS#11 module %s: %w", path, err))
+		return nil, false, temporary(errorf("initialise PKCS#11 module %s: %w", path, err))
 	}
 	m = &module{path: path, ctx: ctx, gen: 1, refs: 1}
 	modules[path] = m
@@ -143,7 +142,7 @@ func (m *module) reinitialize(seen uint64, throttle bool) error {
 	}
 	if throttle {
 		if time.Since(m.lastRecovery) < minReinitInterval {
-			return temporary(fmt.Errorf("hsm: %w", errReinitTooSoon))
+			return temporary(errorf("%w", errReinitTooSoon))
 		}
 		m.lastRecovery = time.Now()
 	}
@@ -152,7 +151,7 @@ func (m *module) reinitialize(seen uint64, throttle bool) error {
 	m.gen++
 	_ = m.ctx.Finalize()
 	if err := m.ctx.Initialize(); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
-		return fmt.Errorf("hsm: re-initialise PKCS#11 module %s: %w", m.path, err)
+		return errorf("re-initialise PKCS#11 module %s: %w", m.path, err)
 	}
 	return nil
 }

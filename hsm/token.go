@@ -165,7 +165,7 @@ func (t *Token) connect() error {
 // holds t.mu and the module's read lock.
 func (t *Token) connectLocked() error {
 	if t.closed {
-		return fmt.Errorf("hsm: %w", ErrClosed)
+		return errorf("%w", ErrClosed)
 	}
 	if t.connected && t.gen == t.mod.gen {
 		return nil
@@ -177,11 +177,11 @@ func (t *Token) connectLocked() error {
 		return err
 	}
 	if info.Flags&pkcs11.CKF_USER_PIN_LOCKED != 0 {
-		return fmt.Errorf("hsm: token %q: %w: the security officer must unlock or reset the user PIN", info.Label, ErrPINLocked)
+		return errorf("token %q: %w: the security officer must unlock or reset the user PIN", info.Label, ErrPINLocked)
 	}
 	s, err := c.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {
-		return fmt.Errorf("hsm: open session on token %q: %w", info.Label, err)
+		return errorf("open session on token %q: %w", info.Label, err)
 	}
 	err = c.Login(s, pkcs11.CKU_USER, t.pin)
 	already := errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN))
@@ -196,7 +196,7 @@ func (t *Token) connectLocked() error {
 	mechs, err := c.GetMechanismList(slot)
 	if err != nil {
 		_ = c.CloseSession(s)
-		return fmt.Errorf("hsm: list mechanisms of token %q: %w", info.Label, err)
+		return errorf("list mechanisms of token %q: %w", info.Label, err)
 	}
 	t.mechs = make(map[uint]pkcs11.MechanismInfo, len(mechs))
 	for _, m := range mechs {
@@ -240,7 +240,7 @@ func (t *Token) disconnectLocked() {
 func (t *Token) findSlot(c *pkcs11.Ctx) (uint, pkcs11.TokenInfo, error) {
 	slots, err := c.GetSlotList(true)
 	if err != nil {
-		return 0, pkcs11.TokenInfo{}, fmt.Errorf("hsm: list slots of %s: %w", t.uri.ModulePath, err)
+		return 0, pkcs11.TokenInfo{}, errorf("list slots of %s: %w", t.uri.ModulePath, err)
 	}
 	var (
 		found   []uint
@@ -267,9 +267,9 @@ func (t *Token) findSlot(c *pkcs11.Ctx) (uint, pkcs11.TokenInfo, error) {
 		if len(offered) > 0 {
 			avail = strings.Join(offered, ", ")
 		}
-		return 0, pkcs11.TokenInfo{}, temporary(fmt.Errorf("hsm: %w matching %s; initialised tokens: %s", ErrTokenNotFound, t.uri, avail))
+		return 0, pkcs11.TokenInfo{}, temporary(errorf("%w matching %s; initialised tokens: %s", ErrTokenNotFound, t.uri, avail))
 	default:
-		return 0, pkcs11.TokenInfo{}, fmt.Errorf("hsm: %d tokens match %s; add serial= to the URI to pick one", len(found), t.uri)
+		return 0, pkcs11.TokenInfo{}, errorf("%d tokens match %s; add serial= to the URI to pick one", len(found), t.uri)
 	}
 }
 
@@ -346,7 +346,7 @@ func (t *Token) withSession(ctx context.Context, fn sessionFunc) (uint64, error)
 		select {
 		case t.sem <- struct{}{}:
 		case <-ctx.Done():
-			return 0, temporary(fmt.Errorf("hsm: wait for a free session on token %q: %w", t.uri.Token, ctx.Err()))
+			return 0, temporary(errorf("wait for a free session on token %q: %w", t.uri.Token, ctx.Err()))
 		}
 	}
 	defer func() { <-t.sem }()
@@ -371,7 +371,7 @@ func (t *Token) withSession(ctx context.Context, fn sessionFunc) (uint64, error)
 		s, err = c.OpenSession(t.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 		if err != nil {
 			t.mu.Unlock()
-			return gen, fmt.Errorf("hsm: open session on token %q: %w", t.info.Label, err)
+			return gen, errorf("open session on token %q: %w", t.info.Label, err)
 		}
 	}
 	t.mu.Unlock()
@@ -406,11 +406,11 @@ func (t *Token) do(ctx context.Context, what string, fn sessionFunc, refind func
 		if !IsTemporary(rerr) {
 			return rerr
 		}
-		return temporary(fmt.Errorf("hsm: %s: %w (recovery failed: %v)", what, err, rerr))
+		return temporary(errorf("%s: %w (recovery failed: %v)", what, err, rerr))
 	}
 	_, err = t.withSession(ctx, fn)
 	if err != nil && classify(err) != recoverNone {
-		return temporary(fmt.Errorf("hsm: %s after recovery: %w", what, err))
+		return temporary(errorf("%s after recovery: %w", what, err))
 	}
 	return err
 }
@@ -452,7 +452,7 @@ func (t *Token) recover(ctx context.Context, level recovery, gen uint64, refind 
 		}
 	}
 	if errors.Is(err, errKeyGone) {
-		return fmt.Errorf("hsm: %w: %w", ErrKeyNotFound, err)
+		return errorf("%w: %w", ErrKeyNotFound, err)
 	}
 	return temporary(err)
 }
