@@ -77,6 +77,7 @@ type Key struct {
 	mu     sync.Mutex
 	handle pkcs11.ObjectHandle
 	epoch  uint64 // the token connection handle belongs to; 0 = re-find
+	gone   error  // ErrKeyNotFound once found gone from a healthy token
 }
 
 var _ crypto.Signer = (*Key)(nil)
@@ -599,6 +600,9 @@ func (k *Key) SignContext(ctx context.Context, digest []byte, opts crypto.Signer
 }
 
 func (k *Key) sign(ctx context.Context, mech uint, input []byte) ([]byte, error) {
+	if err := k.Err(); err != nil {
+		return nil, err
+	}
 	var sig []byte
 	err := k.token.do(ctx, "sign with "+k.info.Label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, epoch uint64) error {
 		h, err := k.handleFor(c, s, epoch)
@@ -619,9 +623,17 @@ func (k *Key) sign(ctx context.Context, mech uint, input []byte) ([]byte, error)
 
 // handleFor returns the private key's handle in the connection epoch,
 // finding it again after a reconnect: handles do not survive a re-login.
+// A key absent from a session that is logged in, on a token that answers,
+// is gone (destroyed, or replaced by a key with another CKA_ID): that is
+// ErrKeyNotFound, remembered, and no reason to reconnect. Absent from a
+// session that is not logged in, it is errKeyGone, which recovery
+// escalates.
 func (k *Key) handleFor(c *pkcs11.Ctx, s pkcs11.SessionHandle, epoch uint64) (pkcs11.ObjectHandle, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	if k.gone != nil {
+		return 0, k.gone
+	}
 	if k.epoch == epoch {
 		return k.handle, nil
 	}
@@ -633,11 +645,26 @@ func (k *Key) handleFor(c *pkcs11.Ctx, s pkcs11.SessionHandle, epoch uint64) (pk
 	if err != nil {
 		return 0, err
 	}
+	if len(privs) == 0 && k.token.healthy(c, s) {
+		k.gone = errorf("%w: %s (id %x) is no longer in token %q: it was destroyed or replaced", ErrKeyNotFound, k.info.Label, k.info.ID, k.token.Info().Label)
+		k.token.log.Error("key gone from the token", "label", k.info.Label, "domain", k.info.Domain, "selector", k.info.Selector, "id", k.info.IDHex())
+		return 0, k.gone
+	}
 	if len(privs) != 1 {
 		return 0, errorf("%s (id %x): %d private keys found: %w", k.info.Label, k.info.ID, len(privs), errKeyGone)
 	}
 	k.handle, k.epoch = privs[0], epoch
 	return k.handle, nil
+}
+
+// Err is ErrKeyNotFound once the key was found gone from the token
+// (destroyed or replaced), else nil. A gone key fails every signature at
+// once, without calling the token; look the selector up again with
+// Token.Key to use a key that replaced it.
+func (k *Key) Err() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.gone
 }
 
 // refind forgets the cached handle and finds it again, for recovery.
