@@ -843,3 +843,78 @@ func TestChangedPINIsNotRetried(t *testing.T) {
 	}
 	signAndVerify(t, again)
 }
+
+// TestKeysWithOtherUsesAreRefused: a key generated in the token, sensitive
+// and never extractable, but allowed to decrypt, unwrap, derive or sign
+// with recovery is refused, and the listing says why.
+func TestKeysWithOtherUsesAreRefused(t *testing.T) {
+	t.Parallel()
+	tok, _, _ := openToken(t, "")
+	ctx := t.Context()
+	for i, attr := range []struct {
+		typ  uint
+		name string
+	}{
+		{pkcs11.CKA_DECRYPT, "CKA_DECRYPT"},
+		{pkcs11.CKA_UNWRAP, "CKA_UNWRAP"},
+		{pkcs11.CKA_SIGN_RECOVER, "CKA_SIGN_RECOVER"},
+		{pkcs11.CKA_DERIVE, "CKA_DERIVE"},
+	} {
+		selector := "use" + string(rune('a'+i))
+		label := hsm.RecordName("example.com", selector)
+		id := []byte{9, byte(i)}
+		err := hsm.WithRawSession(tok, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+			_, _, err := c.GenerateKeyPair(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)},
+				[]*pkcs11.Attribute{
+					pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+					pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, 2048),
+					pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}),
+					pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+					pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+				},
+				[]*pkcs11.Attribute{
+					pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+					pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+					pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+					pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+					pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+					pkcs11.NewAttribute(attr.typ, true),
+					pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+					pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+				})
+			return err
+		})
+		if err != nil {
+			t.Logf("the token refuses an RSA key with %s=true (%v); nothing to check", attr.name, err)
+			continue
+		}
+		_, err = tok.Key(ctx, "example.com", selector)
+		if !errors.Is(err, hsm.ErrUnsafeKey) || !strings.Contains(err.Error(), attr.name) {
+			t.Errorf("key with %s=true: got %v, want ErrUnsafeKey naming %s", attr.name, err, attr.name)
+		}
+		onePrefix(t, err)
+	}
+	keys, err := tok.Keys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) == 0 {
+		t.Fatal("the token refused every such key; the test checked nothing")
+	}
+	for _, k := range keys {
+		if why := hsm.UnsafeReason(k); !strings.Contains(why, "more than sign") {
+			t.Errorf("%s is listed as %+v; UnsafeReason %q does not say it may do more than sign", k.Label, k, why)
+		}
+	}
+	// dkimgw's own keys may do nothing but sign; the token may not know
+	// CKA_SIGN_RECOVER for Ed25519, which counts as false.
+	for _, alg := range []hsm.Algorithm{hsm.RSA2048, hsm.Ed25519} {
+		k, err := tok.GenerateKey(ctx, "example.org", "own-"+string(alg), alg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if why := hsm.UnsafeReason(k.Info()); why != "" {
+			t.Errorf("dkimgw's own %s key is refused: %s", alg, why)
+		}
+	}
+}

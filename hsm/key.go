@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"math/big"
@@ -33,6 +34,13 @@ type KeyInfo struct {
 	AlwaysSensitive  bool
 	Local            bool // generated in the token, never imported
 	CanSign          bool
+	// Other uses of the private key, all of which a DKIM key must lack: a
+	// key that may decrypt, unwrap or derive can be used to get secrets out
+	// of the token, and signature with recovery is another mechanism.
+	CanDecrypt     bool
+	CanUnwrap      bool
+	CanDerive      bool
+	CanSignRecover bool
 }
 
 // IDHex is the key's CKA_ID in hex, as pkcs11-tool prints it.
@@ -40,7 +48,9 @@ func (i KeyInfo) IDHex() string { return hex.EncodeToString(i.ID) }
 
 // UnsafeReason says why dkimgw refuses to sign with the key, or "" when
 // it may: a key that is or ever was extractable, or that was imported
-// rather than generated in the token, may exist outside it.
+// rather than generated in the token, may exist outside it; a key that
+// may decrypt, unwrap, derive or sign with recovery has uses beyond DKIM
+// signing that dkimgw's keys never have.
 func UnsafeReason(i KeyInfo) string {
 	if i.Algorithm.IsRSA() && i.Bits < minRSABits {
 		return fmt.Sprintf("RSA-%d is below the %d-bit floor (RFC 8301)", i.Bits, minRSABits)
@@ -63,6 +73,19 @@ func UnsafeReason(i KeyInfo) string {
 	}
 	if !i.CanSign {
 		why = append(why, "it may not sign (CKA_SIGN=false)")
+	}
+	for _, u := range []struct {
+		set  bool
+		attr string
+	}{
+		{i.CanDecrypt, "CKA_DECRYPT"},
+		{i.CanUnwrap, "CKA_UNWRAP"},
+		{i.CanDerive, "CKA_DERIVE"},
+		{i.CanSignRecover, "CKA_SIGN_RECOVER"},
+	} {
+		if u.set {
+			why = append(why, "it may do more than sign ("+u.attr+"=true)")
+		}
 	}
 	return strings.Join(why, "; ")
 }
@@ -231,6 +254,7 @@ func keyTemplates(alg Algorithm, label string, id []byte) (uint, []*pkcs11.Attri
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN_RECOVER, false),
 		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
 		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
 		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
@@ -349,6 +373,25 @@ func describe(c *pkcs11.Ctx, s pkcs11.SessionHandle, priv pkcs11.ObjectHandle, p
 		{pkcs11.CKA_SIGN, &info.CanSign},
 	} {
 		if *a.dst, err = readBool(c, s, priv, a.typ); err != nil {
+			return info, nil, errorf("read attribute 0x%x of %s: %w", a.typ, info.Label, err)
+		}
+	}
+	// A token may not know an attribute for a key type (SoftHSM and
+	// CKA_SIGN_RECOVER of an Ed25519 key): unknown means the key cannot.
+	for _, a := range []struct {
+		typ uint
+		dst *bool
+	}{
+		{pkcs11.CKA_DECRYPT, &info.CanDecrypt},
+		{pkcs11.CKA_UNWRAP, &info.CanUnwrap},
+		{pkcs11.CKA_DERIVE, &info.CanDerive},
+		{pkcs11.CKA_SIGN_RECOVER, &info.CanSignRecover},
+	} {
+		*a.dst, err = readBool(c, s, priv, a.typ)
+		if errors.Is(err, pkcs11.Error(pkcs11.CKR_ATTRIBUTE_TYPE_INVALID)) {
+			*a.dst, err = false, nil
+		}
+		if err != nil {
 			return info, nil, errorf("read attribute 0x%x of %s: %w", a.typ, info.Label, err)
 		}
 	}
