@@ -97,6 +97,8 @@ type gwConfig struct {
 	// use; domains are the signing domains and their selectors.
 	clientDomains []string
 	domains       map[string][]string
+	// grace is shutdown_grace; empty means 20s.
+	grace string
 }
 
 func standardConfig(uri, upstream string) gwConfig {
@@ -120,7 +122,11 @@ func (c gwConfig) yaml() string {
 		fmt.Fprintf(&b, "  %s:\n    selectors: [%s]\n", d, strings.Join(c.domains[d], ", "))
 	}
 	b.WriteString("log:\n  format: json\n  level: info\n")
-	b.WriteString("shutdown_grace: 20s\n")
+	grace := c.grace
+	if grace == "" {
+		grace = "20s"
+	}
+	fmt.Fprintf(&b, "shutdown_grace: %s\n", grace)
 	return b.String()
 }
 
