@@ -250,6 +250,12 @@ func TestRecoversWhenTheModuleIsFinalized(t *testing.T) {
 	if !strings.Contains(logs.String(), "recovery=\"re-initialise module\"") {
 		t.Errorf("recovery did not re-initialise the module; log:\n%s", logs)
 	}
+	// Re-initialising voids every session of the process: it is a warning
+	// that says why.
+	if !strings.Contains(logs.String(), "level=WARN msg=\"re-initialising the PKCS#11 module: every session of the process is void\"") ||
+		!strings.Contains(logs.String(), "reason=") {
+		t.Errorf("the re-initialisation was not logged as a warning with its reason; log:\n%s", logs)
+	}
 }
 
 func TestVanishedTokenIsTemporaryAndComesBack(t *testing.T) {

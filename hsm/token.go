@@ -265,7 +265,7 @@ func (t *Token) connectIn(c *call) error {
 	}
 	if !t.mod.checkPIN(info.Label+"\x00"+info.SerialNumber, t.pin, already) {
 		_ = p.CloseSession(s)
-		return t.pinFailed(loginError(info.Label, pkcs11.Error(pkcs11.CKR_PIN_INCORRECT)))
+		return t.pinFailed(errorf("log in to token %q: %w: the process is logged in to the token already, with another PIN, so the token cannot check this one; if the PIN was changed in the token, restart dkimgw to use the new one", info.Label, ErrPINIncorrect))
 	}
 	mechs, err := p.GetMechanismList(slot)
 	if err != nil {
