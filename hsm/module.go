@@ -190,6 +190,9 @@ func (m *module) release(log *slog.Logger) {
 		}
 		m.mu.Lock()
 		busy := len(m.calls)
+		if m.gate != nil {
+			busy++ // a re-initialisation is under way
+		}
 		m.finalized = busy == 0
 		m.mu.Unlock()
 		if busy > 0 {
