@@ -235,6 +235,7 @@ func testSIGTERMHungToken(t *testing.T, bin string) {
 	if code := gw.waitExit(grace + 15*time.Second); code != 0 {
 		t.Errorf("dkimgw exited with status %d after SIGTERM, want 0", code)
 	}
+	// (A -race binary sleeps a second more at exit.)
 	t.Logf("dkimgw exited %v after SIGTERM (shutdown_grace %v)", time.Since(start).Round(time.Millisecond), grace)
 	gw.waitLog(mark, time.Second, "stopped", func(l logLine) bool { return l.str("msg") == "stopped" })
 	select {
