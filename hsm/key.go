@@ -118,24 +118,24 @@ func (k *Key) Public() crypto.PublicKey { return k.pub }
 func validName(kind, name string) (string, error) {
 	name = strings.TrimSuffix(strings.ToLower(strings.TrimSpace(name)), ".")
 	if name == "" {
-		return "", errorf("%w: empty %s", ErrInvalidName, kind)
+		return "", fmt.Errorf("hsm: %w: empty %s", ErrInvalidName, kind)
 	}
 	if len(name) > 253 {
-		return "", errorf("%w: %s %q is longer than 253 characters", ErrInvalidName, kind, name)
+		return "", fmt.Errorf("hsm: %w: %s %q is longer than 253 characters", ErrInvalidName, kind, name)
 	}
 	for label := range strings.SplitSeq(name, ".") {
 		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
-			return "", errorf("%w: %s %q: each dot-separated part must be 1-63 letters, digits or hyphens, not starting or ending with a hyphen", ErrInvalidName, kind, name)
+			return "", fmt.Errorf("hsm: %w: %s %q: each dot-separated part must be 1-63 letters, digits or hyphens, not starting or ending with a hyphen", ErrInvalidName, kind, name)
 		}
 		for i := 0; i < len(label); i++ {
 			c := label[i]
 			if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-') {
-				return "", errorf("%w: %s %q contains %q; use letters, digits and hyphens (internationalised domains in their xn-- form)", ErrInvalidName, kind, name, c)
+				return "", fmt.Errorf("hsm: %w: %s %q contains %q; use letters, digits and hyphens (internationalised domains in their xn-- form)", ErrInvalidName, kind, name, c)
 			}
 		}
 	}
 	if kind == "domain" && !strings.Contains(name, ".") {
-		return "", errorf("%w: domain %q has no dot", ErrInvalidName, name)
+		return "", fmt.Errorf("hsm: %w: domain %q has no dot", ErrInvalidName, name)
 	}
 	return name, nil
 }
