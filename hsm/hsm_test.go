@@ -284,6 +284,7 @@ func TestVanishedTokenIsTemporaryAndComesBack(t *testing.T) {
 	if !hsm.IsTemporary(err) {
 		t.Fatalf("error for a vanished token is not temporary: %v", err)
 	}
+	onePrefix(t, err)
 	// It comes back: signing recovers by itself, without a restart.
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
@@ -313,9 +314,11 @@ func TestDeletedTokenIsATemporaryError(t *testing.T) {
 	signAndVerify(t, key)
 	removeToken(t, st.Dir())
 	digest := sha256.Sum256([]byte("x"))
-	if _, err := key.Sign(rand.Reader, digest[:], crypto.Hash(0)); err == nil || !hsm.IsTemporary(err) {
+	_, err = key.Sign(rand.Reader, digest[:], crypto.Hash(0))
+	if err == nil || !hsm.IsTemporary(err) {
 		t.Fatalf("sign with a deleted token: got %v, want a temporary error", err)
 	}
+	onePrefix(t, err)
 }
 
 func TestKeysSurviveAnotherTokenReinitializingTheModule(t *testing.T) {
@@ -343,6 +346,7 @@ func TestWrongPIN(t *testing.T) {
 	if hsm.IsTemporary(err) {
 		t.Error("a wrong PIN is reported as temporary: callers would retry it and lock the token")
 	}
+	onePrefix(t, err)
 	if strings.Contains(err.Error(), st.PIN) {
 		t.Error("the error text contains the PIN")
 	}
@@ -382,6 +386,7 @@ func TestOpenErrors(t *testing.T) {
 			if !errors.Is(err, tt.want) {
 				t.Fatalf("got %v, want %v", err, tt.want)
 			}
+			onePrefix(t, err)
 		})
 	}
 	// The PIN from a file, as in production.
@@ -410,9 +415,11 @@ func TestRefusals(t *testing.T) {
 			t.Errorf("GenerateKey(%q, %q): got %v, want ErrInvalidName", bad[0], bad[1], err)
 		}
 	}
-	if _, err := tok.Key(ctx, "example.com", "absent"); !errors.Is(err, hsm.ErrKeyNotFound) {
+	_, err := tok.Key(ctx, "example.com", "absent")
+	if !errors.Is(err, hsm.ErrKeyNotFound) {
 		t.Errorf("Key of a missing selector: got %v, want ErrKeyNotFound", err)
 	}
+	onePrefix(t, err)
 	keys, err := tok.Keys(ctx)
 	if err != nil || len(keys) != 1 {
 		t.Errorf("after refusals the token holds %d keys (err %v), want 1", len(keys), err)

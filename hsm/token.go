@@ -547,13 +547,21 @@ func (t *Token) do(ctx context.Context, what string, fn sessionFunc, refind func
 		if !IsTemporary(rerr) {
 			return rerr
 		}
-		return temporary(errorf("%s: %w (recovery failed: %v)", what, err, rerr))
+		return temporary(errorf("%s%w (recovery failed: %v)", opPrefix(what, err), err, rerr))
 	}
 	_, err = t.withSession(ctx, fn)
 	if err != nil && classify(err) != recoverNone {
-		return temporary(errorf("%s after recovery: %w", what, err))
+		return temporary(errorf("%s%w (after recovery)", opPrefix(what, err), err))
 	}
 	return err
+}
+
+// opPrefix is "what: ", unless err already starts by saying so.
+func opPrefix(what string, err error) string {
+	if strings.HasPrefix(err.Error(), prefix+what) {
+		return ""
+	}
+	return what + ": "
 }
 
 // recover escalates from level until refind (or, without one, a fresh
