@@ -70,7 +70,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	}
 	defer tok.Close()
 
-	srv, err := smtpproxy.New(smtpproxy.Options{Config: cfg, Keys: &ring, Logger: logger})
+	srv, err := smtpproxy.New(smtpproxy.Options{Policy: cfg, Settings: relaySettings(cfg), Keys: &ring, Logger: logger})
 	if err != nil {
 		return failf(c, exitConfig, "%v", err)
 	}
@@ -89,11 +89,13 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	for {
 		select {
 		case <-hup:
-			reload(ctx, srv, tok, &ring, *path, logger, level)
+			if next := reload(ctx, srv, cfg, tok, &ring, *path, logger, level); next != nil {
+				cfg = next
+			}
 		case err := <-serveErr:
 			return failf(c, exitSoftware, "serve: %v", err)
 		case <-ctx.Done():
-			grace := srv.Config().ShutdownGrace
+			grace := cfg.ShutdownGrace
 			logger.Info("shutting down", "grace_s", grace.Seconds())
 			sctx, cancel := context.WithTimeout(context.Background(), grace)
 			err := srv.Shutdown(sctx)
@@ -109,10 +111,11 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 }
 
 // reload builds the new configuration completely (decoded, validated,
-// its keys checked) before swapping it in; any failure leaves the old one.
-func reload(ctx context.Context, srv *smtpproxy.Server, tok *hsm.Token, ring *keyring, path string, logger *slog.Logger, level *slog.LevelVar) {
+// its keys checked) before swapping it in for cur, and returns it; any
+// failure leaves cur serving and returns nil.
+func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, tok *hsm.Token, ring *keyring, path string, logger *slog.Logger, level *slog.LevelVar) *policy.Config {
 	cfg, err := policy.Load(path)
-	if err == nil && cfg.HSM.URI != srv.Config().HSM.URI {
+	if err == nil && cfg.HSM.URI != cur.HSM.URI {
 		err = errors.New("hsm.uri changed, which needs a restart")
 	}
 	var keys map[policy.KeyRef]*hsm.Key
@@ -121,23 +124,66 @@ func reload(ctx context.Context, srv *smtpproxy.Server, tok *hsm.Token, ring *ke
 		keys, err = checkKeys(kctx, tok, cfg, nil)
 		cancel()
 	}
-	if err == nil && cfg.Log.Format != srv.Config().Log.Format {
+	if err == nil && cfg.Log.Format != cur.Log.Format {
 		err = errors.New("log.format changed, which needs a restart")
 	}
 	if err == nil {
 		// The new keys go in first: a transaction that already sees the
 		// new configuration must find its selectors.
 		old := ring.set(tok, keys)
-		if err = srv.Reload(cfg); err != nil {
+		if err = srv.Reload(cfg, relaySettings(cfg)); err != nil {
 			ring.restore(old)
 		}
 	}
 	if err != nil {
 		logger.Error("reload refused, the old configuration keeps serving", "config", path, "error", err)
-		return
+		return nil
 	}
+	logger.Info("configuration reloaded", "config", path)
 	level.Set(cfg.Log.SlogLevel())
 	logWarnings(logger, cfg)
+	return cfg
+}
+
+// relaySettings are the relay's settings in cfg; its decisions come from
+// cfg itself, as a smtpproxy.Policy.
+func relaySettings(cfg *policy.Config) smtpproxy.Settings {
+	s, u, sp := cfg.SMTP, cfg.Upstream, cfg.Spool
+	set := smtpproxy.Settings{
+		Listen:              s.Listen,
+		Hostname:            s.Hostname,
+		MaxMessageBytes:     s.MaxMessageBytes,
+		MaxRecipients:       s.MaxRecipients,
+		MaxLineLength:       s.MaxLineLength,
+		MaxConnections:      s.MaxConnections,
+		MaxConnectionsPerIP: s.MaxConnectionsPerIP,
+		ReadTimeout:         s.ReadTimeout,
+		WriteTimeout:        s.WriteTimeout,
+		DataTimeout:         s.DataTimeout,
+		MaxSessionDuration:  s.MaxSessionDuration,
+		MaxAuthFailures:     s.MaxAuthFailures,
+		Upstream: smtpproxy.UpstreamSettings{
+			Address:        u.Address,
+			TLS:            u.TLS,
+			TLSServerName:  u.TLSServerName,
+			RootCAs:        u.RootCAs(),
+			Timeout:        u.Timeout,
+			ConnectTimeout: u.ConnectTimeout,
+			IdleTimeout:    u.IdleTimeout,
+			Keepalive:      u.Keepalive,
+			MaxConnections: u.MaxConnections,
+			MaxIdle:        u.MaxIdle,
+		},
+		Spool: smtpproxy.SpoolSettings{
+			Dir:            sp.Dir,
+			MemoryLimit:    sp.MemoryLimit,
+			MaxHeaderBytes: sp.MaxHeaderBytes,
+		},
+	}
+	if s.TLS != nil {
+		set.Certificate = s.TLS.Certificate()
+	}
+	return set
 }
 
 // keyring is the smtpproxy.KeySource of serve: the token keys of the
