@@ -74,7 +74,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 		return failf(c, tokenExitCode(err), "%v", err)
 	}
 
-	srv, err := smtpproxy.New(smtpproxy.Options{Config: cfg, Keys: &ring, Logger: logger})
+	srv, err := smtpproxy.New(smtpproxy.Options{Policy: cfg, Settings: relaySettings(cfg), Keys: &ring, Logger: logger})
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitConfig, "%v", err)
@@ -95,12 +95,14 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	for {
 		select {
 		case <-hup:
-			reload(ctx, srv, &ring, *path, logger, level, c.getenv)
+			if next := reload(ctx, srv, cfg, &ring, *path, logger, level, c.getenv); next != nil {
+				cfg = next
+			}
 		case err := <-serveErr:
 			closeToken(ring.token(), time.Now().Add(shortClose), logger)
 			return failf(c, exitSoftware, "serve: %v", err)
 		case <-ctx.Done():
-			grace := srv.Config().ShutdownGrace
+			grace := cfg.ShutdownGrace
 			logger.Info("shutting down", "grace_s", grace.Seconds())
 			deadline := time.Now().Add(grace)
 			sctx, cancel := context.WithDeadline(context.Background(), deadline)
@@ -140,18 +142,19 @@ func closeToken(tok *hsm.Token, deadline time.Time, logger *slog.Logger) {
 }
 
 // reload builds the new configuration completely (decoded, validated,
-// its keys checked) before swapping it in; any failure leaves the old one.
-// The token's PIN is read again from the pin-source: when it changed, or
-// the token refused the PIN it has (the PIN was changed in the token), a
-// new Token is opened with it and replaces the old one once its keys
-// check out. A PIN that fails is refused like any other error, after one
-// login attempt, and the old Token keeps serving.
-func reload(ctx context.Context, srv *smtpproxy.Server, ring *keyring, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string) {
+// its keys checked) before swapping it in for cur, and returns it; any
+// failure leaves cur serving and returns nil. The token's PIN is read
+// again from the pin-source: when it changed, or the token refused the
+// PIN it has (the PIN was changed in the token), a new Token is opened
+// with it and replaces the old one once its keys check out. A PIN that
+// fails is refused like any other error, after one login attempt, and
+// the old Token keeps serving.
+func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring *keyring, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string) *policy.Config {
 	cfg, err := policy.Load(path)
-	if err == nil && cfg.HSM.URI != srv.Config().HSM.URI {
+	if err == nil && cfg.HSM.URI != cur.HSM.URI {
 		err = errors.New("hsm.uri changed, which needs a restart")
 	}
-	if err == nil && cfg.Log.Format != srv.Config().Log.Format {
+	if err == nil && cfg.Log.Format != cur.Log.Format {
 		err = errors.New("log.format changed, which needs a restart")
 	}
 	kctx, cancel := context.WithTimeout(ctx, tokenTimeout)
@@ -169,7 +172,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, ring *keyring, path stri
 		// The new keys (and token) go in first: a transaction that already
 		// sees the new configuration must find its selectors.
 		old := ring.set(tok, keys)
-		if err = srv.Reload(cfg); err != nil {
+		if err = srv.Reload(cfg, relaySettings(cfg)); err != nil {
 			ring.restore(old)
 		}
 	}
@@ -178,7 +181,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, ring *keyring, path stri
 			tok.Close()
 		}
 		logger.Error("reload refused, the old configuration keeps serving", "config", path, "error", err)
-		return
+		return nil
 	}
 	if opened {
 		logger.Info("token re-opened with the PIN from the pin-source", "token", tok.Info().Label)
@@ -186,8 +189,51 @@ func reload(ctx context.Context, srv *smtpproxy.Server, ring *keyring, path stri
 		// temporary error (451) and are retried by their MTA.
 		go oldTok.Close()
 	}
+	logger.Info("configuration reloaded", "config", path)
 	level.Set(cfg.Log.SlogLevel())
 	logWarnings(logger, cfg)
+	return cfg
+}
+
+// relaySettings are the relay's settings in cfg; its decisions come from
+// cfg itself, as a smtpproxy.Policy.
+func relaySettings(cfg *policy.Config) smtpproxy.Settings {
+	s, u, sp := cfg.SMTP, cfg.Upstream, cfg.Spool
+	set := smtpproxy.Settings{
+		Listen:              s.Listen,
+		Hostname:            s.Hostname,
+		MaxMessageBytes:     s.MaxMessageBytes,
+		MaxRecipients:       s.MaxRecipients,
+		MaxLineLength:       s.MaxLineLength,
+		MaxConnections:      s.MaxConnections,
+		MaxConnectionsPerIP: s.MaxConnectionsPerIP,
+		ReadTimeout:         s.ReadTimeout,
+		WriteTimeout:        s.WriteTimeout,
+		DataTimeout:         s.DataTimeout,
+		MaxSessionDuration:  s.MaxSessionDuration,
+		MaxAuthFailures:     s.MaxAuthFailures,
+		Upstream: smtpproxy.UpstreamSettings{
+			Address:        u.Address,
+			TLS:            u.TLS,
+			TLSServerName:  u.TLSServerName,
+			RootCAs:        u.RootCAs(),
+			Timeout:        u.Timeout,
+			ConnectTimeout: u.ConnectTimeout,
+			IdleTimeout:    u.IdleTimeout,
+			Keepalive:      u.Keepalive,
+			MaxConnections: u.MaxConnections,
+			MaxIdle:        u.MaxIdle,
+		},
+		Spool: smtpproxy.SpoolSettings{
+			Dir:            sp.Dir,
+			MemoryLimit:    sp.MemoryLimit,
+			MaxHeaderBytes: sp.MaxHeaderBytes,
+		},
+	}
+	if s.TLS != nil {
+		set.Certificate = s.TLS.Certificate()
+	}
+	return set
 }
 
 // reopenIfPINChanged returns tok when the pin-source still gives its PIN
