@@ -20,8 +20,9 @@ const (
 // still ignored by many receivers, so it is for dual signing.
 const DefaultAlgorithm = RSA2048
 
-// Algorithms lists the supported algorithms.
-var Algorithms = []Algorithm{RSA2048, RSA3072, RSA4096, Ed25519}
+// Algorithms returns the supported algorithms, in a fresh slice: what
+// ParseAlgorithm accepts cannot be changed by a caller.
+func Algorithms() []Algorithm { return []Algorithm{RSA2048, RSA3072, RSA4096, Ed25519} }
 
 // minRSABits is today's floor: RFC 8301 forbids below 1024 bits, and 1024
 // is within reach of a well-funded attacker.
@@ -31,16 +32,16 @@ const minRSABits = 2048
 // An RSA size below 2048 bits is ErrWeakKey.
 func ParseAlgorithm(s string) (Algorithm, error) {
 	a := Algorithm(strings.ToLower(strings.TrimSpace(s)))
-	for _, known := range Algorithms {
+	for _, known := range Algorithms() {
 		if a == known {
 			return a, nil
 		}
 	}
 	var bits int
 	if _, err := fmt.Sscanf(string(a), "rsa-%d", &bits); err == nil && bits < minRSABits {
-		return "", fmt.Errorf("hsm: %w: RSA keys below %d bits are refused (RFC 8301; %d bits is today's floor)", ErrWeakKey, minRSABits, minRSABits)
+		return "", errorf("%w: RSA keys below %d bits are refused (RFC 8301; %d bits is today's floor)", ErrWeakKey, minRSABits, minRSABits)
 	}
-	return "", fmt.Errorf("hsm: %w %q: use one of rsa-2048, rsa-3072, rsa-4096, ed25519", ErrUnknownAlgorithm, s)
+	return "", errorf("%w %q: use one of rsa-2048, rsa-3072, rsa-4096, ed25519", ErrUnknownAlgorithm, s)
 }
 
 // IsRSA reports whether a is an RSA algorithm.

@@ -3,6 +3,7 @@ package hsm
 import (
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/miekg/pkcs11"
 )
@@ -115,14 +116,36 @@ func loginError(label string, err error) error {
 	if errors.As(err, &code) {
 		switch code {
 		case pkcs11.CKR_PIN_INCORRECT:
-			return fmt.Errorf("hsm: log in to token %q: %w: check the pin-source; dkimgw does not retry, as tokens lock after a few wrong PINs", label, ErrPINIncorrect)
+			return errorf("log in to token %q: %w: check the pin-source; dkimgw does not retry, as tokens lock after a few wrong PINs", label, ErrPINIncorrect)
 		case pkcs11.CKR_PIN_LOCKED:
-			return fmt.Errorf("hsm: log in to token %q: %w: the security officer must unlock or reset the user PIN", label, ErrPINLocked)
+			return errorf("log in to token %q: %w: the security officer must unlock or reset the user PIN", label, ErrPINLocked)
 		case pkcs11.CKR_PIN_EXPIRED:
-			return fmt.Errorf("hsm: log in to token %q: PIN expired: set a new user PIN with the token's tools: %w", label, err)
+			return errorf("log in to token %q: PIN expired: set a new user PIN with the token's tools: %w", label, err)
 		case pkcs11.CKR_PIN_LEN_RANGE, pkcs11.CKR_PIN_INVALID:
-			return fmt.Errorf("hsm: log in to token %q: %w: the PIN has an invalid length or characters", label, ErrPINIncorrect)
+			return errorf("log in to token %q: %w: the PIN has an invalid length or characters", label, ErrPINIncorrect)
 		}
 	}
-	return fmt.Errorf("hsm: log in to token %q: %w", label, err)
+	return errorf("log in to token %q: %w", label, err)
 }
+
+// errorf is fmt.Errorf with the package prefix, once: an hsm error it
+// wraps loses its own "hsm: ", so that a chain of wrapped errors reads
+// "hsm: sign with x: find objects: ..." and not "hsm: ...: hsm: ...".
+// Every error of the package is built with it.
+func errorf(format string, args ...any) error {
+	for i, a := range args {
+		if e, ok := a.(error); ok && strings.HasPrefix(e.Error(), prefix) {
+			args[i] = unprefixed{e}
+		}
+	}
+	return fmt.Errorf(prefix+format, args...)
+}
+
+const prefix = "hsm: "
+
+// unprefixed is an error without its leading package prefix; errors.Is
+// and errors.As see through it.
+type unprefixed struct{ err error }
+
+func (u unprefixed) Error() string { return strings.TrimPrefix(u.err.Error(), prefix) }
+func (u unprefixed) Unwrap() error { return u.err }

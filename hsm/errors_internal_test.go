@@ -3,6 +3,7 @@ package hsm
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/miekg/pkcs11"
@@ -86,4 +87,37 @@ func containsFold(s, sub string) bool {
 		}
 	}
 	return false
+}
+
+// TestOnePrefix: however deep hsm errors are wrapped in each other, the
+// message names the package once, and errors.Is and IsTemporary still see
+// every layer.
+func TestOnePrefix(t *testing.T) {
+	t.Parallel()
+	device := pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)
+	inner := errorf("find objects: %w", device)
+	tests := []struct {
+		err       error
+		is        []error
+		temporary bool
+	}{
+		{errorf("%w: %w", ErrKeyNotFound, errorf("a._domainkey.example.com: %w", errKeyGone)), []error{ErrKeyNotFound, errKeyGone}, false},
+		{temporary(errorf("sign with x: %w (recovery failed: %v)", temporary(inner), errorf("re-initialise: %w", errReinitTooSoon))), []error{device}, true},
+		{errorf("a: %w", errorf("b: %w", errorf("c: %w", ErrClosed))), []error{ErrClosed}, false},
+		{loginError("tok", pkcs11.Error(pkcs11.CKR_PIN_INCORRECT)), []error{ErrPINIncorrect}, false},
+		{errorf("token %q: %w", "tok", loginError("tok", pkcs11.Error(pkcs11.CKR_PIN_LOCKED))), []error{ErrPINLocked}, false},
+	}
+	for _, tt := range tests {
+		if n := strings.Count(tt.err.Error(), prefix); n != 1 || !strings.HasPrefix(tt.err.Error(), prefix) {
+			t.Errorf("%q: %d package prefixes, want one at the start", tt.err, n)
+		}
+		for _, target := range tt.is {
+			if !errors.Is(tt.err, target) {
+				t.Errorf("%q: errors.Is(%v) = false", tt.err, target)
+			}
+		}
+		if IsTemporary(tt.err) != tt.temporary {
+			t.Errorf("%q: IsTemporary = %v, want %v", tt.err, !tt.temporary, tt.temporary)
+		}
+	}
 }

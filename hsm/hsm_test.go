@@ -74,7 +74,7 @@ func signAndVerify(t testing.TB, k *hsm.Key) {
 func TestGenerateEachAlgorithm(t *testing.T) {
 	t.Parallel()
 	tok, _, _ := openToken(t, "")
-	for _, alg := range hsm.Algorithms {
+	for _, alg := range hsm.Algorithms() {
 		t.Run(string(alg), func(t *testing.T) {
 			key, err := tok.GenerateKey(t.Context(), "Example.COM", "s-"+string(alg), alg)
 			if err != nil {
@@ -250,6 +250,12 @@ func TestRecoversWhenTheModuleIsFinalized(t *testing.T) {
 	if !strings.Contains(logs.String(), "recovery=\"re-initialise module\"") {
 		t.Errorf("recovery did not re-initialise the module; log:\n%s", logs)
 	}
+	// Re-initialising voids every session of the process: it is a warning
+	// that says why.
+	if !strings.Contains(logs.String(), "level=WARN msg=\"re-initialising the PKCS#11 module: every session of the process is void\"") ||
+		!strings.Contains(logs.String(), "reason=") {
+		t.Errorf("the re-initialisation was not logged as a warning with its reason; log:\n%s", logs)
+	}
 }
 
 func TestVanishedTokenIsTemporaryAndComesBack(t *testing.T) {
@@ -278,6 +284,7 @@ func TestVanishedTokenIsTemporaryAndComesBack(t *testing.T) {
 	if !hsm.IsTemporary(err) {
 		t.Fatalf("error for a vanished token is not temporary: %v", err)
 	}
+	onePrefix(t, err)
 	// It comes back: signing recovers by itself, without a restart.
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
@@ -307,9 +314,11 @@ func TestDeletedTokenIsATemporaryError(t *testing.T) {
 	signAndVerify(t, key)
 	removeToken(t, st.Dir())
 	digest := sha256.Sum256([]byte("x"))
-	if _, err := key.Sign(rand.Reader, digest[:], crypto.Hash(0)); err == nil || !hsm.IsTemporary(err) {
+	_, err = key.Sign(rand.Reader, digest[:], crypto.Hash(0))
+	if err == nil || !hsm.IsTemporary(err) {
 		t.Fatalf("sign with a deleted token: got %v, want a temporary error", err)
 	}
+	onePrefix(t, err)
 }
 
 func TestKeysSurviveAnotherTokenReinitializingTheModule(t *testing.T) {
@@ -337,6 +346,7 @@ func TestWrongPIN(t *testing.T) {
 	if hsm.IsTemporary(err) {
 		t.Error("a wrong PIN is reported as temporary: callers would retry it and lock the token")
 	}
+	onePrefix(t, err)
 	if strings.Contains(err.Error(), st.PIN) {
 		t.Error("the error text contains the PIN")
 	}
@@ -376,6 +386,7 @@ func TestOpenErrors(t *testing.T) {
 			if !errors.Is(err, tt.want) {
 				t.Fatalf("got %v, want %v", err, tt.want)
 			}
+			onePrefix(t, err)
 		})
 	}
 	// The PIN from a file, as in production.
@@ -404,9 +415,11 @@ func TestRefusals(t *testing.T) {
 			t.Errorf("GenerateKey(%q, %q): got %v, want ErrInvalidName", bad[0], bad[1], err)
 		}
 	}
-	if _, err := tok.Key(ctx, "example.com", "absent"); !errors.Is(err, hsm.ErrKeyNotFound) {
+	_, err := tok.Key(ctx, "example.com", "absent")
+	if !errors.Is(err, hsm.ErrKeyNotFound) {
 		t.Errorf("Key of a missing selector: got %v, want ErrKeyNotFound", err)
 	}
+	onePrefix(t, err)
 	keys, err := tok.Keys(ctx)
 	if err != nil || len(keys) != 1 {
 		t.Errorf("after refusals the token holds %d keys (err %v), want 1", len(keys), err)
@@ -642,4 +655,279 @@ func removeToken(t *testing.T, dir string) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatal(err)
+}
+
+// TestHungCallFreezesNothing: one token call hangs (a network HSM that
+// stops answering one request) and a re-initialisation of the module is
+// pending behind it. Signing with a healthy key keeps its deadline, the
+// re-initialisation gives up rather than finalise the module under the
+// hung call, and Close returns.
+func TestHungCallFreezesNothing(t *testing.T) {
+	// Not parallel: the hung call belongs to the module every test of the
+	// package shares, and would hold up their re-initialisations.
+	tok, _, _ := openToken(t, "")
+	key, err := tok.GenerateKey(t.Context(), "example.com", "healthy", hsm.Ed25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen := hsm.ModuleGeneration(tok)
+	release := hsm.HangCall(tok)
+	defer release()
+
+	reinit := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		reinit <- hsm.Reinitialize(ctx, tok)
+	}()
+	waitReinitPending(t, tok)
+
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+	defer cancel()
+	digest := sha256.Sum256([]byte("x"))
+	sig, err := key.SignContext(ctx, digest[:], crypto.Hash(0))
+	if err != nil {
+		t.Fatalf("a healthy key did not sign while a re-initialisation waited for a hung call: %v", err)
+	}
+	if !ed25519.Verify(key.Public().(ed25519.PublicKey), digest[:], sig) {
+		t.Fatal("signature does not verify")
+	}
+	select {
+	case err := <-reinit:
+		if err == nil || !hsm.IsTemporary(err) {
+			t.Errorf("re-initialisation with a call hung: got %v, want a temporary error", err)
+		}
+		onePrefix(t, err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("the re-initialisation is still waiting for the hung call")
+	}
+	if got := hsm.ModuleGeneration(tok); got != gen {
+		t.Fatalf("the module was re-initialised (generation %d -> %d) under a hung call", gen, got)
+	}
+
+	// Close does not wait for the hung call either.
+	closed := make(chan error, 1)
+	go func() { closed <- tok.Close() }()
+	select {
+	case <-closed:
+	case <-time.After(20 * time.Second):
+		t.Fatal("Close waits for the hung call")
+	}
+}
+
+// onePrefix checks that err's message names the package once.
+func onePrefix(t *testing.T, err error) {
+	t.Helper()
+	if err != nil && strings.Count(err.Error(), "hsm: ") > 1 {
+		t.Errorf("error repeats the package prefix: %q", err)
+	}
+}
+
+// waitReinitPending waits until a re-initialisation of tok's module waits
+// for calls in flight.
+func waitReinitPending(t *testing.T, tok *hsm.Token) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !hsm.ReinitPending(tok) {
+		if time.Now().After(deadline) {
+			t.Fatal("no re-initialisation is pending")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestDestroyedKeyIsGone: a key destroyed while in use (rotation, an
+// administrator, another gateway) fails with ErrKeyNotFound, at once and
+// every time, without re-initialising the module (which would void the
+// sessions of every key in the process); other keys go on signing.
+func TestDestroyedKeyIsGone(t *testing.T) {
+	// Not parallel: it counts the re-initialisations of the module every
+	// test of the package shares.
+	tok, st, logs := openToken(t, "")
+	gone, err := tok.GenerateKey(t.Context(), "example.com", "gone", hsm.Ed25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := tok.GenerateKey(t.Context(), "example.org", "other", hsm.RSA2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signAndVerify(t, gone)
+	signAndVerify(t, other)
+
+	// Another Token of the same token destroys it, as another process would.
+	admin, err := hsm.Open(t.Context(), st.URI(), hsm.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.DestroyKey(t.Context(), "example.com", "gone"); err != nil {
+		t.Fatal(err)
+	}
+	admin.Close()
+
+	gen := hsm.ModuleGeneration(tok)
+	mark := len(logs.String())
+	digest := sha256.Sum256([]byte("x"))
+	for i := range 5 {
+		_, err := gone.Sign(rand.Reader, digest[:], crypto.Hash(0))
+		if !errors.Is(err, hsm.ErrKeyNotFound) || !strings.Contains(err.Error(), "gone._domainkey.example.com") {
+			t.Fatalf("sign %d with a destroyed key: got %v, want ErrKeyNotFound naming the key", i, err)
+		}
+		onePrefix(t, err)
+		signAndVerify(t, other)
+		time.Sleep(100 * time.Millisecond) // longer than nothing, so that recovery is not throttled
+	}
+	if got := hsm.ModuleGeneration(tok); got != gen {
+		t.Errorf("a destroyed key re-initialised the module (generation %d -> %d)", gen, got)
+	}
+	if !errors.Is(gone.Err(), hsm.ErrKeyNotFound) {
+		t.Errorf("Key.Err() = %v, want ErrKeyNotFound", gone.Err())
+	}
+	if after := logs.String()[mark:]; strings.Contains(after, "re-initialising") || strings.Count(after, "key gone") != 1 {
+		t.Errorf("want one log line saying the key is gone, and no re-initialisation; log:\n%s", after)
+	}
+}
+
+// TestChangedPINIsNotRetried: the user PIN changes behind the Token's
+// back and the process is logged out. The next signature tries the old
+// PIN once; after that every operation fails at once with
+// ErrPINIncorrect, without another login, until a Token is opened with
+// the new PIN.
+func TestChangedPINIsNotRetried(t *testing.T) {
+	t.Parallel()
+	st := testenv.SoftHSM(t)
+	tok, err := hsm.Open(t.Context(), st.URI(), hsm.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tok.Close()
+	key, err := tok.GenerateKey(t.Context(), "example.com", "s", hsm.Ed25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newPIN := "changed" + st.PIN
+	err = hsm.WithRawSession(tok, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+		return c.SetPIN(s, st.PIN, newPIN)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hsm.CloseAllSessions(tok); err != nil {
+		t.Fatal(err)
+	}
+	before := hsm.Logins(tok)
+	digest := sha256.Sum256([]byte("x"))
+	for i := range 10 {
+		_, err := key.Sign(rand.Reader, digest[:], crypto.Hash(0))
+		if !errors.Is(err, hsm.ErrPINIncorrect) || hsm.IsTemporary(err) || !strings.Contains(err.Error(), "does not retry") {
+			t.Fatalf("sign %d after the PIN changed: got %v, want ErrPINIncorrect, not temporary, saying it is not retried", i, err)
+		}
+		if strings.Contains(err.Error(), st.PIN) {
+			t.Fatal("the error text contains the PIN")
+		}
+		onePrefix(t, err)
+	}
+	if n := hsm.Logins(tok) - before; n > 1 {
+		t.Errorf("%d logins with the old PIN after it changed, want at most 1", n)
+	}
+	if !errors.Is(tok.PINError(), hsm.ErrPINIncorrect) {
+		t.Errorf("PINError() = %v, want ErrPINIncorrect", tok.PINError())
+	}
+	if _, err := tok.Keys(t.Context()); !errors.Is(err, hsm.ErrPINIncorrect) {
+		t.Errorf("Keys after the PIN failure: got %v, want ErrPINIncorrect", err)
+	}
+	if same, err := tok.SamePIN(st.URI(), nil); err != nil || !same {
+		t.Errorf("SamePIN(old URI) = %v, %v; want true", same, err)
+	}
+
+	// Re-opened with the new PIN, the token signs again.
+	uri := strings.Replace(st.URI(), "pin-value="+st.PIN, "pin-value="+newPIN, 1)
+	if same, err := tok.SamePIN(uri, nil); err != nil || same {
+		t.Errorf("SamePIN(new URI) = %v, %v; want false", same, err)
+	}
+	fresh, err := hsm.Open(t.Context(), uri, hsm.Options{})
+	if err != nil {
+		t.Fatalf("Open with the new PIN: %v", err)
+	}
+	defer fresh.Close()
+	again, err := fresh.Key(t.Context(), "example.com", "s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	signAndVerify(t, again)
+}
+
+// TestKeysWithOtherUsesAreRefused: a key generated in the token, sensitive
+// and never extractable, but allowed to decrypt, unwrap, derive or sign
+// with recovery is refused, and the listing says why.
+func TestKeysWithOtherUsesAreRefused(t *testing.T) {
+	t.Parallel()
+	tok, _, _ := openToken(t, "")
+	ctx := t.Context()
+	for i, attr := range []struct {
+		typ  uint
+		name string
+	}{
+		{pkcs11.CKA_DECRYPT, "CKA_DECRYPT"},
+		{pkcs11.CKA_UNWRAP, "CKA_UNWRAP"},
+		{pkcs11.CKA_SIGN_RECOVER, "CKA_SIGN_RECOVER"},
+		{pkcs11.CKA_DERIVE, "CKA_DERIVE"},
+	} {
+		selector := "use" + string(rune('a'+i))
+		label := hsm.RecordName("example.com", selector)
+		id := []byte{9, byte(i)}
+		err := hsm.WithRawSession(tok, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+			_, _, err := c.GenerateKeyPair(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)},
+				[]*pkcs11.Attribute{
+					pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+					pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, 2048),
+					pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}),
+					pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+					pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+				},
+				[]*pkcs11.Attribute{
+					pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+					pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+					pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+					pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+					pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+					pkcs11.NewAttribute(attr.typ, true),
+					pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+					pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+				})
+			return err
+		})
+		if err != nil {
+			t.Logf("the token refuses an RSA key with %s=true (%v); nothing to check", attr.name, err)
+			continue
+		}
+		_, err = tok.Key(ctx, "example.com", selector)
+		if !errors.Is(err, hsm.ErrUnsafeKey) || !strings.Contains(err.Error(), attr.name) {
+			t.Errorf("key with %s=true: got %v, want ErrUnsafeKey naming %s", attr.name, err, attr.name)
+		}
+		onePrefix(t, err)
+	}
+	keys, err := tok.Keys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) == 0 {
+		t.Fatal("the token refused every such key; the test checked nothing")
+	}
+	for _, k := range keys {
+		if why := hsm.UnsafeReason(k); !strings.Contains(why, "more than sign") {
+			t.Errorf("%s is listed as %+v; UnsafeReason %q does not say it may do more than sign", k.Label, k, why)
+		}
+	}
+	// dkimgw's own keys may do nothing but sign; the token may not know
+	// CKA_SIGN_RECOVER for Ed25519, which counts as false.
+	for _, alg := range []hsm.Algorithm{hsm.RSA2048, hsm.Ed25519} {
+		k, err := tok.GenerateKey(ctx, "example.org", "own-"+string(alg), alg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if why := hsm.UnsafeReason(k.Info()); why != "" {
+			t.Errorf("dkimgw's own %s key is refused: %s", alg, why)
+		}
+	}
 }

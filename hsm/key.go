@@ -36,6 +36,13 @@ type KeyInfo struct {
 	AlwaysSensitive  bool
 	Local            bool // generated in the token, never imported
 	CanSign          bool
+	// Other uses of the private key, all of which a DKIM key must lack: a
+	// key that may decrypt, unwrap or derive can be used to get secrets out
+	// of the token, and signature with recovery is another mechanism.
+	CanDecrypt     bool
+	CanUnwrap      bool
+	CanDerive      bool
+	CanSignRecover bool
 }
 
 // IDHex is the key's CKA_ID in hex, as pkcs11-tool prints it.
@@ -43,7 +50,9 @@ func (i KeyInfo) IDHex() string { return hex.EncodeToString(i.ID) }
 
 // UnsafeReason says why dkimgw refuses to sign with the key, or "" when
 // it may: a key that is or ever was extractable, or that was imported
-// rather than generated in the token, may exist outside it.
+// rather than generated in the token, may exist outside it; a key that
+// may decrypt, unwrap, derive or sign with recovery has uses beyond DKIM
+// signing that dkimgw's keys never have.
 func UnsafeReason(i KeyInfo) string {
 	if i.Algorithm.IsRSA() && i.Bits < minRSABits {
 		return fmt.Sprintf("RSA-%d is below the %d-bit floor (RFC 8301)", i.Bits, minRSABits)
@@ -67,6 +76,19 @@ func UnsafeReason(i KeyInfo) string {
 	if !i.CanSign {
 		why = append(why, "it may not sign (CKA_SIGN=false)")
 	}
+	for _, u := range []struct {
+		set  bool
+		attr string
+	}{
+		{i.CanDecrypt, "CKA_DECRYPT"},
+		{i.CanUnwrap, "CKA_UNWRAP"},
+		{i.CanDerive, "CKA_DERIVE"},
+		{i.CanSignRecover, "CKA_SIGN_RECOVER"},
+	} {
+		if u.set {
+			why = append(why, "it may do more than sign ("+u.attr+"=true)")
+		}
+	}
 	return strings.Join(why, "; ")
 }
 
@@ -80,6 +102,7 @@ type Key struct {
 	mu     sync.Mutex
 	handle pkcs11.ObjectHandle
 	epoch  uint64 // the token connection handle belongs to; 0 = re-find
+	gone   error  // ErrKeyNotFound once found gone from a healthy token
 }
 
 var _ crypto.Signer = (*Key)(nil)
@@ -127,7 +150,7 @@ func (t *Token) GenerateKey(ctx context.Context, domain, selector string, alg Al
 	}
 	id := make([]byte, 16)
 	if _, err := rand.Read(id); err != nil {
-		return nil, fmt.Errorf("hsm: random key id: %w", err)
+		return nil, errorf("random key id: %w", err)
 	}
 	genMech, pubTmpl, privTmpl := keyTemplates(alg, label, id)
 	err = t.do(ctx, "generate "+label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
@@ -141,7 +164,7 @@ func (t *Token) GenerateKey(ctx context.Context, domain, selector string, alg Al
 		for _, h := range append(privs, pubs...) {
 			got, err := c.GetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, nil)})
 			if err != nil || !bytes.Equal(got[0].Value, id) {
-				return fmt.Errorf("hsm: %w: the token already holds %s; pick another selector, or destroy it first", ErrKeyExists, label)
+				return errorf("%w: the token already holds %s; pick another selector, or destroy it first", ErrKeyExists, label)
 			}
 		}
 		if len(privs) > 0 {
@@ -149,7 +172,7 @@ func (t *Token) GenerateKey(ctx context.Context, domain, selector string, alg Al
 		}
 		_, _, err = c.GenerateKeyPair(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(genMech, nil)}, pubTmpl, privTmpl)
 		if err != nil {
-			return fmt.Errorf("hsm: generate %s key pair %s: %w", alg, label, err)
+			return errorf("generate %s key pair %s: %w", alg, label, err)
 		}
 		return nil
 	}, nil)
@@ -164,22 +187,22 @@ func (t *Token) checkMechanisms(alg Algorithm) error {
 	name := t.Info().Label
 	if alg == Ed25519 {
 		if _, ok := t.hasMechanism(ckmECEdwardsKeyPairGen); !ok {
-			return fmt.Errorf("hsm: %w: token %q has no CKM_EC_EDWARDS_KEY_PAIR_GEN, so it cannot generate Ed25519 keys; use rsa-2048, or a token (or firmware) with EdDSA support", ErrMechanismMissing, name)
+			return errorf("%w: token %q has no CKM_EC_EDWARDS_KEY_PAIR_GEN, so it cannot generate Ed25519 keys; use rsa-2048, or a token (or firmware) with EdDSA support", ErrMechanismMissing, name)
 		}
 		if _, ok := t.hasMechanism(ckmEdDSA); !ok {
-			return fmt.Errorf("hsm: %w: token %q has no CKM_EDDSA, so it cannot sign with Ed25519 keys; use rsa-2048", ErrMechanismMissing, name)
+			return errorf("%w: token %q has no CKM_EDDSA, so it cannot sign with Ed25519 keys; use rsa-2048", ErrMechanismMissing, name)
 		}
 		return nil
 	}
 	mi, ok := t.hasMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN)
 	if !ok {
-		return fmt.Errorf("hsm: %w: token %q has no CKM_RSA_PKCS_KEY_PAIR_GEN (RSA key generation)", ErrMechanismMissing, name)
+		return errorf("%w: token %q has no CKM_RSA_PKCS_KEY_PAIR_GEN (RSA key generation)", ErrMechanismMissing, name)
 	}
 	if bits := uint(alg.Bits()); mi.MaxKeySize != 0 && (bits < mi.MinKeySize || bits > mi.MaxKeySize) {
-		return fmt.Errorf("hsm: %w: token %q generates RSA keys of %d to %d bits, not %d", ErrMechanismMissing, name, mi.MinKeySize, mi.MaxKeySize, bits)
+		return errorf("%w: token %q generates RSA keys of %d to %d bits, not %d", ErrMechanismMissing, name, mi.MinKeySize, mi.MaxKeySize, bits)
 	}
 	if _, ok := t.hasMechanism(pkcs11.CKM_RSA_PKCS); !ok {
-		return fmt.Errorf("hsm: %w: token %q has no CKM_RSA_PKCS (RSA PKCS#1 v1.5 signing)", ErrMechanismMissing, name)
+		return errorf("%w: token %q has no CKM_RSA_PKCS (RSA PKCS#1 v1.5 signing)", ErrMechanismMissing, name)
 	}
 	return nil
 }
@@ -209,6 +232,7 @@ func keyTemplates(alg Algorithm, label string, id []byte) (uint, []*pkcs11.Attri
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN_RECOVER, false),
 		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
 		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
 		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
@@ -248,14 +272,14 @@ func findByLabel(c *pkcs11.Ctx, s pkcs11.SessionHandle, label string) (privs, pu
 
 func findObjects(c *pkcs11.Ctx, s pkcs11.SessionHandle, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
 	if err := c.FindObjectsInit(s, tmpl); err != nil {
-		return nil, fmt.Errorf("hsm: find objects: %w", err)
+		return nil, errorf("find objects: %w", err)
 	}
 	var all []pkcs11.ObjectHandle
 	for {
 		hs, _, err := c.FindObjects(s, 64)
 		if err != nil {
 			_ = c.FindObjectsFinal(s)
-			return nil, fmt.Errorf("hsm: find objects: %w", err)
+			return nil, errorf("find objects: %w", err)
 		}
 		all = append(all, hs...)
 		if len(hs) < 64 {
@@ -263,7 +287,7 @@ func findObjects(c *pkcs11.Ctx, s pkcs11.SessionHandle, tmpl []*pkcs11.Attribute
 		}
 	}
 	if err := c.FindObjectsFinal(s); err != nil {
-		return nil, fmt.Errorf("hsm: find objects: %w", err)
+		return nil, errorf("find objects: %w", err)
 	}
 	return all, nil
 }
@@ -308,12 +332,12 @@ func describe(c *pkcs11.Ctx, s pkcs11.SessionHandle, priv pkcs11.ObjectHandle, p
 	var info KeyInfo
 	label, err := readAttr(c, s, priv, pkcs11.CKA_LABEL)
 	if err != nil {
-		return info, nil, fmt.Errorf("hsm: read key label: %w", err)
+		return info, nil, errorf("read key label: %w", err)
 	}
 	info.Label = string(label)
 	info.Domain, info.Selector, _ = parseLabel(info.Label)
 	if info.ID, err = readAttr(c, s, priv, pkcs11.CKA_ID); err != nil {
-		return info, nil, fmt.Errorf("hsm: read CKA_ID of %s: %w", info.Label, err)
+		return info, nil, errorf("read CKA_ID of %s: %w", info.Label, err)
 	}
 	for _, a := range []struct {
 		typ uint
@@ -327,12 +351,31 @@ func describe(c *pkcs11.Ctx, s pkcs11.SessionHandle, priv pkcs11.ObjectHandle, p
 		{pkcs11.CKA_SIGN, &info.CanSign},
 	} {
 		if *a.dst, err = readBool(c, s, priv, a.typ); err != nil {
-			return info, nil, fmt.Errorf("hsm: read attribute 0x%x of %s: %w", a.typ, info.Label, err)
+			return info, nil, errorf("read attribute 0x%x of %s: %w", a.typ, info.Label, err)
+		}
+	}
+	// A token may not know an attribute for a key type (SoftHSM and
+	// CKA_SIGN_RECOVER of an Ed25519 key): unknown means the key cannot.
+	for _, a := range []struct {
+		typ uint
+		dst *bool
+	}{
+		{pkcs11.CKA_DECRYPT, &info.CanDecrypt},
+		{pkcs11.CKA_UNWRAP, &info.CanUnwrap},
+		{pkcs11.CKA_DERIVE, &info.CanDerive},
+		{pkcs11.CKA_SIGN_RECOVER, &info.CanSignRecover},
+	} {
+		*a.dst, err = readBool(c, s, priv, a.typ)
+		if errors.Is(err, pkcs11.Error(pkcs11.CKR_ATTRIBUTE_TYPE_INVALID)) {
+			*a.dst, err = false, nil
+		}
+		if err != nil {
+			return info, nil, errorf("read attribute 0x%x of %s: %w", a.typ, info.Label, err)
 		}
 	}
 	keyType, err := readUint(c, s, priv, pkcs11.CKA_KEY_TYPE)
 	if err != nil {
-		return info, nil, fmt.Errorf("hsm: read key type of %s: %w", info.Label, err)
+		return info, nil, errorf("read key type of %s: %w", info.Label, err)
 	}
 	var pubObj pkcs11.ObjectHandle
 	havePub := false
@@ -350,15 +393,15 @@ func describe(c *pkcs11.Ctx, s pkcs11.SessionHandle, priv pkcs11.ObjectHandle, p
 		}
 		n, err := readAttr(c, s, src, pkcs11.CKA_MODULUS)
 		if err != nil {
-			return info, nil, fmt.Errorf("hsm: read modulus of %s: %w", info.Label, err)
+			return info, nil, errorf("read modulus of %s: %w", info.Label, err)
 		}
 		e, err := readAttr(c, s, src, pkcs11.CKA_PUBLIC_EXPONENT)
 		if err != nil {
-			return info, nil, fmt.Errorf("hsm: read public exponent of %s: %w", info.Label, err)
+			return info, nil, errorf("read public exponent of %s: %w", info.Label, err)
 		}
 		exp := new(big.Int).SetBytes(e)
 		if !exp.IsInt64() || exp.Int64() > 1<<31-1 || exp.Int64() < 3 {
-			return info, nil, fmt.Errorf("hsm: %s has an unusable RSA public exponent", info.Label)
+			return info, nil, errorf("%s has an unusable RSA public exponent", info.Label)
 		}
 		pub := &rsa.PublicKey{N: new(big.Int).SetBytes(n), E: int(exp.Int64())}
 		info.Bits = pub.N.BitLen()
@@ -366,21 +409,21 @@ func describe(c *pkcs11.Ctx, s pkcs11.SessionHandle, priv pkcs11.ObjectHandle, p
 		return info, pub, nil
 	case ckkECEdwards:
 		if !havePub {
-			return info, nil, fmt.Errorf("hsm: %s has no public key object with CKA_ID %x; the Ed25519 public key cannot be read from the private one", info.Label, info.ID)
+			return info, nil, errorf("%s has no public key object with CKA_ID %x; the Ed25519 public key cannot be read from the private one", info.Label, info.ID)
 		}
 		point, err := readAttr(c, s, pubObj, pkcs11.CKA_EC_POINT)
 		if err != nil {
-			return info, nil, fmt.Errorf("hsm: read EC point of %s: %w", info.Label, err)
+			return info, nil, errorf("read EC point of %s: %w", info.Label, err)
 		}
 		pub, err := parseEd25519Point(point)
 		if err != nil {
-			return info, nil, fmt.Errorf("hsm: %s: %w", info.Label, err)
+			return info, nil, errorf("%s: %w", info.Label, err)
 		}
 		info.Bits = 256
 		info.Algorithm = Ed25519
 		return info, pub, nil
 	default:
-		return info, nil, fmt.Errorf("hsm: %s has key type 0x%x; dkimgw signs with RSA and Ed25519 only", info.Label, keyType)
+		return info, nil, errorf("%s has key type 0x%x; dkimgw signs with RSA and Ed25519 only", info.Label, keyType)
 	}
 }
 
@@ -417,10 +460,10 @@ func (t *Token) loadKey(ctx context.Context, domain, selector, label string) (*K
 		}
 		switch len(privs) {
 		case 0:
-			return fmt.Errorf("hsm: %w: no private key labelled %s in token %q; generate one with 'dkimgw keys generate'", ErrKeyNotFound, label, t.Info().Label)
+			return errorf("%w: no private key labelled %s in token %q; generate one with 'dkimgw keys generate'", ErrKeyNotFound, label, t.Info().Label)
 		case 1:
 		default:
-			return fmt.Errorf("hsm: %d private keys are labelled %s; destroy the extra ones with pkcs11-tool", len(privs), label)
+			return errorf("%d private keys are labelled %s; destroy the extra ones with pkcs11-tool", len(privs), label)
 		}
 		info, pub, err := describe(c, s, privs[0], pubs)
 		if err != nil {
@@ -434,10 +477,10 @@ func (t *Token) loadKey(ctx context.Context, domain, selector, label string) (*K
 		return nil, err
 	}
 	if k.info.Algorithm.IsRSA() && k.info.Bits < minRSABits {
-		return nil, fmt.Errorf("hsm: %w: %s is RSA-%d; RSA keys below %d bits are refused (RFC 8301)", ErrWeakKey, label, k.info.Bits, minRSABits)
+		return nil, errorf("%w: %s is RSA-%d; RSA keys below %d bits are refused (RFC 8301)", ErrWeakKey, label, k.info.Bits, minRSABits)
 	}
 	if why := UnsafeReason(k.info); why != "" {
-		return nil, fmt.Errorf("hsm: %w: %s: %s; generate a new key with 'dkimgw keys generate'", ErrUnsafeKey, label, why)
+		return nil, errorf("%w: %s: %s; generate a new key with 'dkimgw keys generate'", ErrUnsafeKey, label, why)
 	}
 	return k, nil
 }
@@ -460,7 +503,7 @@ func (t *Token) Keys(ctx context.Context) ([]KeyInfo, error) {
 		for _, h := range privs {
 			label, err := readAttr(c, s, h, pkcs11.CKA_LABEL)
 			if err != nil {
-				return fmt.Errorf("hsm: read key label: %w", err)
+				return errorf("read key label: %w", err)
 			}
 			if _, _, ok := parseLabel(string(label)); !ok {
 				continue
@@ -490,7 +533,7 @@ func (t *Token) DestroyKey(ctx context.Context, domain, selector string) error {
 		}
 		for _, h := range append(privs, pubs...) {
 			if err := c.DestroyObject(s, h); err != nil {
-				return fmt.Errorf("hsm: destroy object of %s: %w", label, err)
+				return errorf("destroy object of %s: %w", label, err)
 			}
 			destroyed++
 		}
@@ -500,7 +543,7 @@ func (t *Token) DestroyKey(ctx context.Context, domain, selector string) error {
 		return err
 	}
 	if destroyed == 0 {
-		return fmt.Errorf("hsm: %w: no key labelled %s in token %q", ErrKeyNotFound, label, t.Info().Label)
+		return errorf("%w: no key labelled %s in token %q", ErrKeyNotFound, label, t.Info().Label)
 	}
 	t.log.Info("key destroyed", "label", label, "objects", destroyed)
 	return nil
@@ -536,16 +579,16 @@ func (k *Key) SignContext(ctx context.Context, digest []byte, opts crypto.Signer
 	switch k.pub.(type) {
 	case *rsa.PublicKey:
 		if _, pss := opts.(*rsa.PSSOptions); pss || opts.HashFunc() != crypto.SHA256 || len(digest) != 32 {
-			return nil, fmt.Errorf("hsm: %s: %w: RSA keys sign 32-byte SHA-256 digests with PKCS#1 v1.5", k.info.Label, ErrUnsupportedRequest)
+			return nil, errorf("%s: %w: RSA keys sign 32-byte SHA-256 digests with PKCS#1 v1.5", k.info.Label, ErrUnsupportedRequest)
 		}
 		mech, input = pkcs11.CKM_RSA_PKCS, append(bytes.Clone(sha256DigestInfo), digest...)
 	case ed25519.PublicKey:
 		if opts.HashFunc() != 0 {
-			return nil, fmt.Errorf("hsm: %s: %w: Ed25519 keys sign the message itself (HashFunc 0), not a %v digest", k.info.Label, ErrUnsupportedRequest, opts.HashFunc())
+			return nil, errorf("%s: %w: Ed25519 keys sign the message itself (HashFunc 0), not a %v digest", k.info.Label, ErrUnsupportedRequest, opts.HashFunc())
 		}
 		mech, input = ckmEdDSA, digest
 	default:
-		return nil, fmt.Errorf("hsm: %s: %w: unknown key type", k.info.Label, ErrUnsupportedRequest)
+		return nil, errorf("%s: %w: unknown key type", k.info.Label, ErrUnsupportedRequest)
 	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
@@ -565,7 +608,7 @@ func (k *Key) SignContext(ctx context.Context, digest []byte, opts crypto.Signer
 	select {
 	case r = <-done:
 	case <-ctx.Done():
-		return nil, temporary(fmt.Errorf("hsm: sign with %s: %w", k.info.Label, ctx.Err()))
+		return nil, temporary(errorf("sign with %s: %w", k.info.Label, ctx.Err()))
 	}
 	if r.err != nil {
 		return nil, r.err
@@ -578,6 +621,9 @@ func (k *Key) SignContext(ctx context.Context, digest []byte, opts crypto.Signer
 }
 
 func (k *Key) sign(ctx context.Context, mech uint, input []byte) ([]byte, error) {
+	if err := k.Err(); err != nil {
+		return nil, err
+	}
 	var sig []byte
 	err := k.token.do(ctx, "sign with "+k.info.Label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, epoch uint64) error {
 		h, err := k.handleFor(c, s, epoch)
@@ -585,11 +631,11 @@ func (k *Key) sign(ctx context.Context, mech uint, input []byte) ([]byte, error)
 			return err
 		}
 		if err := c.SignInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, h); err != nil {
-			return fmt.Errorf("hsm: sign with %s: %w", k.info.Label, err)
+			return errorf("sign with %s: %w", k.info.Label, err)
 		}
 		sig, err = c.Sign(s, input)
 		if err != nil {
-			return fmt.Errorf("hsm: sign with %s: %w", k.info.Label, err)
+			return errorf("sign with %s: %w", k.info.Label, err)
 		}
 		return nil
 	}, k.refind)
@@ -598,9 +644,17 @@ func (k *Key) sign(ctx context.Context, mech uint, input []byte) ([]byte, error)
 
 // handleFor returns the private key's handle in the connection epoch,
 // finding it again after a reconnect: handles do not survive a re-login.
+// A key absent from a session that is logged in, on a token that answers,
+// is gone (destroyed, or replaced by a key with another CKA_ID): that is
+// ErrKeyNotFound, remembered, and no reason to reconnect. Absent from a
+// session that is not logged in, it is errKeyGone, which recovery
+// escalates.
 func (k *Key) handleFor(c *pkcs11.Ctx, s pkcs11.SessionHandle, epoch uint64) (pkcs11.ObjectHandle, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	if k.gone != nil {
+		return 0, k.gone
+	}
 	if k.epoch == epoch {
 		return k.handle, nil
 	}
@@ -612,11 +666,26 @@ func (k *Key) handleFor(c *pkcs11.Ctx, s pkcs11.SessionHandle, epoch uint64) (pk
 	if err != nil {
 		return 0, err
 	}
+	if len(privs) == 0 && k.token.healthy(c, s) {
+		k.gone = errorf("%w: %s (id %x) is no longer in token %q: it was destroyed or replaced", ErrKeyNotFound, k.info.Label, k.info.ID, k.token.Info().Label)
+		k.token.log.Error("key gone from the token", "label", k.info.Label, "domain", k.info.Domain, "selector", k.info.Selector, "id", k.info.IDHex())
+		return 0, k.gone
+	}
 	if len(privs) != 1 {
-		return 0, fmt.Errorf("hsm: %s (id %x): %d private keys found: %w", k.info.Label, k.info.ID, len(privs), errKeyGone)
+		return 0, errorf("%s (id %x): %d private keys found: %w", k.info.Label, k.info.ID, len(privs), errKeyGone)
 	}
 	k.handle, k.epoch = privs[0], epoch
 	return k.handle, nil
+}
+
+// Err is ErrKeyNotFound once the key was found gone from the token
+// (destroyed or replaced), else nil. A gone key fails every signature at
+// once, without calling the token; look the selector up again with
+// Token.Key to use a key that replaced it.
+func (k *Key) Err() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.gone
 }
 
 // refind forgets the cached handle and finds it again, for recovery.
@@ -635,11 +704,11 @@ func (k *Key) verify(digest, sig []byte) error {
 	switch pub := k.pub.(type) {
 	case *rsa.PublicKey:
 		if rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest, sig) != nil {
-			return fmt.Errorf("hsm: sign with %s: %w", k.info.Label, ErrInvalidSignature)
+			return errorf("sign with %s: %w", k.info.Label, ErrInvalidSignature)
 		}
 	case ed25519.PublicKey:
 		if !ed25519.Verify(pub, digest, sig) {
-			return fmt.Errorf("hsm: sign with %s: %w", k.info.Label, ErrInvalidSignature)
+			return errorf("sign with %s: %w", k.info.Label, ErrInvalidSignature)
 		}
 	}
 	return nil

@@ -36,16 +36,16 @@ func TXTRecord(pub crypto.PublicKey) (string, error) {
 	case *rsa.PublicKey:
 		der, err := x509.MarshalPKIXPublicKey(pub)
 		if err != nil {
-			return "", fmt.Errorf("hsm: encode RSA public key: %w", err)
+			return "", errorf("encode RSA public key: %w", err)
 		}
 		return "v=DKIM1; k=rsa; p=" + base64.StdEncoding.EncodeToString(der), nil
 	case ed25519.PublicKey:
 		if len(pub) != ed25519.PublicKeySize {
-			return "", fmt.Errorf("hsm: Ed25519 public key has %d bytes, want %d", len(pub), ed25519.PublicKeySize)
+			return "", errorf("Ed25519 public key has %d bytes, want %d", len(pub), ed25519.PublicKeySize)
 		}
 		return "v=DKIM1; k=ed25519; p=" + base64.StdEncoding.EncodeToString(pub), nil
 	default:
-		return "", fmt.Errorf("hsm: no DKIM record for public key type %T", pub)
+		return "", errorf("no DKIM record for public key type %T", pub)
 	}
 }
 

@@ -43,7 +43,7 @@ var ErrInvalidURI = errors.New("invalid PKCS#11 URI")
 func ParseURI(s string) (*URI, error) {
 	rest, ok := cutPrefixFold(s, "pkcs11:")
 	if !ok {
-		return nil, fmt.Errorf("hsm: %w: %q does not start with \"pkcs11:\"", ErrInvalidURI, redactURIText(s))
+		return nil, errorf("%w: %q does not start with \"pkcs11:\"", ErrInvalidURI, redactURIText(s))
 	}
 	path, query, _ := strings.Cut(rest, "?")
 	u := &URI{}
@@ -68,15 +68,15 @@ func ParseURI(s string) (*URI, error) {
 		case "slot-id":
 			id, err := strconv.ParseUint(value, 10, 0)
 			if err != nil {
-				return nil, fmt.Errorf("hsm: %w: slot-id %q is not a decimal number", ErrInvalidURI, value)
+				return nil, errorf("%w: slot-id %q is not a decimal number", ErrInvalidURI, value)
 			}
 			slot := uint(id)
 			u.SlotID = &slot
 		case "object", "id", "type":
-			return nil, fmt.Errorf("hsm: %w: path attribute %q selects a key; dkimgw selects keys by domain and selector, so the URI names only the token", ErrInvalidURI, name)
+			return nil, errorf("%w: path attribute %q selects a key; dkimgw selects keys by domain and selector, so the URI names only the token", ErrInvalidURI, name)
 		default:
 			if !strings.HasPrefix(name, "x-") {
-				return nil, fmt.Errorf("hsm: %w: unsupported path attribute %q (use token, serial, slot-id, manufacturer or model)", ErrInvalidURI, name)
+				return nil, errorf("%w: unsupported path attribute %q (use token, serial, slot-id, manufacturer or model)", ErrInvalidURI, name)
 			}
 		}
 	}
@@ -98,22 +98,22 @@ func ParseURI(s string) (*URI, error) {
 		case "max-sessions":
 			n, err := strconv.Atoi(value)
 			if err != nil || n < 1 || n > 1024 {
-				return nil, fmt.Errorf("hsm: %w: max-sessions %q must be a number from 1 to 1024", ErrInvalidURI, value)
+				return nil, errorf("%w: max-sessions %q must be a number from 1 to 1024", ErrInvalidURI, value)
 			}
 			u.MaxSessions = n
 		case "module-name":
-			return nil, fmt.Errorf("hsm: %w: module-name is not supported; give the library's full path as module-path", ErrInvalidURI)
+			return nil, errorf("%w: module-name is not supported; give the library's full path as module-path", ErrInvalidURI)
 		default:
 			if !strings.HasPrefix(name, "x-") {
-				return nil, fmt.Errorf("hsm: %w: unsupported query attribute %q (use module-path, pin-source, pin-value or max-sessions)", ErrInvalidURI, name)
+				return nil, errorf("%w: unsupported query attribute %q (use module-path, pin-source, pin-value or max-sessions)", ErrInvalidURI, name)
 			}
 		}
 	}
 	if u.ModulePath == "" {
-		return nil, fmt.Errorf("hsm: %w: module-path is missing; add ?module-path=/path/to/pkcs11-module.so (SoftHSM: /usr/lib/softhsm/libsofthsm2.so)", ErrInvalidURI)
+		return nil, errorf("%w: module-path is missing; add ?module-path=/path/to/pkcs11-module.so (SoftHSM: /usr/lib/softhsm/libsofthsm2.so)", ErrInvalidURI)
 	}
 	if u.PINSource != "" && u.PINValue != "" {
-		return nil, fmt.Errorf("hsm: %w: pin-source and pin-value are mutually exclusive", ErrInvalidURI)
+		return nil, errorf("%w: pin-source and pin-value are mutually exclusive", ErrInvalidURI)
 	}
 	return u, nil
 }
@@ -121,11 +121,11 @@ func ParseURI(s string) (*URI, error) {
 func splitAttr(attr string, seen map[string]bool) (name, value string, err error) {
 	rawName, rawValue, ok := strings.Cut(attr, "=")
 	if !ok || rawName == "" {
-		return "", "", fmt.Errorf("hsm: %w: attribute %q is not name=value", ErrInvalidURI, redactAttr(attr))
+		return "", "", errorf("%w: attribute %q is not name=value", ErrInvalidURI, redactAttr(attr))
 	}
 	name = strings.ToLower(rawName)
 	if seen[name] {
-		return "", "", fmt.Errorf("hsm: %w: attribute %q given twice", ErrInvalidURI, name)
+		return "", "", errorf("%w: attribute %q given twice", ErrInvalidURI, name)
 	}
 	seen[name] = true
 	// PathUnescape, not QueryUnescape: RFC 7512 values are percent-encoded
@@ -133,9 +133,9 @@ func splitAttr(attr string, seen map[string]bool) (name, value string, err error
 	value, err = url.PathUnescape(rawValue)
 	if err != nil {
 		if name == "pin-value" {
-			return "", "", fmt.Errorf("hsm: %w: pin-value has a bad percent-encoding", ErrInvalidURI)
+			return "", "", errorf("%w: pin-value has a bad percent-encoding", ErrInvalidURI)
 		}
-		return "", "", fmt.Errorf("hsm: %w: attribute %q: bad percent-encoding in %q", ErrInvalidURI, name, rawValue)
+		return "", "", errorf("%w: attribute %q: bad percent-encoding in %q", ErrInvalidURI, name, rawValue)
 	}
 	return name, value, nil
 }
@@ -149,7 +149,7 @@ func (u *URI) PIN(getenv func(string) string) (string, error) {
 	case u.PINValue != "":
 		return u.PINValue, nil
 	case u.PINSource == "":
-		return "", fmt.Errorf("hsm: no PIN: add pin-source=file:/path/to/pin or pin-source=env:NAME to the PKCS#11 URI")
+		return "", errorf("no PIN: add pin-source=file:/path/to/pin or pin-source=env:NAME to the PKCS#11 URI")
 	}
 	src := u.PINSource
 	if name, ok := strings.CutPrefix(src, "env:"); ok {
@@ -158,7 +158,7 @@ func (u *URI) PIN(getenv func(string) string) (string, error) {
 		}
 		pin := getenv(name)
 		if pin == "" {
-			return "", fmt.Errorf("hsm: pin-source env:%s: the environment variable is unset or empty", name)
+			return "", errorf("pin-source env:%s: the environment variable is unset or empty", name)
 		}
 		return pin, nil
 	}
@@ -169,16 +169,16 @@ func (u *URI) PIN(getenv func(string) string) (string, error) {
 		path = p
 	}
 	if !strings.HasPrefix(path, "/") {
-		return "", fmt.Errorf("hsm: pin-source %q: want file:/absolute/path or env:NAME", src)
+		return "", errorf("pin-source %q: want file:/absolute/path or env:NAME", src)
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return "", fmt.Errorf("hsm: read PIN from pin-source: %w", err)
+		return "", errorf("read PIN from pin-source: %w", err)
 	}
 	pin, _, _ := strings.Cut(string(data), "\n")
 	pin = strings.TrimRight(pin, "\r")
 	if pin == "" {
-		return "", fmt.Errorf("hsm: pin-source %s: the file's first line is empty", path)
+		return "", errorf("pin-source %s: the file's first line is empty", path)
 	}
 	return pin, nil
 }

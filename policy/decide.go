@@ -208,3 +208,13 @@ func (cl *Client) AuthFrom(ip netip.Addr) bool {
 	}
 	return false
 }
+
+// ActionOnTokenError returns what happens to a message whose key cannot be
+// used: c.OnTokenError, as a method so that the relay can ask it through
+// an interface.
+func (c *Config) ActionOnTokenError() TokenErrorAction { return c.OnTokenError }
+
+// ActionOnUnauthorized returns what happens to a message whose From
+// domain its client may not have signed: c.OnUnauthorized, as a method
+// so that the relay can ask it through an interface.
+func (c *Config) ActionOnUnauthorized() UnauthorizedAction { return c.OnUnauthorized }

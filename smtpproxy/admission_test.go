@@ -235,7 +235,7 @@ func TestClientRemovedMidTransactionIsClosed(t *testing.T) {
 		t.Fatalf("MAIL: %q", l)
 	}
 	gone := strings.Replace(fmt.Sprintf(baseConfig, h.sink.Addr()), `["127.0.0.0/8"]`, `["192.0.2.0/24"]`, 1)
-	if err := h.srv.Reload(h.parse(gone)); err != nil {
+	if err := h.reload(h.parse(gone)); err != nil {
 		t.Fatal(err)
 	}
 	fmt.Fprintf(conn, "MAIL FROM:<b@example.com>\r\n")

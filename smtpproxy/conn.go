@@ -141,7 +141,7 @@ func (c *clientConn) windDownWith(bye string) {
 		c.bye = bye
 	}
 	if c.inTx && c.windLimit.IsZero() {
-		c.windLimit = time.Now().Add(c.srv.state.Load().cfg.SMTP.DataTimeout)
+		c.windLimit = time.Now().Add(c.srv.state.Load().set.DataTimeout)
 	}
 	_ = c.setReadDeadlineLocked(c.deadline)
 }
@@ -153,7 +153,7 @@ func (c *clientConn) setInTx(v bool) {
 	switch {
 	case v && c.winding && c.windLimit.IsZero():
 		// The transaction started as the connection began to wind down.
-		c.windLimit = time.Now().Add(c.srv.state.Load().cfg.SMTP.DataTimeout)
+		c.windLimit = time.Now().Add(c.srv.state.Load().set.DataTimeout)
 	case !v && c.winding:
 		_ = c.setReadDeadlineLocked(past)
 	}

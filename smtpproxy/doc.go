@@ -32,7 +32,12 @@
 //
 // The package does not know where keys live: it asks a [KeySource] and
 // treats an error with a Temporary() bool method that returns true as a
-// token failure.
+// token failure. Nor does it read the configuration: its decisions (which
+// client this is, who signs mail From a domain, whether AUTH is offered,
+// what to do on a token error or an unauthorised From) come from a
+// [Policy], which *policy.Config implements, and its limits, timeouts and
+// addresses from a plain [Settings]. Reload swaps both at once, for new
+// transactions; a transaction keeps the pair it started with.
 //
 // Standards:
 //   - RFC 5321 (SMTP), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 2920

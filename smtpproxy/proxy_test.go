@@ -156,7 +156,7 @@ func newHarness(t *testing.T, conf string) *harness {
 		conf = fmt.Sprintf(conf, h.sink.Addr())
 	}
 	cfg := h.parse(conf)
-	srv, err := New(Options{Config: cfg, Keys: h.keys, Logger: slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	srv, err := New(Options{Policy: cfg, Settings: settingsOf(cfg), Keys: h.keys, Logger: slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
@@ -194,6 +194,33 @@ func (h *harness) parse(text string) *policy.Config {
 		h.t.Fatalf("config: %v", err)
 	}
 	return cfg
+}
+
+// reload swaps in cfg as cmd/dkimgw does: its policy and its settings.
+func (h *harness) reload(cfg *policy.Config) error {
+	return h.srv.Reload(cfg, settingsOf(cfg))
+}
+
+// settingsOf fills Settings from a configuration, as cmd/dkimgw does.
+func settingsOf(cfg *policy.Config) Settings {
+	s, u := cfg.SMTP, cfg.Upstream
+	set := Settings{
+		Listen: s.Listen, Hostname: s.Hostname,
+		MaxMessageBytes: s.MaxMessageBytes, MaxRecipients: s.MaxRecipients, MaxLineLength: s.MaxLineLength,
+		MaxConnections: s.MaxConnections, MaxConnectionsPerIP: s.MaxConnectionsPerIP,
+		ReadTimeout: s.ReadTimeout, WriteTimeout: s.WriteTimeout, DataTimeout: s.DataTimeout,
+		MaxSessionDuration: s.MaxSessionDuration, MaxAuthFailures: s.MaxAuthFailures,
+		Upstream: UpstreamSettings{
+			Address: u.Address, TLS: u.TLS, TLSServerName: u.TLSServerName, RootCAs: u.RootCAs(),
+			Timeout: u.Timeout, ConnectTimeout: u.ConnectTimeout, IdleTimeout: u.IdleTimeout,
+			Keepalive: u.Keepalive, MaxConnections: u.MaxConnections, MaxIdle: u.MaxIdle,
+		},
+		Spool: SpoolSettings{Dir: cfg.Spool.Dir, MemoryLimit: cfg.Spool.MemoryLimit, MaxHeaderBytes: cfg.Spool.MaxHeaderBytes},
+	}
+	if s.TLS != nil {
+		set.Certificate = s.TLS.Certificate()
+	}
+	return set
 }
 
 func (h *harness) dial() *smtp.Client {
@@ -867,18 +894,18 @@ func TestReload(t *testing.T) {
 	h := newHarness(t, "")
 	// A configuration that no longer lets campaigns use example.com.
 	stricter := strings.Replace(fmt.Sprintf(baseConfig, h.sink.Addr()), "domains: [example.com]", "domains: [other.example.com]", 1)
-	if err := h.srv.Reload(h.parse(stricter)); err != nil {
+	if err := h.reload(h.parse(stricter)); err != nil {
 		t.Fatalf("Reload: %v", err)
 	}
 	_, err := send(h.dial(), "b@example.com", []string{"a@example.net"}, testMsg)
 	wantCode(t, err, 550, smtp.EnhancedCode{5, 7, 1})
 
 	moved := strings.Replace(stricter, "hostname: dkimgw.test", "hostname: other.test\n  listen: 127.0.0.1:2525", 1)
-	err = h.srv.Reload(h.parse(moved))
+	err = h.reload(h.parse(moved))
 	if err == nil || !strings.Contains(err.Error(), "smtp.listen") || !strings.Contains(err.Error(), "smtp.hostname") {
 		t.Fatalf("Reload with a new listen address = %v, want a refusal naming the keys", err)
 	}
-	if got := h.srv.Config().Clients[0].Domains[0]; got != "other.example.com" {
+	if got := h.srv.Policy().(*policy.Config).Clients[0].Domains[0]; got != "other.example.com" {
 		t.Errorf("a refused reload changed the configuration: %s", got)
 	}
 }

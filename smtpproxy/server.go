@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -30,20 +31,118 @@ type KeySource interface {
 	Key(ctx context.Context, domain, selector string) (crypto.Signer, error)
 }
 
-// KeySourceFunc adapts a function to KeySource.
-type KeySourceFunc func(ctx context.Context, domain, selector string) (crypto.Signer, error)
-
-// Key calls f.
-func (f KeySourceFunc) Key(ctx context.Context, domain, selector string) (crypto.Signer, error) {
-	return f(ctx, domain, selector)
+// Policy is what the relay asks of its configuration: who a client is and
+// what happens to its mail. *policy.Config implements it; the relay does
+// not read the configuration otherwise (its settings come in [Settings]).
+// The *policy.Client values it returns are only handed back to Sign and
+// named in logs.
+type Policy interface {
+	// ClientByAddr returns the client recognised by the source address
+	// ip, or nil.
+	ClientByAddr(ip netip.Addr) *policy.Client
+	// ClientByUser returns the client of an authenticated user when the
+	// user may log in from ip, or nil.
+	ClientByUser(user string, ip netip.Addr) *policy.Client
+	// Authenticate checks a user name and password and returns the
+	// user's client, or an error that does not say which was wrong.
+	Authenticate(user, password string) (*policy.Client, error)
+	// HasUsers reports whether AUTH is to be offered (over TLS).
+	HasUsers() bool
+	// Sign returns who signs the client's mail From fromDomain, or an
+	// *policy.UnauthorizedError when the client may not use the domain.
+	Sign(client *policy.Client, fromDomain string) (policy.Signing, error)
+	// ActionOnTokenError says what happens to a message whose key cannot
+	// be used.
+	ActionOnTokenError() policy.TokenErrorAction
+	// ActionOnUnauthorized says what happens to a message Sign refused.
+	ActionOnUnauthorized() policy.UnauthorizedAction
 }
 
-var _ KeySource = KeySourceFunc(nil)
+var _ Policy = (*policy.Config)(nil)
+
+// Settings are the relay's limits, timeouts and addresses, each as the
+// configuration key it is named after (smtp.*, upstream.*, spool.*)
+// describes it. New takes them as they are: the caller applies defaults
+// (policy.Load does).
+type Settings struct {
+	Listen              string // smtp.listen, for ListenAndServe
+	Hostname            string // smtp.hostname; empty: the machine's host name
+	MaxMessageBytes     int64
+	MaxRecipients       int
+	MaxLineLength       int
+	MaxConnections      int
+	MaxConnectionsPerIP int // 0: no limit per source
+	ReadTimeout         time.Duration
+	WriteTimeout        time.Duration
+	DataTimeout         time.Duration
+	MaxSessionDuration  time.Duration
+	MaxAuthFailures     int
+	// Certificate is STARTTLS's certificate (smtp.tls); nil: no STARTTLS
+	// and so no AUTH. It is read when a client starts TLS, so a Reload
+	// renews it.
+	Certificate *tls.Certificate
+
+	Upstream UpstreamSettings
+	Spool    SpoolSettings
+}
+
+// UpstreamSettings are the upstream.* settings.
+type UpstreamSettings struct {
+	Address        string
+	TLS            policy.UpstreamTLS // empty means none
+	TLSServerName  string             // empty: the host of Address
+	RootCAs        *x509.CertPool     // nil: the system roots
+	Timeout        time.Duration
+	ConnectTimeout time.Duration
+	IdleTimeout    time.Duration
+	Keepalive      time.Duration
+	MaxConnections int
+	MaxIdle        int
+}
+
+// SpoolSettings are the spool.* settings.
+type SpoolSettings struct {
+	Dir            string // empty: $TMPDIR
+	MemoryLimit    int64
+	MaxHeaderBytes int
+}
+
+// check refuses settings that would make the relay hang or refuse every
+// connection: limits and timeouts New is given unset.
+func (st *Settings) check() error {
+	var bad []string
+	need := func(ok bool, key string) {
+		if !ok {
+			bad = append(bad, key)
+		}
+	}
+	need(st.MaxMessageBytes > 0, "smtp.max_message_bytes")
+	need(st.MaxRecipients > 0, "smtp.max_recipients")
+	need(st.MaxLineLength > 0, "smtp.max_line_length")
+	need(st.MaxConnections > 0, "smtp.max_connections")
+	need(st.ReadTimeout > 0, "smtp.read_timeout")
+	need(st.WriteTimeout > 0, "smtp.write_timeout")
+	need(st.DataTimeout > 0, "smtp.data_timeout")
+	need(st.MaxSessionDuration > 0, "smtp.max_session_duration")
+	need(st.MaxAuthFailures > 0, "smtp.max_auth_failures")
+	need(st.Upstream.Address != "", "upstream.address")
+	need(st.Upstream.Timeout > 0, "upstream.timeout")
+	need(st.Upstream.ConnectTimeout > 0, "upstream.connect_timeout")
+	need(st.Upstream.IdleTimeout > 0, "upstream.idle_timeout")
+	need(st.Upstream.Keepalive > 0, "upstream.keepalive")
+	need(st.Upstream.MaxConnections > 0, "upstream.max_connections")
+	if len(bad) > 0 {
+		return fmt.Errorf("smtpproxy: settings without a value: %s (fill them from a loaded configuration, which has defaults)", strings.Join(bad, ", "))
+	}
+	return nil
+}
 
 // Options configure a Server.
 type Options struct {
-	// Config is the configuration to serve. Required.
-	Config *policy.Config
+	// Policy makes the relay's decisions. Required.
+	Policy Policy
+	// Settings are the relay's limits, timeouts and addresses. Required.
+	Settings Settings
 	// Keys gives the signing keys. Required.
 	Keys KeySource
 	// Logger receives one line per transaction and the server's own
@@ -58,8 +157,8 @@ type Options struct {
 const signTimeout = 30 * time.Second
 
 // Server is the signing relay. Create it with New, run it with Serve or
-// ListenAndServe, swap its configuration with Reload and stop it with
-// Shutdown.
+// ListenAndServe, swap its policy and settings with Reload and stop it
+// with Shutdown.
 type Server struct {
 	logger *slog.Logger
 	keys   KeySource
@@ -86,11 +185,12 @@ type Server struct {
 	cancel context.CancelFunc
 }
 
-// state is what a Reload swaps: a configuration and the upstream pool
-// built from it. A transaction keeps the state it started with.
+// state is what a Reload swaps: a policy, settings and the upstream pool
+// built from them. A transaction keeps the state it started with.
 type state struct {
-	cfg  *policy.Config
-	pool *pool
+	policy Policy
+	set    *Settings
+	pool   *pool
 }
 
 // fixedSettings are the settings go-smtp reads without locks while it
@@ -108,20 +208,23 @@ type fixedSettings struct {
 	TLS                bool
 }
 
-func fixedOf(cfg *policy.Config) fixedSettings {
-	s := cfg.SMTP
+func fixedOf(s *Settings) fixedSettings {
 	return fixedSettings{
 		Listen: s.Listen, Hostname: s.Hostname, MaxMessageBytes: s.MaxMessageBytes,
 		MaxRecipients: s.MaxRecipients, MaxLineLength: s.MaxLineLength, MaxConnections: s.MaxConnections,
 		ReadTimeout: s.ReadTimeout, WriteTimeout: s.WriteTimeout, MaxSessionDuration: s.MaxSessionDuration,
-		TLS: s.TLS != nil,
+		TLS: s.Certificate != nil,
 	}
 }
 
 // New builds a server; it does not listen yet.
 func New(opts Options) (*Server, error) {
-	if opts.Config == nil {
-		return nil, errors.New("smtpproxy: no configuration")
+	if opts.Policy == nil {
+		return nil, errors.New("smtpproxy: no policy")
+	}
+	set := opts.Settings // a copy: the caller's struct may change
+	if err := set.check(); err != nil {
+		return nil, err
 	}
 	if opts.Keys == nil {
 		return nil, errors.New("smtpproxy: no key source")
@@ -135,8 +238,7 @@ func New(opts Options) (*Server, error) {
 	if now == nil {
 		now = time.Now
 	}
-	cfg := opts.Config
-	hostname := cfg.SMTP.Hostname
+	hostname := set.Hostname
 	if hostname == "" {
 		var err error
 		if hostname, err = os.Hostname(); err != nil {
@@ -148,7 +250,7 @@ func New(opts Options) (*Server, error) {
 		logger: logger,
 		keys:   opts.Keys,
 		now:    now,
-		fixed:  fixedOf(cfg),
+		fixed:  fixedOf(&set),
 		conns:  make(map[*clientConn]struct{}),
 		perSrc: make(map[netip.Prefix]int),
 		auth:   newAuthThrottle(),
@@ -156,26 +258,26 @@ func New(opts Options) (*Server, error) {
 		ctx:    ctx,
 		cancel: cancel,
 	}
-	s.state.Store(&state{cfg: cfg, pool: newPool(cfg.Upstream, hostname, logger)})
+	s.state.Store(&state{policy: opts.Policy, set: &set, pool: newPool(set.Upstream, hostname, logger)})
 
 	srv := smtp.NewServer(s)
 	srv.Domain = hostname
-	srv.MaxMessageBytes = cfg.SMTP.MaxMessageBytes
-	srv.MaxRecipients = cfg.SMTP.MaxRecipients
-	srv.MaxLineLength = cfg.SMTP.MaxLineLength
-	srv.ReadTimeout = cfg.SMTP.ReadTimeout
-	srv.WriteTimeout = cfg.SMTP.WriteTimeout
+	srv.MaxMessageBytes = set.MaxMessageBytes
+	srv.MaxRecipients = set.MaxRecipients
+	srv.MaxLineLength = set.MaxLineLength
+	srv.ReadTimeout = set.ReadTimeout
+	srv.WriteTimeout = set.WriteTimeout
 	srv.EnableSMTPUTF8 = true
 	srv.EnableDSN = true
 	srv.AllowInsecureAuth = false
 	srv.ErrorLog = slog.NewLogLogger(logger.Handler(), slog.LevelDebug)
-	if cfg.SMTP.TLS != nil {
+	if set.Certificate != nil {
 		srv.TLSConfig = &tls.Config{
 			MinVersion: tls.VersionTLS12,
-			// The certificate follows the configuration, so a reload
-			// renews it without a restart.
+			// The certificate follows the settings, so a reload renews
+			// it without a restart.
 			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-				return s.state.Load().cfg.SMTP.TLS.Certificate(), nil
+				return s.state.Load().set.Certificate, nil
 			},
 		}
 	}
@@ -219,27 +321,33 @@ func (s *Server) Addr() net.Addr {
 	return s.addr
 }
 
-// Config returns the configuration being served.
-func (s *Server) Config() *policy.Config { return s.state.Load().cfg }
+// Policy returns the policy being served.
+func (s *Server) Policy() Policy { return s.state.Load().policy }
 
-// Reload swaps in cfg (already loaded and validated, its keys checked)
-// for new transactions; transactions in flight finish with the old one.
-// A change to a setting that needs a restart (the listen address, the
-// host name, the limits and timeouts of the SMTP side, enabling or
-// disabling TLS) refuses the whole reload: the old configuration stays.
-func (s *Server) Reload(cfg *policy.Config) error {
+// Reload swaps in p and set together (p from a configuration already
+// loaded and validated, its keys checked) for new transactions;
+// transactions in flight finish with the old ones. A change to a setting
+// that needs a restart (the listen address, the host name, the limits and
+// timeouts of the SMTP side, enabling or disabling TLS) refuses the whole
+// reload: the old policy and settings stay.
+func (s *Server) Reload(p Policy, set Settings) error {
+	if p == nil {
+		return errors.New("smtpproxy: reload refused: no policy; the old configuration stays")
+	}
+	if err := set.check(); err != nil {
+		return fmt.Errorf("%w; reload refused, the old configuration stays", err)
+	}
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
-	if diff := restartDiff(s.fixed, fixedOf(cfg)); len(diff) > 0 {
+	if diff := restartDiff(s.fixed, fixedOf(&set)); len(diff) > 0 {
 		return fmt.Errorf("smtpproxy: reload refused: %s changed, which needs a restart; the old configuration stays", strings.Join(diff, ", "))
 	}
 	old := s.state.Load()
-	s.state.Store(&state{cfg: cfg, pool: newPool(cfg.Upstream, s.smtp.Domain, s.logger)})
+	s.state.Store(&state{policy: p, set: &set, pool: newPool(set.Upstream, s.smtp.Domain, s.logger)})
 	// Connections in use go back to the old pool, which closes them.
 	ctx, cancel := context.WithTimeout(context.Background(), resetTimeout)
 	defer cancel()
 	old.pool.close(ctx)
-	s.logger.Info("configuration reloaded", "config", cfg.Path)
 	return nil
 }
 
@@ -305,7 +413,7 @@ const (
 // smtp.max_connections in all, smtp.max_connections_per_ip per source.
 func (s *Server) track(nc net.Conn) (*clientConn, string) {
 	src := sourceOf(nc.RemoteAddr())
-	perSrc := s.state.Load().cfg.SMTP.MaxConnectionsPerIP
+	perSrc := s.state.Load().set.MaxConnectionsPerIP
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(s.conns) >= s.fixed.MaxConnections {

@@ -69,15 +69,15 @@ func (s *Server) newSession(c *smtp.Conn) (*session, error) {
 
 // client is who is talking, by the current configuration: the
 // authenticated user's client, else the client of the source address.
-func (ss *session) client(cfg *policy.Config) *policy.Client {
+func (ss *session) client(p Policy) *policy.Client {
 	if ss.user != "" {
-		return cfg.ClientByUser(ss.user, ss.remote)
+		return p.ClientByUser(ss.user, ss.remote)
 	}
-	return cfg.ClientByAddr(ss.remote)
+	return p.ClientByAddr(ss.remote)
 }
 
 func (ss *session) AuthMechanisms() []string {
-	if !ss.tls || !ss.srv.state.Load().cfg.HasUsers() {
+	if !ss.tls || !ss.srv.state.Load().policy.HasUsers() {
 		return nil
 	}
 	return []string{sasl.Plain, sasl.Login}
@@ -104,19 +104,19 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 }
 
 func (ss *session) authenticate(user, password string) error {
-	cfg := ss.srv.state.Load().cfg
+	p := ss.srv.state.Load().policy
 	// bcrypt is slow on purpose; no more run at once than there are CPUs.
 	select {
 	case ss.srv.bcrypt <- struct{}{}:
 	case <-ss.ctx.Done():
 		return errShuttingDown
 	}
-	cl, err := cfg.Authenticate(user, password)
+	cl, err := p.Authenticate(user, password)
 	<-ss.srv.bcrypt
 	if err != nil {
 		return ss.authFailed(user, "bad user name or password")
 	}
-	if !cl.AuthFrom(ss.remote) {
+	if p.ClientByUser(user, ss.remote) == nil {
 		// The same reply as a wrong password: the password is not
 		// confirmed to someone outside the client's networks.
 		return ss.authFailed(user, "client "+cl.Name+" has require_auth and this address is outside its networks")
@@ -141,7 +141,7 @@ func (ss *session) authFailed(user, why string) error {
 	case <-ss.ctx.Done():
 		t.Stop()
 	}
-	if ss.authFailures >= ss.srv.state.Load().cfg.SMTP.MaxAuthFailures {
+	if ss.authFailures >= ss.srv.state.Load().set.MaxAuthFailures {
 		ss.cc.windDown()
 		return errTooManyAuthFailures
 	}
@@ -154,7 +154,7 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 		return errShuttingDown
 	}
 	st := ss.srv.state.Load()
-	cl := ss.client(st.cfg)
+	cl := ss.client(st.policy)
 	if cl == nil {
 		// The client sees the 530, then the connection closes: a client
 		// that authenticates does so before MAIL (Postfix, Exim), so a

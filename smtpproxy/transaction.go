@@ -20,7 +20,7 @@ import (
 // relayed to one upstream connection.
 type transaction struct {
 	ss     *session
-	st     *state // the configuration the transaction started with
+	st     *state // the policy and settings the transaction started with
 	client *policy.Client
 	start  time.Time
 	ctx    context.Context
@@ -139,11 +139,11 @@ func (tx *transaction) rcpt(to string, opts *smtp.RcptOptions) error {
 // reply to DATA: the upstream's, or one of ours for a failure before it.
 func (tx *transaction) data(r io.Reader) error {
 	tx.inData.Store(true)
-	cfg := tx.st.cfg
+	set := tx.st.set
 	if tx.up == nil {
 		return errUpstreamBroken
 	}
-	ka := startKeepalive(tx.ctx, tx.up, cfg.Upstream.Keepalive)
+	ka := startKeepalive(tx.ctx, tx.up, set.Upstream.Keepalive)
 	defer func() {
 		// Not through relay (the message was refused, or never came):
 		// the connection goes back to the pool only if the NOOPs left
@@ -156,15 +156,15 @@ func (tx *transaction) data(r io.Reader) error {
 	// Each read may wait read_timeout; the whole transfer data_timeout,
 	// which the client connection enforces on go-smtp's reads of BDAT
 	// commands and chunks too.
-	deadline := time.Now().Add(cfg.SMTP.DataTimeout)
+	deadline := time.Now().Add(set.DataTimeout)
 	tx.ss.cc.startData(deadline)
 	defer tx.ss.cc.endData()
-	dr := &deadlineReader{r: r, conn: tx.ss.conn, idle: cfg.SMTP.ReadTimeout, deadline: deadline}
+	dr := &deadlineReader{r: r, conn: tx.ss.conn, idle: set.ReadTimeout, deadline: deadline}
 	msg, err := signer.Spool(tx.ctx, dr, signer.SpoolOptions{
-		Dir:             cfg.Spool.Dir,
-		MemoryLimit:     cfg.Spool.MemoryLimit,
-		MaxHeaderBytes:  cfg.Spool.MaxHeaderBytes,
-		MaxMessageBytes: cfg.SMTP.MaxMessageBytes,
+		Dir:             set.Spool.Dir,
+		MemoryLimit:     set.Spool.MemoryLimit,
+		MaxHeaderBytes:  set.Spool.MaxHeaderBytes,
+		MaxMessageBytes: set.MaxMessageBytes,
 	})
 	if err != nil {
 		// go-smtp reads (and discards) the rest of the message before it
@@ -217,15 +217,15 @@ func (tx *transaction) spoolError(err error) error {
 // sign applies the policy: the DKIM-Signature fields to prepend, none
 // when the message goes unsigned, or the reply refusing it.
 func (tx *transaction) sign(msg *signer.Message) ([]string, error) {
-	cfg := tx.st.cfg
-	signing, err := cfg.Sign(tx.client, tx.fromDomain)
+	p := tx.st.policy
+	signing, err := p.Sign(tx.client, tx.fromDomain)
 	if err != nil {
 		var ue *policy.UnauthorizedError
 		if !errors.As(err, &ue) {
 			tx.internal = err
 			return nil, errLocal
 		}
-		if cfg.OnUnauthorized == policy.UnauthorizedRelayUnsigned {
+		if p.ActionOnUnauthorized() == policy.UnauthorizedRelayUnsigned {
 			tx.note = "relayed unsigned: client may not use the From domain (on_unauthorized: relay-unsigned)"
 			return nil, nil
 		}
@@ -261,7 +261,7 @@ func (tx *transaction) tokenError(err error) error {
 	if tx.ctx.Err() != nil {
 		return errShuttingDown
 	}
-	if tx.st.cfg.OnTokenError == policy.TokenErrorRelayUnsigned {
+	if tx.st.policy.ActionOnTokenError() == policy.TokenErrorRelayUnsigned {
 		tx.note = "relayed unsigned: signing failed (on_token_error: relay-unsigned)"
 		return nil
 	}
@@ -294,7 +294,7 @@ func (tx *transaction) relay(fields []string, msg *signer.Message) error {
 		return upstreamReply(err)
 	}
 	// go-smtp's client sets no deadline while the message is written.
-	_ = up.dc.SetDeadline(time.Now().Add(tx.st.cfg.Upstream.Timeout))
+	_ = up.dc.SetDeadline(time.Now().Add(tx.st.set.Upstream.Timeout))
 	if _, err := signer.WriteSigned(w, fields, msg); err != nil {
 		tx.breakUp()
 		tx.internal = err

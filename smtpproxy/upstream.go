@@ -27,7 +27,7 @@ var errNoSTARTTLS = errors.New("smtpproxy: upstream does not offer STARTTLS")
 // MAIL and gives it back at its end; a connection whose transaction
 // completed (or was RSET) is reused by the next one.
 type pool struct {
-	cfg      policy.Upstream
+	cfg      UpstreamSettings
 	hostname string
 	logger   *slog.Logger
 
@@ -52,7 +52,7 @@ type upConn struct {
 	junk      int       // NOOPs and RSETs since the last delivered message
 }
 
-func newPool(cfg policy.Upstream, hostname string, logger *slog.Logger) *pool {
+func newPool(cfg UpstreamSettings, hostname string, logger *slog.Logger) *pool {
 	p := &pool{
 		cfg:      cfg,
 		hostname: hostname,
@@ -292,7 +292,7 @@ func (p *pool) tlsConfig(verify bool) *tls.Config {
 	if name == "" {
 		name, _, _ = net.SplitHostPort(p.cfg.Address)
 	}
-	return &tls.Config{ServerName: name, RootCAs: p.cfg.RootCAs(), MinVersion: tls.VersionTLS12}
+	return &tls.Config{ServerName: name, RootCAs: p.cfg.RootCAs, MinVersion: tls.VersionTLS12}
 }
 
 func (p *pool) open(ctx context.Context, tlsConfig *tls.Config) (*upConn, error) {

@@ -99,6 +99,8 @@ type gwConfig struct {
 	domains       map[string][]string
 	// networks are the client's networks; nil: 127.0.0.1/32.
 	networks []string
+	// grace is shutdown_grace; empty means 20s.
+	grace string
 }
 
 func standardConfig(uri, upstream string) gwConfig {
@@ -126,7 +128,11 @@ func (c gwConfig) yaml() string {
 		fmt.Fprintf(&b, "  %s:\n    selectors: [%s]\n", d, strings.Join(c.domains[d], ", "))
 	}
 	b.WriteString("log:\n  format: json\n  level: info\n")
-	b.WriteString("shutdown_grace: 20s\n")
+	grace := c.grace
+	if grace == "" {
+		grace = "20s"
+	}
+	fmt.Fprintf(&b, "shutdown_grace: %s\n", grace)
 	return b.String()
 }
 

@@ -129,6 +129,10 @@ type keyJSON struct {
 	NeverExtractable bool   `json:"never_extractable"`
 	AlwaysSensitive  bool   `json:"always_sensitive"`
 	Local            bool   `json:"local"`
+	Decrypt          bool   `json:"decrypt"`
+	Unwrap           bool   `json:"unwrap"`
+	Derive           bool   `json:"derive"`
+	SignRecover      bool   `json:"sign_recover"`
 	Usable           bool   `json:"usable"`
 	Problem          string `json:"problem,omitempty"`
 }
@@ -137,8 +141,9 @@ func keysList(ctx context.Context, c *cli, args []string) int {
 	const usage = "keys list [--json] [--hsm URI]"
 	const long = `Lists every dkimgw key in the token with the private key's protection
 attributes as the token reports them. A key that is or was extractable,
-or was imported rather than generated in the token, is listed as not
-usable: dkimgw refuses to sign with it.`
+was imported rather than generated in the token, or may do more than sign
+(decrypt, unwrap, derive, sign with recovery) is listed as not usable,
+with the reason: dkimgw refuses to sign with it.`
 	fs := newFlagSet(c, "keys list")
 	var (
 		tf     tokenFlags
@@ -166,6 +171,7 @@ usable: dkimgw refuses to sign with it.`
 			Label: i.Label, ID: i.IDHex(),
 			Extractable: i.Extractable, Sensitive: i.Sensitive, NeverExtractable: i.NeverExtractable,
 			AlwaysSensitive: i.AlwaysSensitive, Local: i.Local,
+			Decrypt: i.CanDecrypt, Unwrap: i.CanUnwrap, Derive: i.CanDerive, SignRecover: i.CanSignRecover,
 			Usable: problem == "", Problem: problem,
 		})
 	}

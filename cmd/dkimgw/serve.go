@@ -4,13 +4,14 @@ import (
 	"context"
 	"crypto"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"os/signal"
+	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/policy"
@@ -26,9 +27,13 @@ command with the upstream's own answer (see the README).
 
 Before it listens, it checks every configured key, as 'config check' does.
 SIGTERM or SIGINT: stop accepting, finish the transactions in flight
-(at most shutdown_grace), exit 0. SIGHUP: reload the configuration; a
-configuration that is invalid, names a missing key or changes a setting
-that needs a restart is logged and refused, and the old one keeps serving.`
+(at most shutdown_grace), exit 0, within shutdown_grace even when a
+token call hangs. SIGHUP: reload the configuration and read the token's
+PIN again from its pin-source; when the PIN changed, or the token refused
+the PIN (it is then not tried again until the reload), the token is
+re-opened with the new one. A configuration that is invalid, names a
+missing key, changes a setting that needs a restart, or brings a PIN the
+token refuses is logged and refused, and the old one keeps serving.`
 )
 
 var serveCommand = &command{
@@ -68,14 +73,15 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	if err != nil {
 		return failf(c, tokenExitCode(err), "%v", err)
 	}
-	defer tok.Close()
 
-	srv, err := smtpproxy.New(smtpproxy.Options{Config: cfg, Keys: &ring, Logger: logger})
+	srv, err := smtpproxy.New(smtpproxy.Options{Policy: cfg, Settings: relaySettings(cfg), Keys: &ring, Logger: logger})
 	if err != nil {
+		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitConfig, "%v", err)
 	}
 	l, err := net.Listen("tcp", cfg.SMTP.Listen)
 	if err != nil {
+		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitUnavailable, "smtp.listen: %v", err)
 	}
 	serveErr := make(chan error, 1)
@@ -89,88 +95,220 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	for {
 		select {
 		case <-hup:
-			reload(ctx, srv, tok, &ring, *path, logger, level)
+			if next := reload(ctx, srv, cfg, &ring, *path, logger, level, c.getenv); next != nil {
+				cfg = next
+			}
 		case err := <-serveErr:
+			closeToken(ring.token(), time.Now().Add(shortClose), logger)
 			return failf(c, exitSoftware, "serve: %v", err)
 		case <-ctx.Done():
-			grace := srv.Config().ShutdownGrace
+			grace := cfg.ShutdownGrace
 			logger.Info("shutting down", "grace_s", grace.Seconds())
-			sctx, cancel := context.WithTimeout(context.Background(), grace)
+			deadline := time.Now().Add(grace)
+			sctx, cancel := context.WithDeadline(context.Background(), deadline)
 			err := srv.Shutdown(sctx)
 			cancel()
 			<-serveErr
 			if err != nil {
 				logger.Warn("shutdown: transactions cut short", "error", err)
 			}
+			// Whatever the token does, the process exits within the grace
+			// period: a token call that hangs is not waited for.
+			closeToken(ring.token(), deadline, logger)
 			logger.Info("stopped")
 			return exitOK
 		}
 	}
 }
 
+// shortClose bounds closing the token when serve fails.
+const shortClose = 5 * time.Second
+
+// closeToken closes tok, waiting for it until deadline at most: Close is
+// bounded by itself, and a process that exits needs no more than that.
+func closeToken(tok *hsm.Token, deadline time.Time, logger *slog.Logger) {
+	done := make(chan struct{})
+	go func() {
+		tok.Close()
+		close(done)
+	}()
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		logger.Warn("token not closed in time; exiting without waiting for it")
+	}
+}
+
 // reload builds the new configuration completely (decoded, validated,
-// its keys checked) before swapping it in; any failure leaves the old one.
-func reload(ctx context.Context, srv *smtpproxy.Server, tok *hsm.Token, ring *keyring, path string, logger *slog.Logger, level *slog.LevelVar) {
+// its keys checked) before swapping it in for cur, and returns it; any
+// failure leaves cur serving and returns nil. The token's PIN is read
+// again from the pin-source: when it changed, or the token refused the
+// PIN it has (the PIN was changed in the token), a new Token is opened
+// with it and replaces the old one once its keys check out. A PIN that
+// fails is refused like any other error, after one login attempt, and
+// the old Token keeps serving.
+func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring *keyring, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string) *policy.Config {
 	cfg, err := policy.Load(path)
-	if err == nil && cfg.HSM.URI != srv.Config().HSM.URI {
+	if err == nil && cfg.HSM.URI != cur.HSM.URI {
 		err = errors.New("hsm.uri changed, which needs a restart")
+	}
+	if err == nil && cfg.Log.Format != cur.Log.Format {
+		err = errors.New("log.format changed, which needs a restart")
+	}
+	kctx, cancel := context.WithTimeout(ctx, tokenTimeout)
+	defer cancel()
+	oldTok := ring.token()
+	tok, opened := oldTok, false
+	if err == nil {
+		tok, opened, err = reopenIfPINChanged(kctx, oldTok, cfg.HSM.URI, logger, getenv)
 	}
 	var keys map[policy.KeyRef]*hsm.Key
 	if err == nil {
-		kctx, cancel := context.WithTimeout(ctx, tokenTimeout)
 		keys, err = checkKeys(kctx, tok, cfg, nil)
-		cancel()
-	}
-	if err == nil && cfg.Log.Format != srv.Config().Log.Format {
-		err = errors.New("log.format changed, which needs a restart")
 	}
 	if err == nil {
-		// The new keys go in first: a transaction that already sees the
-		// new configuration must find its selectors.
+		// The new keys (and token) go in first: a transaction that already
+		// sees the new configuration must find its selectors.
 		old := ring.set(tok, keys)
-		if err = srv.Reload(cfg); err != nil {
+		if err = srv.Reload(cfg, relaySettings(cfg)); err != nil {
 			ring.restore(old)
 		}
 	}
 	if err != nil {
+		if opened {
+			tok.Close()
+		}
 		logger.Error("reload refused, the old configuration keeps serving", "config", path, "error", err)
-		return
+		return nil
 	}
+	if opened {
+		logger.Info("token re-opened with the PIN from the pin-source", "token", tok.Info().Label)
+		// Transactions still signing with the old token's keys get a
+		// temporary error (451) and are retried by their MTA.
+		go oldTok.Close()
+	}
+	logger.Info("configuration reloaded", "config", path)
 	level.Set(cfg.Log.SlogLevel())
 	logWarnings(logger, cfg)
+	return cfg
 }
 
-// keyring is the smtpproxy.KeySource of serve: the token keys of the
-// configuration, looked up once by the key check and kept, since finding
-// a key costs a dozen token calls and signing must not. hsm.Key re-finds
-// its own handle when the token reconnects. A selector the configuration
-// does not name (which policy never asks for) is looked up in the token.
+// relaySettings are the relay's settings in cfg; its decisions come from
+// cfg itself, as a smtpproxy.Policy.
+func relaySettings(cfg *policy.Config) smtpproxy.Settings {
+	s, u, sp := cfg.SMTP, cfg.Upstream, cfg.Spool
+	set := smtpproxy.Settings{
+		Listen:              s.Listen,
+		Hostname:            s.Hostname,
+		MaxMessageBytes:     s.MaxMessageBytes,
+		MaxRecipients:       s.MaxRecipients,
+		MaxLineLength:       s.MaxLineLength,
+		MaxConnections:      s.MaxConnections,
+		MaxConnectionsPerIP: s.MaxConnectionsPerIP,
+		ReadTimeout:         s.ReadTimeout,
+		WriteTimeout:        s.WriteTimeout,
+		DataTimeout:         s.DataTimeout,
+		MaxSessionDuration:  s.MaxSessionDuration,
+		MaxAuthFailures:     s.MaxAuthFailures,
+		Upstream: smtpproxy.UpstreamSettings{
+			Address:        u.Address,
+			TLS:            u.TLS,
+			TLSServerName:  u.TLSServerName,
+			RootCAs:        u.RootCAs(),
+			Timeout:        u.Timeout,
+			ConnectTimeout: u.ConnectTimeout,
+			IdleTimeout:    u.IdleTimeout,
+			Keepalive:      u.Keepalive,
+			MaxConnections: u.MaxConnections,
+			MaxIdle:        u.MaxIdle,
+		},
+		Spool: smtpproxy.SpoolSettings{
+			Dir:            sp.Dir,
+			MemoryLimit:    sp.MemoryLimit,
+			MaxHeaderBytes: sp.MaxHeaderBytes,
+		},
+	}
+	if s.TLS != nil {
+		set.Certificate = s.TLS.Certificate()
+	}
+	return set
+}
+
+// reopenIfPINChanged returns tok when the pin-source still gives its PIN
+// and the token has not refused it; otherwise a new Token opened with the
+// PIN the pin-source gives now (opened is true).
+func reopenIfPINChanged(ctx context.Context, tok *hsm.Token, uri string, logger *slog.Logger, getenv func(string) string) (_ *hsm.Token, opened bool, err error) {
+	same, err := tok.SamePIN(uri, getenv)
+	if err != nil {
+		return nil, false, err
+	}
+	if same && tok.PINError() == nil {
+		return tok, false, nil
+	}
+	nt, err := hsm.Open(ctx, uri, hsm.Options{Logger: logger, Getenv: getenv})
+	if err != nil {
+		return nil, false, err
+	}
+	return nt, true, nil
+}
+
+// keyring is the smtpproxy.KeySource of serve: the token and the keys of
+// the configuration, looked up once by the key check and kept, since
+// finding a key costs a dozen token calls and signing must not. hsm.Key
+// re-finds its own handle when the token reconnects. A key found gone
+// (destroyed, or replaced under the same selector) is looked up again, as
+// is a selector the configuration does not name (which policy never asks
+// for).
 type keyring struct {
-	tok  atomic.Pointer[hsm.Token]
-	keys atomic.Pointer[map[policy.KeyRef]*hsm.Key]
+	cur atomic.Pointer[ringState]
+}
+
+// ringState is one token with its keys, swapped as a whole.
+type ringState struct {
+	tok  *hsm.Token
+	keys map[policy.KeyRef]*hsm.Key
+
+	mu      sync.Mutex
+	refound map[policy.KeyRef]*hsm.Key // looked up again after the check
 }
 
 var _ smtpproxy.KeySource = (*keyring)(nil)
 
-// set installs keys and returns the previous set, for restore.
-func (r *keyring) set(tok *hsm.Token, keys map[policy.KeyRef]*hsm.Key) *map[policy.KeyRef]*hsm.Key {
-	r.tok.Store(tok)
-	return r.keys.Swap(&keys)
+// set installs tok and keys and returns the previous state, for restore.
+func (r *keyring) set(tok *hsm.Token, keys map[policy.KeyRef]*hsm.Key) *ringState {
+	return r.cur.Swap(&ringState{tok: tok, keys: keys})
 }
 
-func (r *keyring) restore(keys *map[policy.KeyRef]*hsm.Key) { r.keys.Store(keys) }
+func (r *keyring) restore(old *ringState) { r.cur.Store(old) }
 
-// Key returns the key for (domain, selector). hsm's temporary errors carry
-// Temporary(), which smtpproxy reads to answer 451.
+// token is the token the keys come from.
+func (r *keyring) token() *hsm.Token { return r.cur.Load().tok }
+
+// Key returns the key for (domain, selector). hsm's errors name the key
+// and carry Temporary() where it applies, which smtpproxy reads.
 func (r *keyring) Key(ctx context.Context, domain, selector string) (crypto.Signer, error) {
-	if keys := r.keys.Load(); keys != nil {
-		if k, ok := (*keys)[policy.KeyRef{Domain: domain, Selector: selector}]; ok {
-			return k, nil
-		}
+	st := r.cur.Load()
+	ref := policy.KeyRef{Domain: domain, Selector: selector}
+	if k := st.keys[ref]; k != nil && k.Err() == nil {
+		return k, nil
 	}
-	k, err := r.tok.Load().Key(ctx, domain, selector)
+	st.mu.Lock()
+	k := st.refound[ref]
+	st.mu.Unlock()
+	if k != nil && k.Err() == nil {
+		return k, nil
+	}
+	k, err := st.tok.Key(ctx, domain, selector)
 	if err != nil {
-		return nil, fmt.Errorf("dkimgw: key %s._domainkey.%s: %w", selector, domain, err)
+		return nil, err
 	}
+	st.mu.Lock()
+	if st.refound == nil {
+		st.refound = make(map[policy.KeyRef]*hsm.Key)
+	}
+	st.refound[ref] = k
+	st.mu.Unlock()
 	return k, nil
 }

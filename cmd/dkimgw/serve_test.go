@@ -121,6 +121,9 @@ func TestServe(t *testing.T) {
 	t.Run("BDAT", func(t *testing.T) { testBDAT(t, bin) })
 	t.Run("SIGHUP", func(t *testing.T) { testSIGHUP(t, bin) })
 	t.Run("SIGTERM", func(t *testing.T) { testSIGTERM(t, bin) })
+	t.Run("DestroyedSelector", func(t *testing.T) { testDestroyedSelector(t, bin) })
+	t.Run("PINChangeSIGHUP", func(t *testing.T) { testPINChangeSIGHUP(t, bin) })
+	t.Run("SIGTERMHungToken", func(t *testing.T) { testSIGTERMHungToken(t, bin) })
 }
 
 // relay is the chain Postfix → dkimgw serve → sink of one test.
