@@ -195,7 +195,8 @@ func nextStep(p Policy, k Key, keys []Key) (string, time.Time) {
 }
 
 // Run calls Reconcile at once and then every period until ctx ends,
-// like certmagic's maintenance loop. A pass that panics is logged with
+// like certmagic's maintenance loop, each pass bounded by
+// Options.PassTimeout. A pass that panics is logged with
 // its stack and the loop goes on: one bad domain or driver must not stop
 // rotation (or the process) for the others.
 func (r *Reconciler) Run(ctx context.Context, every time.Duration) {
@@ -221,6 +222,8 @@ func (r *Reconciler) Run(ctx context.Context, every time.Duration) {
 }
 
 func (r *Reconciler) safePass(ctx context.Context) (rep Report, err error) {
+	ctx, cancel := context.WithTimeout(ctx, r.passMax)
+	defer cancel()
 	defer func() {
 		if v := recover(); v != nil {
 			r.log.Error("rotation pass panicked", "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
