@@ -482,3 +482,36 @@ func TestRotationRecordMatchesHSM(t *testing.T) {
 		}
 	}
 }
+
+// TestRotateDoesNotOverwriteForeignRecord: a name that already holds a
+// TXT record dkimgw did not publish is reported and left alone; the key
+// is not activated.
+func TestRotateDoesNotOverwriteForeignRecord(t *testing.T) {
+	server := testenv.StartBIND(t, testenv.DNSOptions{SOAMinimum: 1})
+	e := newRotEnv(t, server, "rfc2136", fastRotation, "ed25519")
+	sel := "ed" + time.Now().UTC().Format("20060102")
+	pub, err := dnspub.NewRFC2136(dnspub.RFC2136Options{Server: server.Addr,
+		TSIG: dnspub.TSIG{Name: server.Keys[1].Name, Algorithm: server.Keys[1].Algorithm, SecretFile: server.KeyFile(t, server.Keys[1])}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const foreign = "v=DKIM1; k=rsa; p=someone-elses-key"
+	name := hsm.RecordName(e.domain, sel)
+	if _, err := pub.AppendRecords(t.Context(), server.Zone, []dnspub.Record{{Name: name + ".", TTL: time.Second, Value: foreign}}); err != nil {
+		t.Fatal(err)
+	}
+	e.rotate() // planned -> generated
+	if st := e.status(); len(st) != 1 || st[0].Selector != sel {
+		t.Skipf("the day changed during the test (selector %+v)", st)
+	}
+	r := e.run("rotate")
+	if r.code != 1 || !strings.Contains(r.stderr, "already holds another TXT record") {
+		t.Errorf("rotate over a foreign record: exit %d\n%s", r.code, r.stderr)
+	}
+	if got := e.served(name); len(got) != 1 || got[0] != foreign {
+		t.Errorf("the foreign record became %q", got)
+	}
+	if st := e.status(); st[0].State != rotation.StateGenerated {
+		t.Errorf("key state %s, want generated (not published)", st[0].State)
+	}
+}

@@ -204,6 +204,7 @@ func (k *tokenKeys) DestroyKey(ctx context.Context, domain, selector string) err
 // dnsPublisher is what dnspub's publishers have in common.
 type dnsPublisher interface {
 	GetRecords(ctx context.Context, zone string) ([]dnspub.Record, error)
+	AppendRecords(ctx context.Context, zone string, recs []dnspub.Record) ([]dnspub.Record, error)
 	SetRecords(ctx context.Context, zone string, recs []dnspub.Record) ([]dnspub.Record, error)
 	DeleteRecords(ctx context.Context, zone string, recs []dnspub.Record) ([]dnspub.Record, error)
 }
@@ -240,9 +241,31 @@ func (p *publisher) GetRecords(ctx context.Context, zone string) ([]rotation.Rec
 	return out, nil
 }
 
+// SetRecords publishes a new key's record only where the name holds no
+// TXT record (dnspub's AppendRecords: a record someone else put there is
+// reported, never overwritten), and replaces whatever a name holds by
+// the revoked form: a withdrawn key must be revoked even if its record
+// was changed behind dkimgw's back.
 func (p *publisher) SetRecords(ctx context.Context, zone string, recs []rotation.Record) error {
-	_, err := p.p.SetRecords(ctx, zone, toDNS(recs, false))
-	return err
+	var add, set []rotation.Record
+	for _, r := range recs {
+		if r.Value == rotation.RevokedRecord {
+			set = append(set, r)
+		} else {
+			add = append(add, r)
+		}
+	}
+	if len(add) > 0 {
+		if _, err := p.p.AppendRecords(ctx, zone, toDNS(add, false)); err != nil {
+			return err
+		}
+	}
+	if len(set) > 0 {
+		if _, err := p.p.SetRecords(ctx, zone, toDNS(set, false)); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // DeleteRecords deletes by name, as rotation means it: dnspub deletes
