@@ -212,7 +212,7 @@ func (t *Token) checkMechanisms(alg Algorithm) error {
 var ed25519Params = []byte{0x06, 0x03, 0x2b, 0x65, 0x70}
 
 // keyTemplates returns the generation mechanism and the attributes of the
-// pair: DESIGN.md's "Keys in the token". The private key may sign and do
+// pair: docs/architecture.md, "Keys in the token". The private key may sign and do
 // nothing else; the public key may verify and do nothing else.
 func keyTemplates(alg Algorithm, label string, id []byte) (uint, []*pkcs11.Attribute, []*pkcs11.Attribute) {
 	pub := []*pkcs11.Attribute{

@@ -12,7 +12,7 @@
 // dual-signed message (rsa-sha256 + ed25519-sha256) costs one pass over
 // the body, and [WriteSigned] writes the fields followed by the message.
 //
-// What every signature looks like (DESIGN.md, "Signing defaults"):
+// What every signature looks like (docs/architecture.md, "Signing defaults"):
 // c=relaxed/relaxed; t= always; x= when [Options.Expire] is set; never l=
 // (a body length limit lets anyone append content); h= lists each of From,
 // Reply-To, Sender, To, Cc, Subject, Date, Message-ID, In-Reply-To,
@@ -33,7 +33,7 @@
 //
 //   - t= comes from a package variable, so a caller cannot fix the clock and
 //     there can be no known-answer test;
-//   - the h= tag is never folded: with the DESIGN.md header list a plain
+//   - the h= tag is never folded: with the header list above a plain
 //     newsletter gets a line of 157 characters, and it cannot be refolded
 //     afterwards, because relaxed canonicalization turns an added fold
 //     inside a tag value into a space the signature did not cover;

@@ -19,7 +19,7 @@ import (
 )
 
 // signedHeaders are the fields signed when present, in h= order
-// (DESIGN.md, "Signing defaults"; RFC 6376 §5.4.1). They are what a reader
+// (docs/architecture.md, "Signing defaults"; RFC 6376 §5.4.1). They are what a reader
 // sees and what DMARC, list handling (RFC 2369, RFC 8058) and feedback
 // loops rely on. Trace and transport fields (Received, Return-Path) are
 // left out: relays add and rewrite them.

@@ -149,7 +149,7 @@ func TestKnownAnswer(t *testing.T) {
 	}
 }
 
-// TestSignatureTags checks the defaults DESIGN.md sets, as verifiers
+// TestSignatureTags checks the defaults docs/architecture.md sets, as verifiers
 // parse them.
 func TestSignatureTags(t *testing.T) {
 	rsaKey, edKey := testKeys(t)

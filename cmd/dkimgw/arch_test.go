@@ -8,7 +8,7 @@ import (
 	"testing"
 )
 
-// TestDependenciesPointDown enforces DESIGN.md's package graph: only the
+// TestDependenciesPointDown enforces the package graph of docs/architecture.md: only the
 // command wires the token and DNS in; the signer, the relay, the policy
 // and the rotation logic know crypto.Signer and their own small
 // interfaces, never PKCS#11 or DNS libraries.
