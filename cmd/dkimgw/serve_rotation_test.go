@@ -393,3 +393,136 @@ func TestServeRotationKill9(t *testing.T) {
 		t.Fatalf("message after the restarts: %v, signed by %v", err, sels)
 	}
 }
+
+// sendOne relays one message and returns the SMTP reply code (250 when
+// relayed) and, when relayed, the selectors that signed it, after
+// verifying it against DNS now.
+func (r *rotServe) sendOne(id string) (int, []string) {
+	r.t.Helper()
+	msg := testMessage("news@"+r.domain(), "a@example.net", id, "msg "+id, "body of "+id+"\r\n")
+	before := len(r.sink.Messages())
+	res := sendDirect(r.t, r.gw.addr, "bounce@"+r.domain(), []string{"a@example.net"}, msg)
+	if err := cmpErr(res.mail, res.data); err != nil {
+		code, _, _ := smtpCode(err)
+		return code, nil
+	}
+	got := r.sink.Messages()
+	if len(got) != before+1 {
+		r.t.Fatalf("message %s: the sink has %d messages, want %d", id, len(got), before+1)
+	}
+	_, sels, err := r.verifyLive(got[len(got)-1].Data)
+	if err != nil {
+		r.t.Fatalf("message %s: %v", id, err)
+	}
+	return 250, sels
+}
+
+// waitSigned sends until a message is relayed signed by n selectors.
+func (r *rotServe) waitSigned(n int, timeout time.Duration) []string {
+	r.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for i := 0; ; i++ {
+		code, sels := r.sendOne(fmt.Sprintf("wait-%d-%d@x", n, i))
+		if code == 250 && len(sels) == n {
+			return sels
+		}
+		if code != 250 && code != 451 {
+			r.t.Fatalf("reply %d while waiting for keys", code)
+		}
+		if time.Now().After(deadline) {
+			r.t.Fatalf("no message signed by %d keys within %v (last: %d %v)", n, timeout, code, sels)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// TestServeRotationSIGHUP: a reload with a changed rotation policy (a
+// second algorithm) rebuilds the reconciler: the new algorithm's key is
+// generated, published and signs, and mail never stops.
+func TestServeRotationSIGHUP(t *testing.T) {
+	bin := buildBinary(t, t.TempDir())
+	server := testenv.StartBIND(t, testenv.DNSOptions{SOAMinimum: 1})
+	r := newRotServe(t, bin, server, "{algorithms: [ed25519], interval: 1h, ttl: 1, publisher: primary}")
+	r.start()
+	first := r.waitSigned(1, 30*time.Second)
+	mark := r.gw.mark()
+	r.cfg.rotating[r.domain()] = "{algorithms: [ed25519, rsa-2048], interval: 1h, ttl: 1, publisher: primary}"
+	r.gw.writeConfig(r.cfg)
+	r.gw.signal(syscall.SIGHUP)
+	r.gw.waitLog(mark, 30*time.Second, "configuration reloaded", func(l logLine) bool { return l.str("msg") == "configuration reloaded" })
+	// Signed by ed25519 alone until the RSA key is active, then by both;
+	// never refused.
+	deadline := time.Now().Add(30 * time.Second)
+	for i := 0; ; i++ {
+		code, sels := r.sendOne(fmt.Sprintf("after-hup-%d@x", i))
+		if code != 250 {
+			t.Fatalf("message after the reload: reply %d", code)
+		}
+		if !slices.Contains(sels, first[0]) {
+			t.Fatalf("message after the reload signed by %v, not by the active %s", sels, first[0])
+		}
+		if len(sels) == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the reloaded policy's RSA key never signed")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// A bad rotation policy is refused; the running one goes on.
+	mark = r.gw.mark()
+	r.cfg.rotating[r.domain()] = "{algorithms: [ed25519], selector_template: \"{nope}\", publisher: primary}"
+	r.gw.writeConfig(r.cfg)
+	r.gw.signal(syscall.SIGHUP)
+	l := r.gw.waitLog(mark, 30*time.Second, "reload refused", func(l logLine) bool { return l.str("msg") == "reload refused, the old configuration keeps serving" })
+	if !strings.Contains(l.str("error"), "placeholder") {
+		t.Errorf("refusal does not say why: %q", l.str("error"))
+	}
+	if code, sels := r.sendOne("after-bad-hup@x"); code != 250 || len(sels) != 2 {
+		t.Errorf("after a refused reload: %d %v", code, sels)
+	}
+}
+
+// TestServeEmergencyRotation: `dkimgw rotate --emergency` from another
+// process while serve relays: within about a second the compromised key
+// signs no more (451 meanwhile), and the new key signs once DNS serves it.
+func TestServeEmergencyRotation(t *testing.T) {
+	bin := buildBinary(t, t.TempDir())
+	server := testenv.StartKnot(t, testenv.DNSOptions{SOAMinimum: 1})
+	r := newRotServe(t, bin, server, "{algorithms: [ed25519], interval: 1h, ttl: 2, publisher: primary}")
+	// Slow passes, so that the new key is not active at once and the
+	// switch seen comes from the state watch, not serve's own pass.
+	r.cfg.extra = strings.Replace(r.cfg.extra, "check_every: 500ms", "check_every: 4s", 1)
+	r.start()
+	old := r.waitSigned(1, 30*time.Second)[0]
+	res := runCLI(t, nil, "", "rotate", "--config", r.gw.config, "--domain", r.domain(), "--emergency")
+	if res.code != 0 {
+		t.Fatalf("rotate --emergency: exit %d\n%s%s", res.code, res.stdout, res.stderr)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	saw451, sawNew := false, false
+	deadline := time.Now().Add(40 * time.Second)
+	for i := 0; !sawNew; i++ {
+		code, sels := r.sendOne(fmt.Sprintf("emergency-%d@x", i))
+		switch {
+		case code == 451:
+			saw451 = true
+		case code == 250 && slices.Contains(sels, old):
+			t.Fatalf("message %d signed by the compromised key %s after the emergency rotation", i, old)
+		case code == 250:
+			sawNew = true
+		default:
+			t.Fatalf("reply %d", code)
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the replacement key never signed")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !saw451 {
+		t.Log("the replacement was active before the first message after the emergency (no 451 seen)")
+	}
+	if vals, _ := r.lookup(hsm.RecordName(r.domain(), old)); len(vals) != 1 || vals[0] != rotation.RevokedRecord {
+		t.Errorf("the compromised selector's record is %q, want revoked", vals)
+	}
+}
