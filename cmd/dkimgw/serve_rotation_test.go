@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -80,11 +81,14 @@ func (r *rotServe) lookup(name string) ([]string, error) {
 // it returns the records it used and the selectors that signed.
 func (r *rotServe) verifyLive(msg []byte) (map[string]string, []string, error) {
 	used := map[string]string{}
+	var mu sync.Mutex // go-msgauth verifies the signatures in parallel
 	vs, err := dkim.VerifyWithOptions(bytes.NewReader(msg), &dkim.VerifyOptions{
 		LookupTXT: func(name string) ([]string, error) {
 			vals, err := r.lookup(name)
 			if err == nil && len(vals) == 1 {
+				mu.Lock()
 				used[strings.TrimSuffix(strings.ToLower(name), ".")] = vals[0]
+				mu.Unlock()
 			}
 			return vals, err
 		},
