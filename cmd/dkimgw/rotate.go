@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -82,6 +83,9 @@ func runRotate(ctx context.Context, c *cli, args []string) int {
 	cfg, code := loadRotating(c, *path)
 	if cfg == nil {
 		return code
+	}
+	if d := strings.TrimSuffix(strings.ToLower(*domain), "."); d != "" && !slices.Contains(cfg.Rotating(), d) {
+		return failf(c, exitUsage, "rotate: domain %q has no rotation policy in %s (rotating: %s)", *domain, *path, strings.Join(cfg.Rotating(), ", "))
 	}
 	ctx, cancel := tf.withTimeout(ctx)
 	defer cancel()

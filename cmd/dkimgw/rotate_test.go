@@ -442,6 +442,9 @@ func TestRotateEmergency(t *testing.T) {
 	if r := e.run("rotate", "--emergency"); r.code != exitUsage {
 		t.Errorf("--emergency without --domain: exit %d", r.code)
 	}
+	if r := e.run("rotate", "--domain", "other.example", "--emergency"); r.code != exitUsage || !strings.Contains(r.stderr, "no rotation policy") {
+		t.Errorf("--emergency for a domain without rotation: exit %d: %s", r.code, r.stderr)
+	}
 	r := e.run("rotate", "--domain", e.domain, "--emergency")
 	if r.code != 0 {
 		t.Fatalf("rotate --emergency: exit %d\n%s%s", r.code, r.stdout, r.stderr)
