@@ -141,8 +141,7 @@ func prepareRotator(ctx context.Context, cfg *policy.Config, ring *keyring, logg
 		ring.setActive(ctx, nil)
 		return nil, nil
 	}
-	logger = logger.With("component", "rotation")
-	ring.rk.log = logger
+	ring.rk.log = logger.With("component", "keyring")
 	setup, err := newRotation(cfg, ring.token(), logger, func(rep rotation.Report, err error) {
 		// The keyring switches after every pass, from what it recorded.
 		if rep.Active != nil {
