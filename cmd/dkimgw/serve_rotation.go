@@ -142,9 +142,12 @@ func prepareRotator(ctx context.Context, cfg *policy.Config, ring *keyring, logg
 		return nil, nil
 	}
 	ring.rk.log = logger.With("component", "keyring")
+	domains := len(cfg.Rotating())
 	setup, err := newRotation(cfg, ring.token(), logger, func(rep rotation.Report, err error) {
-		// The keyring switches after every pass, from what it recorded.
-		if rep.Active != nil {
+		// The keyring switches after every pass, from what it recorded;
+		// a pass that could not read every domain's state (it failed
+		// early, or the store did) leaves the keyring as it is.
+		if len(rep.Active) == domains {
 			ring.setActive(context.Background(), rep.Active)
 		}
 	}, cfg.Rotation.CheckEvery.D())
