@@ -28,7 +28,9 @@ const (
 config check decodes the configuration strictly (an unknown key is an
 error naming its line), validates it as a whole, then opens the token and
 checks that every selector under domains: names a usable key: present,
-non-extractable, and able to sign. It serves nothing. Warnings (things
+non-extractable, and able to sign; for the rotating domains it builds the
+reconciler (selector templates, publishers, TSIG secret files) without
+contacting DNS or writing the rotation state. It serves nothing. Warnings (things
 that are valid but risky, such as a client network wider than /16) go
 to stderr and do not change the exit status.
 

@@ -28,14 +28,21 @@ the token's keys and relays it to the upstream MTA, replying to each
 command with the upstream's own answer (see the README).
 
 Before it listens, it checks every configured key, as 'config check' does.
+Domains with a rotation policy are signed with their active keys: serve
+runs the rotation reconciler every rotation.check_every (see 'dkimgw
+rotate --help') and switches a domain's keys as soon as a new one is
+active, or within a second when another process changed the rotation
+state; a rotating domain without an active key gets 451 4.7.0.
 SIGTERM or SIGINT: stop accepting, finish the transactions in flight
 (at most shutdown_grace), exit 0, within shutdown_grace even when a
 token call hangs. SIGHUP: reload the configuration and read the token's
 PIN again from its pin-source; when the PIN changed, or the token refused
 the PIN (it is then not tried again until the reload), the token is
-re-opened with the new one. A configuration that is invalid, names a
-missing key, changes a setting that needs a restart, or brings a PIN the
-token refuses is logged and refused, and the old one keeps serving.`
+re-opened with the new one; the reconciler is rebuilt from the new
+rotation policies. A configuration that is invalid, names a missing
+key, changes a setting that needs a restart (hsm.uri, log.format,
+data_dir), or brings a PIN the token refuses is logged and refused, and
+the old one keeps serving.`
 )
 
 var serveCommand = &command{
