@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -533,5 +534,48 @@ func TestRotateDoesNotOverwriteForeignRecord(t *testing.T) {
 	}
 	if st := e.status(); st[0].State != rotation.StateGenerated {
 		t.Errorf("key state %s, want generated (not published)", st[0].State)
+	}
+}
+
+// TestRotateKill9: `dkimgw rotate` killed with SIGKILL while it
+// generates and publishes keys, at several moments, then run again:
+// it converges to one key per algorithm, in the state, the token and
+// DNS.
+func TestRotateKill9(t *testing.T) {
+	bin := buildBinary(t, t.TempDir())
+	server := testenv.StartBIND(t, testenv.DNSOptions{SOAMinimum: 1})
+	e := newRotEnv(t, server, "rfc2136", fastRotation, "rsa-4096, rsa-3072, ed25519")
+	for _, after := range []time.Duration{50 * time.Millisecond, 300 * time.Millisecond, time.Second, 2 * time.Second} {
+		cmd := exec.Command(bin, "rotate", "--config", e.config)
+		cmd.Env = os.Environ()
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(after)
+		_ = cmd.Process.Signal(syscall.SIGKILL)
+		_ = cmd.Wait()
+		var states []string
+		for _, k := range e.status() {
+			states = append(states, string(k.State))
+		}
+		t.Logf("killed after %v: state %v, %d keys in the token", after, states, len(e.tokenRecords()))
+	}
+	e.rotateUntil(60*time.Second, "active", func() bool { return len(e.inState(rotation.StateActive)) == 3 })
+	st := e.status()
+	if len(st) != 3 {
+		t.Errorf("the state has %d keys, want 3: %+v", len(st), st)
+	}
+	toks := e.tokenRecords()
+	if len(toks) != 3 {
+		t.Errorf("the token holds %d keys, want 3", len(toks))
+	}
+	for _, k := range st {
+		name := hsm.RecordName(k.Domain, k.Selector)
+		if got := e.served(name); len(got) != 1 || got[0] != toks[name] {
+			t.Errorf("%s: DNS serves %q, want the token's key", name, got)
+		}
+	}
+	if r := e.run("dns", "check"); r.code != 0 {
+		t.Errorf("dns check: exit %d\n%s", r.code, r.stdout)
 	}
 }
