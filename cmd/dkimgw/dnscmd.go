@@ -186,7 +186,7 @@ func dnsCheck(ctx context.Context, c *cli, args []string) int {
 	}
 	st, err := setup.rec.Status(ctx)
 	if err != nil {
-		return failf(c, rotateExitCode(err), "dns check: %v", err)
+		return failf(c, rotateExitCode(err), "%v", err)
 	}
 	want := strings.TrimSuffix(strings.ToLower(*domain), ".")
 	if want != "" && setup.policies[want].Domain == "" {

@@ -112,7 +112,7 @@ func runRotate(ctx context.Context, c *cli, args []string) int {
 	}
 	printReport(c.stdout, rep, *dry)
 	if err != nil {
-		return failf(c, rotateExitCode(err), "rotate: %v", err)
+		return failf(c, rotateExitCode(err), "%v", err)
 	}
 	return exitOK
 }
@@ -194,7 +194,7 @@ token, contact DNS, or take the lock for longer than one read.`
 	defer cancel()
 	st, err := setup.rec.Status(ctx)
 	if err != nil {
-		return failf(c, rotateExitCode(err), "rotate status: %v", err)
+		return failf(c, rotateExitCode(err), "%v", err)
 	}
 	if *asJSON {
 		if st == nil {
