@@ -124,6 +124,8 @@ func rotateExitCode(err error) int {
 		return exitTempFail
 	case errors.Is(err, hsm.ErrPINIncorrect), errors.Is(err, hsm.ErrPINLocked):
 		return 77
+	case errors.Is(err, hsm.ErrKeyNotFound), errors.Is(err, hsm.ErrUnsafeKey), errors.Is(err, hsm.ErrMechanismMissing):
+		return exitUnavailable
 	case hsm.IsTemporary(err), errors.Is(err, context.DeadlineExceeded):
 		return exitTempFail
 	}
