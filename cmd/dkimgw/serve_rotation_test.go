@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -295,7 +296,7 @@ func TestServeRotation(t *testing.T) {
 				}
 			}
 			if len(sets) < tc.rotations+1 {
-				t.Errorf("messages were signed by %d key sets (%v), want at least %d", len(sets), slices.Collect(mapKeys(sets)), tc.rotations+1)
+				t.Errorf("messages were signed by %d key sets (%v), want at least %d", len(sets), slices.Collect(maps.Keys(sets)), tc.rotations+1)
 			}
 			if !strings.Contains(r.gw.logText(), "signing keys switched") {
 				t.Error("serve did not log the switch of signing keys")
@@ -325,16 +326,6 @@ func TestServeRotation(t *testing.T) {
 				}
 			}
 		})
-	}
-}
-
-func mapKeys[V any](m map[string]V) func(func(string) bool) {
-	return func(yield func(string) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
 	}
 }
 
