@@ -24,8 +24,28 @@ import (
 // leader, or its quorum.
 type EtcdCluster struct {
 	Members []*EtcdMember
-	token   string
-	t       testing.TB
+	// TLS is set when the cluster was started with EtcdOptions.TLS.
+	TLS *EtcdTLS
+
+	token string
+	t     testing.TB
+}
+
+// EtcdOptions configure StartEtcdWith. The zero value is StartEtcd's
+// cluster: plain http.
+type EtcdOptions struct {
+	// TLS serves the client URLs over https with a certificate of a CA
+	// made for the test, and requires a client certificate of that CA.
+	// (The members talk to each other over plain http: loopback.)
+	TLS bool
+}
+
+// EtcdTLS are the PEM files of a TLS cluster.
+type EtcdTLS struct {
+	CAFile             string // the CA that signed the members' and the client's certificates
+	CertFile, KeyFile  string // a client certificate the members accept
+	OtherCAFile        string // an unrelated CA: verifying the members with it fails
+	serverCert, srvKey string
 }
 
 // EtcdMember is one etcd process of a cluster.
@@ -42,6 +62,7 @@ type EtcdMember struct {
 	exited chan struct{}
 	log    *LogBuffer
 	token  string
+	tls    *EtcdTLS
 }
 
 // etcdStartTimeout bounds a cluster's start: three members elect a
@@ -52,13 +73,26 @@ const etcdStartTimeout = 30 * time.Second
 // when the test ends.
 func StartEtcd(t testing.TB) *EtcdCluster {
 	t.Helper()
+	return StartEtcdWith(t, EtcdOptions{})
+}
+
+// StartEtcdWith starts a three-member cluster configured by opts.
+func StartEtcdWith(t testing.TB, opts EtcdOptions) *EtcdCluster {
+	t.Helper()
 	Require(t, "etcd")
+	var tlsFiles *EtcdTLS
+	if opts.TLS {
+		var err error
+		if tlsFiles, err = writeEtcdTLS(t.TempDir()); err != nil {
+			t.Fatalf("testenv: etcd TLS files: %v", err)
+		}
+	}
 	// Ports are free when chosen and may be taken before a member binds
 	// them; a member that cannot bind exits, and the cluster is started
 	// again on new ports.
 	var last error
 	for range 3 {
-		c, err := tryStartEtcd(t)
+		c, err := tryStartEtcd(t, tlsFiles)
 		if err == nil {
 			t.Cleanup(func() {
 				if t.Failed() {
@@ -76,8 +110,12 @@ func StartEtcd(t testing.TB) *EtcdCluster {
 	return nil
 }
 
-func tryStartEtcd(t testing.TB) (*EtcdCluster, error) {
-	c := &EtcdCluster{token: "testenv-" + randomHex(8), t: t}
+func tryStartEtcd(t testing.TB, tlsFiles *EtcdTLS) (*EtcdCluster, error) {
+	c := &EtcdCluster{token: "testenv-" + randomHex(8), t: t, TLS: tlsFiles}
+	scheme := "http://"
+	if tlsFiles != nil {
+		scheme = "https://"
+	}
 	var initial []string
 	for i := range 3 {
 		cp, err := freePort()
@@ -90,10 +128,11 @@ func tryStartEtcd(t testing.TB) (*EtcdCluster, error) {
 		}
 		m := &EtcdMember{
 			Name:      fmt.Sprintf("m%d", i),
-			ClientURL: "http://" + net.JoinHostPort("127.0.0.1", cp),
+			ClientURL: scheme + net.JoinHostPort("127.0.0.1", cp),
 			PeerURL:   "http://" + net.JoinHostPort("127.0.0.1", pp),
 			Dir:       filepath.Join(t.TempDir(), "data"),
 			token:     c.token,
+			tls:       tlsFiles,
 		}
 		c.Members = append(c.Members, m)
 		initial = append(initial, m.Name+"="+m.PeerURL)
@@ -129,6 +168,10 @@ func (m *EtcdMember) start() error {
 		// Ignored by a member that restarts on its data directory.
 		"--initial-cluster-state", "new",
 		"--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
+	}
+	if m.tls != nil {
+		args = append(args, "--cert-file", m.tls.serverCert, "--key-file", m.tls.srvKey,
+			"--trusted-ca-file", m.tls.CAFile, "--client-cert-auth")
 	}
 	if m.log == nil {
 		m.log = &LogBuffer{}
@@ -283,7 +326,15 @@ func (c *EtcdCluster) Leader(ctx context.Context) (int, error) {
 }
 
 func (c *EtcdCluster) client(eps ...string) (*clientv3.Client, error) {
-	return clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
+	cfg := clientv3.Config{Endpoints: eps, DialTimeout: 2 * time.Second, Logger: zap.NewNop()}
+	if c.TLS != nil {
+		tc, err := c.TLS.Config()
+		if err != nil {
+			return nil, err
+		}
+		cfg.TLS = tc
+	}
+	return clientv3.New(cfg)
 }
 
 // waitReady waits until each of ms answers a linearizable read (which

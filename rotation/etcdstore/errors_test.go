@@ -52,7 +52,9 @@ func TestOpenRefusesBadOptions(t *testing.T) {
 }
 
 // TestUnreachable: an endpoint where nothing listens fails Check within
-// the call timeout with a temporary error that names the endpoint.
+// the call timeout with a temporary error that names the endpoint and
+// says the connection was refused (gRPC alone says only "deadline
+// exceeded").
 func TestUnreachable(t *testing.T) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -64,8 +66,8 @@ func TestUnreachable(t *testing.T) {
 	start := time.Now()
 	err = s.Check(t.Context())
 	var ue *etcdstore.UnavailableError
-	if !errors.As(err, &ue) || !ue.Temporary() || !strings.Contains(err.Error(), addr) {
-		t.Fatalf("Check of %s: %v, want an UnavailableError naming it", addr, err)
+	if !errors.As(err, &ue) || !ue.Temporary() || !strings.Contains(err.Error(), addr) || !strings.Contains(err.Error(), "connection refused") {
+		t.Fatalf("Check of %s: %v, want an UnavailableError naming it and why", addr, err)
 	}
 	if took := time.Since(start); took > 5*time.Second {
 		t.Fatalf("Check took %v with a call timeout of 1s", took)
@@ -119,5 +121,38 @@ func TestAuth(t *testing.T) {
 	}
 	if err := el.Resign(t.Context()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestTLS: a cluster that serves TLS and requires client certificates.
+// With its CA and a client certificate the store works; with another CA,
+// or without a client certificate, Check says TLS failed and what to
+// check.
+func TestTLS(t *testing.T) {
+	c := testenv.StartEtcdWith(t, testenv.EtcdOptions{TLS: true})
+	f := c.TLS
+	good := open(t, c.Endpoints(), "", func(o *etcdstore.Options) {
+		o.CAFile, o.CertFile, o.KeyFile = f.CAFile, f.CertFile, f.KeyFile
+	})
+	if err := good.Check(t.Context()); err != nil {
+		t.Fatalf("Check with the cluster's CA and a client certificate: %v", err)
+	}
+	if err := step(t.Context(), good, 5*time.Second); err != nil {
+		t.Fatalf("a pass over TLS: %v", err)
+	}
+	for name, mod := range map[string]func(*etcdstore.Options){
+		"another CA": func(o *etcdstore.Options) {
+			o.CAFile, o.CertFile, o.KeyFile = f.OtherCAFile, f.CertFile, f.KeyFile
+		},
+		"no client certificate": func(o *etcdstore.Options) { o.CAFile = f.CAFile },
+	} {
+		t.Run(name, func(t *testing.T) {
+			s := open(t, c.Endpoints(), "", mod, func(o *etcdstore.Options) { o.CallTimeout = 2 * time.Second })
+			err := s.Check(t.Context())
+			t.Logf("Check: %v", err)
+			if err == nil || !strings.Contains(err.Error(), "TLS with etcd") || !strings.Contains(err.Error(), "tls.ca") {
+				t.Fatalf("Check: %v, want a TLS failure that says what to check", err)
+			}
+		})
 	}
 }

@@ -75,6 +75,7 @@ type Store struct {
 	prefix string
 	ttl    int // seconds
 	cli    *clientv3.Client
+	tls    *tls.Config
 	log    *slog.Logger
 	id     Participant
 
@@ -152,6 +153,7 @@ func Open(opts Options) (*Store, error) {
 	s := &Store{
 		opts:   opts,
 		prefix: prefix,
+		tls:    tlsConf,
 		ttl:    int(math.Ceil(opts.TTL.Seconds())),
 		log:    log,
 		id:     Participant{Name: opts.Name, PID: os.Getpid(), Host: host},
@@ -257,6 +259,17 @@ func (s *Store) Check(ctx context.Context) error {
 		Then(clientv3.OpPut(probe, "")).
 		Else(clientv3.OpGet(s.keysPrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())).
 		Commit()
+	if err != nil && ctx.Err() == nil && isUnavailable(err) {
+		// gRPC waits for a connection until the deadline and then says
+		// only that: a failed TLS handshake or a refused connection is
+		// found by trying one.
+		if d := s.diagnose(ctx); d != nil {
+			if isTLSFailure(d.Error()) {
+				return s.wrap(ctx, "check", d)
+			}
+			return &UnavailableError{Op: "check", Endpoints: s.opts.Endpoints, Err: d}
+		}
+	}
 	return s.wrap(ctx, "check", err)
 }
 
