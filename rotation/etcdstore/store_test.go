@@ -136,6 +136,14 @@ func TestWatch(t *testing.T) {
 	if len(ev.Keys) != 2 {
 		t.Fatalf("the switch came as %+v, want both records in one event", ev)
 	}
+	// A record deleted by hand (the store never deletes one): the
+	// watcher is given the whole store again.
+	testenv.Require(t, "etcdctl")
+	etcdctl(t, c, "del", p+"keys/example.com/s1")
+	ev = next(t, events, 5*time.Second)
+	if !ev.Full || len(ev.Keys) != 1 || ev.Keys[0].Selector != "s2" {
+		t.Fatalf("after a deletion: %+v, want a Full event with s2 alone", ev)
+	}
 	cancel()
 	for range events {
 	}
