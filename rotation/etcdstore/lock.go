@@ -29,6 +29,9 @@ func (s *Store) newSession(ctx context.Context, op string) (*concurrency.Session
 		s.revoke(lease.ID)
 		return nil, s.wrap(ctx, op+": keep the lease alive", err)
 	}
+	s.mu.Lock()
+	s.sessions[sess] = true
+	s.mu.Unlock()
 	return sess, nil
 }
 
@@ -36,6 +39,9 @@ func (s *Store) newSession(ctx context.Context, op string) (*concurrency.Session
 // the keys under it (a lock or a candidacy). When etcd cannot be reached
 // the lease expires by itself within the TTL.
 func (s *Store) closeSession(sess *concurrency.Session) error {
+	s.mu.Lock()
+	delete(s.sessions, sess)
+	s.mu.Unlock()
 	sess.Orphan()
 	return s.revoke(sess.Lease())
 }

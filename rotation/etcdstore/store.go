@@ -85,6 +85,9 @@ type Store struct {
 	cancel context.CancelFunc
 
 	mu sync.Mutex
+	// sessions are the leases of this store's locks and candidacies,
+	// revoked by Close.
+	sessions map[*concurrency.Session]bool
 	// held is the lock's election while this store holds the lock:
 	// Update then writes only while it still does (fencing).
 	held *concurrency.Election
@@ -157,6 +160,8 @@ func Open(opts Options) (*Store, error) {
 		ttl:    int(math.Ceil(opts.TTL.Seconds())),
 		log:    log,
 		id:     Participant{Name: opts.Name, PID: os.Getpid(), Host: host},
+
+		sessions: map[*concurrency.Session]bool{},
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	cli, err := clientv3.New(clientv3.Config{
@@ -212,9 +217,19 @@ func tlsConfig(opts Options) (*tls.Config, error) {
 	return c, nil
 }
 
-// Close ends the store's leases (a held lock or leadership goes at once)
-// and its connections.
+// Close revokes the store's leases (a held lock or leadership goes at
+// once; if etcd cannot be reached, when the lease expires) and closes
+// its connections.
 func (s *Store) Close() error {
+	s.mu.Lock()
+	var live []*concurrency.Session
+	for sess := range s.sessions {
+		live = append(live, sess)
+	}
+	s.mu.Unlock()
+	for _, sess := range live {
+		_ = s.closeSession(sess)
+	}
 	s.cancel()
 	return s.cli.Close()
 }

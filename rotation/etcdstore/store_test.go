@@ -487,3 +487,30 @@ func TestLead(t *testing.T) {
 		}
 	}
 }
+
+// TestCloseReleases: a gateway that shuts down (Close) hands its lock and
+// its leadership over at once, not when its lease would expire.
+func TestCloseReleases(t *testing.T) {
+	c := testenv.StartEtcd(t)
+	p := newPrefix(t)
+	long := func(o *etcdstore.Options) { o.TTL = time.Minute }
+	holder := open(t, c.Endpoints(), p, long)
+	if _, err := holder.Lock(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if err := holder.NewElection().Campaign(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	next := open(t, c.Endpoints(), p, long)
+	if err := holder.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second) // a third of the TTL
+	defer cancel()
+	if _, err := next.Lock(ctx); err != nil {
+		t.Fatalf("lock after the holder closed: %v", err)
+	}
+	if err := next.NewElection().Campaign(ctx); err != nil {
+		t.Fatalf("campaign after the leader closed: %v", err)
+	}
+}
