@@ -57,8 +57,24 @@ func eventually(t *testing.T, within time.Duration, what string, f func() error)
 // elect a new leader (about a second); after that, every call succeeds.
 func TestMemberLoss(t *testing.T) {
 	c := testenv.StartEtcd(t)
-	s := open(t, c.Endpoints(), newPrefix(t))
+	p := newPrefix(t)
+	s := open(t, c.Endpoints(), p)
 	ctx := t.Context()
+	// Another gateway watches throughout: it must see the last write.
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	seen := make(chan uint64, 100)
+	watcher := open(t, c.Endpoints(), p)
+	go func() {
+		for ev := range watcher.Watch(wctx) {
+			for _, k := range ev.Keys {
+				select {
+				case seen <- k.Rev:
+				default:
+				}
+			}
+		}
+	}()
 	for range 3 {
 		if err := step(ctx, s, 5*time.Second); err != nil {
 			t.Fatal(err)
@@ -92,6 +108,17 @@ func TestMemberLoss(t *testing.T) {
 	keys, err := s.Keys(ctx, "example.com")
 	if err != nil || len(keys) != 1 || keys[0].Rev < 8 {
 		t.Fatalf("after the passes: %+v %v", keys, err)
+	}
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case rev := <-seen:
+			if rev == keys[0].Rev {
+				return
+			}
+		case <-timeout:
+			t.Fatalf("the watcher did not see revision %d of s1", keys[0].Rev)
+		}
 	}
 }
 
