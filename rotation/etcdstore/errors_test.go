@@ -86,6 +86,10 @@ func TestAuth(t *testing.T) {
 	etcdctl(t, c, "role", "add", "gw-role")
 	etcdctl(t, c, "role", "grant-permission", "gw-role", "readwrite", "--prefix=true", "/gw/")
 	etcdctl(t, c, "user", "grant-role", "gw", "gw-role")
+	etcdctl(t, c, "user", "add", "ro", "--new-user-password=ropw")
+	etcdctl(t, c, "role", "add", "ro-role")
+	etcdctl(t, c, "role", "grant-permission", "ro-role", "read", "--prefix=true", "/gw/")
+	etcdctl(t, c, "user", "grant-role", "ro", "ro-role")
 	etcdctl(t, c, "auth", "enable")
 	user := func(name, pw, prefix string) func(*etcdstore.Options) {
 		return func(o *etcdstore.Options) { o.Username, o.Password, o.Prefix = name, pw, prefix }
@@ -103,6 +107,13 @@ func TestAuth(t *testing.T) {
 	}
 	if _, err := other.Keys(t.Context(), "example.com"); err == nil || !strings.Contains(err.Error(), "grant-permission") {
 		t.Fatalf("Keys on a prefix without permission: %v", err)
+	}
+
+	// Read permission is not enough, and Check finds that out without
+	// writing: etcd checks every operation of a transaction, taken or not.
+	ro := open(t, c.Endpoints(), "", user("ro", "ropw", "/gw/"))
+	if err := ro.Check(t.Context()); err == nil || !strings.Contains(err.Error(), `user "ro" may not read and write`) {
+		t.Fatalf("Check as a read-only user: %v", err)
 	}
 
 	s := open(t, c.Endpoints(), "", user("gw", "gwpw", "/gw/"))
