@@ -118,9 +118,10 @@
 //     key's revision, and a lock. [Bolt] is the embedded implementation
 //     (one bbolt file under the data directory, whose flock is the lock; a
 //     second reconciler waits as long as its context allows, then names
-//     the holder's pid, host and start). A store shared by several
-//     gateways (etcd) can implement the same interface: a transaction
-//     comparing mod revisions, and an election for the lock.
+//     the holder's pid, host and start). Package etcdstore implements it
+//     on etcd for several gateways: one transaction per update comparing
+//     each key's version (and the domain's key range when a key becomes
+//     active), and a lease-based election for the lock.
 //   - [EventSink]: every transition, for the audit log; every transition
 //     is also logged with log/slog.
 //

@@ -19,6 +19,8 @@ packages=(
   bind9-utils         # named-checkzone
   knot                # Knot DNS, the second authoritative server for DNS updates
   knot-dnsutils       # kdig, knsupdate: an independent look at a Knot zone
+  etcd-server         # etcd: the shared rotation state of several gateways (three members in tests)
+  etcd-client         # etcdctl: endpoint health, an independent look at the store
   time                # /usr/bin/time -v for peak RSS in benchmarks
   openssl             # openssl speed, the raw-crypto baseline in benchmarks
 )
