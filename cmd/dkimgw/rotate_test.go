@@ -577,3 +577,27 @@ func TestRotateKill9(t *testing.T) {
 		t.Errorf("dns check: exit %d\n%s", r.code, r.stdout)
 	}
 }
+
+// TestConfigCheckRotation: config check builds the reconciler: a TSIG
+// secret file that is missing is an invalid configuration (78), and a
+// good rotating configuration is OK without creating data_dir.
+func TestConfigCheckRotation(t *testing.T) {
+	server := testenv.StartBIND(t, testenv.DNSOptions{SOAMinimum: 1})
+	e := newRotEnv(t, server, "rfc2136", fastRotation, "ed25519")
+	dataDir := filepath.Join(t.TempDir(), "not-yet")
+	e.dataDir = dataDir
+	e.writeConfig(e.configText("rfc2136", fastRotation, "ed25519", server.KeyFile(t, server.Keys[0])))
+	r := e.run("config", "check")
+	if r.code != 0 || !strings.Contains(r.stdout, "1 rotating domains") {
+		t.Fatalf("config check: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	if _, err := os.Stat(dataDir); err == nil {
+		t.Error("config check created data_dir")
+	}
+	missing := filepath.Join(t.TempDir(), "missing.key")
+	e.writeConfig(e.configText("rfc2136", fastRotation, "ed25519", missing))
+	r = e.run("config", "check")
+	if r.code != exitConfig || !strings.Contains(r.stderr, "missing.key") {
+		t.Errorf("config check with a missing TSIG secret: exit %d\n%s", r.code, r.stderr)
+	}
+}
