@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -69,4 +70,30 @@ func ckrName(e pkcs11.Error) string {
 		return s[i+2:]
 	}
 	return fmt.Sprintf("0x%X", uint(e))
+}
+
+// Check reports whether the token can serve a signature now: a pool
+// session can be had within ctx, it is logged in, and the token answers
+// C_GetTokenInfo. It is a readiness probe: a token found lost is recovered
+// as a signature would recover it (so that a token that came back is
+// found again even while no mail flows), and the error is temporary.
+func (t *Token) Check(ctx context.Context) error {
+	check := func(c *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
+		si, err := c.GetSessionInfo(s)
+		if err != nil {
+			return errorf("check token %q: %w", t.uri.Token, err)
+		}
+		if si.State != pkcs11.CKS_RO_USER_FUNCTIONS && si.State != pkcs11.CKS_RW_USER_FUNCTIONS {
+			return errorf("check token %q: %w", t.uri.Token, pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN))
+		}
+		if _, err := c.GetTokenInfo(si.SlotID); err != nil {
+			return errorf("check token %q: %w", t.uri.Token, err)
+		}
+		return nil
+	}
+	refind := func(ctx context.Context) error {
+		_, err := t.withSession(ctx, check)
+		return err
+	}
+	return t.do(ctx, "check token", check, refind)
 }

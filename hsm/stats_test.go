@@ -1,8 +1,10 @@
 package hsm_test
 
 import (
+	"context"
 	"crypto"
 	"crypto/sha256"
+	"os"
 	"testing"
 	"time"
 
@@ -61,5 +63,45 @@ func TestStats(t *testing.T) {
 	}
 	if after.Errors["CKR_CRYPTOKI_NOT_INITIALIZED"] == 0 {
 		t.Errorf("errors = %v, want CKR_CRYPTOKI_NOT_INITIALIZED counted", after.Errors)
+	}
+}
+
+// TestCheck: the readiness probe fails, temporarily, while the token's
+// files are gone, and passes again once they are back, with no signature
+// made in between.
+func TestCheck(t *testing.T) {
+	t.Parallel()
+	tok, st, _ := openToken(t, "")
+	if _, err := tok.GenerateKey(t.Context(), "example.com", "r", hsm.Ed25519); err != nil {
+		t.Fatal(err)
+	}
+	if err := tok.Check(t.Context()); err != nil {
+		t.Fatalf("Check on a healthy token: %v", err)
+	}
+	dir := st.Dir()
+	aside := t.TempDir()
+	copyFiles(t, dir, aside)
+	removeToken(t, dir)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	err := tok.Check(ctx)
+	if err == nil || !hsm.IsTemporary(err) {
+		t.Fatalf("Check with the token gone = %v, want a temporary error", err)
+	}
+	onePrefix(t, err)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	copyFiles(t, aside, dir)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err = tok.Check(ctx)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Check did not pass after the token came back: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
