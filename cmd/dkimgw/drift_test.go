@@ -1,0 +1,81 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dkimgw/dkimgw/dnspub"
+	"github.com/dkimgw/dkimgw/hsm"
+	"github.com/dkimgw/dkimgw/testenv"
+)
+
+// TestServeDriftWatch: the active key's record is changed in BIND behind
+// dkimgw's back. Within one drift_every the drift metric is 1 and a
+// warning names the key; with on_drift: tempfail the domain's mail gets
+// 451 4.7.0 (not a signature that fails); once the record is put back,
+// the metric is 0 again and mail is signed again.
+func TestServeDriftWatch(t *testing.T) {
+	bin := buildBinary(t, t.TempDir())
+	server := testenv.StartBIND(t, testenv.DNSOptions{SOAMinimum: 1})
+	r := newRotServe(t, bin, server, "{algorithms: [ed25519], interval: 1h, ttl: 1, publisher: primary}")
+	const every = 2 * time.Second
+	r.cfg.extra = strings.Replace(r.cfg.extra, "  check_every: 500ms\n", fmt.Sprintf("  check_every: 500ms\n  drift_every: %v\n  on_drift: tempfail\n", every), 1)
+	r.start()
+	sel := r.waitSigned(1, 30*time.Second)[0]
+	labels := []string{"domain", r.domain(), "selector", sel}
+	waitMetric(t, r.gw, "", "dkimgw_dns_drift", labels, 0)
+
+	// Someone changes the record with the zone's key, as a DNS admin's
+	// tool would.
+	k := server.Keys[0]
+	up, err := dnspub.NewRFC2136(dnspub.RFC2136Options{
+		Server: server.Addr,
+		TSIG:   dnspub.TSIG{Name: k.Name, Algorithm: k.Algorithm, SecretFile: server.KeyFile(t, k)},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := hsm.RecordName(r.domain(), sel)
+	orig, err := r.lookup(name)
+	if err != nil || len(orig) != 1 {
+		t.Fatalf("lookup %s: %q %v", name, orig, err)
+	}
+	rel := strings.TrimSuffix(name, "."+r.domain())
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	mark := r.gw.mark()
+	changed := time.Now()
+	if _, err := up.SetRecords(ctx, server.Zone, []dnspub.Record{{Name: rel, TTL: time.Second, Value: "v=DKIM1; k=ed25519; p=11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="}}); err != nil {
+		t.Fatalf("change the record behind dkimgw's back: %v", err)
+	}
+	waitMetric(t, r.gw, "", "dkimgw_dns_drift", labels, 1)
+	// Within one period (and the check's own time, generously).
+	if d := time.Since(changed); d > every+10*time.Second {
+		t.Errorf("drift seen after %v, period %v", d, every)
+	}
+	l := r.gw.waitLog(mark, 10*time.Second, "the drift warning", func(l logLine) bool {
+		return strings.HasPrefix(l.str("msg"), "DNS drift:") && l.str("selector") == sel
+	})
+	if l.str("level") != "WARN" || !strings.Contains(l.str("servers"), "different") {
+		t.Errorf("drift log line: %s", l.raw)
+	}
+	n := len(r.sink.Messages())
+	if code, _ := r.sendOne("drifted@x"); code != 451 {
+		t.Errorf("message while the active record drifted: reply %d, want 451", code)
+	}
+	if got := len(r.sink.Messages()); got != n {
+		t.Errorf("the sink got %d messages while the active record drifted", got-n)
+	}
+
+	// The record is put back: no drift, mail signed again.
+	if _, err := up.SetRecords(ctx, server.Zone, []dnspub.Record{{Name: rel, TTL: time.Second, Value: orig[0]}}); err != nil {
+		t.Fatalf("restore the record: %v", err)
+	}
+	waitMetric(t, r.gw, "", "dkimgw_dns_drift", labels, 0)
+	if sels := r.waitSigned(1, 30*time.Second); sels[0] != sel {
+		t.Errorf("signed by %v after the drift ended, want %s", sels, sel)
+	}
+}
