@@ -34,6 +34,9 @@ type metrics struct {
 	refused     *prometheus.CounterVec
 	reloads     *prometheus.CounterVec
 	drift       *prometheus.GaugeVec
+
+	// own are dkimgw's collectors (not Go's and the process's).
+	own []prometheus.Collector
 }
 
 // metricsSources are what the scrape-time collector reads. Each func may
@@ -96,12 +99,12 @@ func newMetrics(src metricsSources) *metrics {
 		ConstLabels: prometheus.Labels{"version": version()},
 	})
 	build.Set(1)
-	m.reg.MustRegister(
-		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	m.own = []prometheus.Collector{
 		m.messages, m.signatures, m.signLatency, m.upstream, m.refused, m.reloads, m.drift, build,
 		&scrapeCollector{src: src},
-	)
+	}
+	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.reg.MustRegister(m.own...)
 	return m
 }
 
