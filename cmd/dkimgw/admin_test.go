@@ -1,6 +1,8 @@
 package main
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -47,6 +49,11 @@ func (s scrape) has(name string) bool {
 
 func adminGet(t *testing.T, url, token string) (int, string) {
 	t.Helper()
+	return adminDo(t, &http.Client{Timeout: 15 * time.Second}, url, token)
+}
+
+func adminDo(t *testing.T, c *http.Client, url, token string) (int, string) {
+	t.Helper()
 	req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, url, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -54,7 +61,6 @@ func adminGet(t *testing.T, url, token string) (int, string) {
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
-	c := &http.Client{Timeout: 15 * time.Second}
 	resp, err := c.Do(req)
 	if err != nil {
 		t.Fatalf("GET %s: %v", url, err)
@@ -94,7 +100,7 @@ func scrapeMetrics(t *testing.T, gw *gateway, token string) scrape {
 func TestServeAdmin(t *testing.T) {
 	bin := buildBinary(t, t.TempDir())
 	t.Run("Metrics", func(t *testing.T) { testAdminMetrics(t, bin) })
-	t.Run("BearerToken", func(t *testing.T) { testAdminBearerToken(t, bin) })
+	t.Run("BearerTokenTLS", func(t *testing.T) { testAdminBearerTokenTLS(t, bin) })
 	t.Run("Readyz", func(t *testing.T) { testAdminReadyz(t, bin) })
 }
 
@@ -191,7 +197,9 @@ func waitMetric(t *testing.T, gw *gateway, token, name string, labels []string, 
 	}
 }
 
-func testAdminBearerToken(t *testing.T, bin string) {
+// testAdminBearerTokenTLS: with admin.tls and a bearer token, /metrics
+// and /readyz need the token over HTTPS; /healthz does not.
+func testAdminBearerTokenTLS(t *testing.T, bin string) {
 	_, uri, _ := e2eToken(t, standardKeys...)
 	sink := testenv.NewSMTPSink(t)
 	const token = "s3cret-scraper-token-0123456789"
@@ -199,10 +207,24 @@ func testAdminBearerToken(t *testing.T, bin string) {
 	if err := os.WriteFile(tokFile, []byte(token+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	certPEM, keyPEM := testCert(t)
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "admin.crt"), filepath.Join(dir, "admin.key")
+	if err := os.WriteFile(certFile, certPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, keyPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	cfg := standardConfig(uri, sink.Addr())
-	cfg.admin = fmt.Sprintf("admin:\n  listen: \"127.0.0.1:0\"\n  bearer_token_file: %q\n", tokFile)
+	cfg.admin = fmt.Sprintf("admin:\n  listen: \"127.0.0.1:0\"\n  bearer_token_file: %q\n  tls: {cert_file: %q, key_file: %q}\n", tokFile, certFile, keyFile)
 	gw := startGateway(t, bin, cfg)
-	base := "http://" + gw.admin
+	base := "https://" + gw.admin
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(certPEM)
+	client := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: roots, ServerName: "relay.test"},
+	}}
 	for _, c := range []struct {
 		path, token string
 		want        int
@@ -215,7 +237,7 @@ func testAdminBearerToken(t *testing.T, bin string) {
 		{"/readyz", token, http.StatusOK},
 		{"/healthz", "", http.StatusOK},
 	} {
-		code, body := adminGet(t, base+c.path, c.token)
+		code, body := adminDo(t, client, base+c.path, c.token)
 		if code != c.want {
 			t.Errorf("GET %s with token %q: %d %s, want %d", c.path, c.token, code, body, c.want)
 		}
