@@ -21,6 +21,8 @@ packages=(
   knot-dnsutils       # kdig, knsupdate: an independent look at a Knot zone
   time                # /usr/bin/time -v for peak RSS in benchmarks
   openssl             # openssl speed, the raw-crypto baseline in benchmarks
+  gcc                 # builds the fault suite's PKCS#11 fault-injection shim
+  libc6-dev           # its C headers
 )
 
 missing=()
