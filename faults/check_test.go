@@ -32,8 +32,11 @@ type result struct {
 	// for (the reply was lost, RFC 1047); its retry then duplicates it.
 	deliveredUnaccepted int
 	faultHits           int
-	seconds             float64
-	passed              bool
+	// lastFailAfter: how long after the fault was lifted the last attempt
+	// failed (0: none failed after it): how long recovery took.
+	lastFailAfter float64
+	seconds       float64
+	passed        bool
 }
 
 // checkOptions says which connection errors a scenario allows: when the

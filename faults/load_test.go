@@ -119,6 +119,20 @@ func (l *load) acceptedSince(t time.Time) int {
 	return n
 }
 
+// lastFailureAfter is how long after t the last failed attempt ended
+// (0 when none did).
+func (l *load) lastFailureAfter(t time.Time) time.Duration {
+	var last time.Duration
+	for i := range l.recs {
+		for _, a := range l.recs[i].attempts {
+			if a.code != 250 && a.at.After(t) {
+				last = max(last, a.at.Sub(t))
+			}
+		}
+	}
+	return last
+}
+
 // run sends every message, returning when all are done, ctx ends or the
 // deadline passes.
 func (l *load) run(ctx context.Context) {

@@ -28,6 +28,7 @@ type scenario struct {
 	upstreamTimeout time.Duration
 	sessions        int // default 20
 	n               func(long bool) int
+	attempts        int // per message; default 3
 	connErrAt       map[stage]bool
 	// wrap runs the gateway under a command (setpriv).
 	wrap []string
@@ -231,7 +232,7 @@ var scenarios = []scenario{
 	},
 	{
 		name: "token-device-errors", title: "token: device errors, then recovery",
-		about: "The shim fails every token call with CKR_DEVICE_ERROR for 1.5 s, then with CKR_DEVICE_REMOVED for 1.5 s, then C_SignInit and C_Sign with CKR_SESSION_HANDLE_INVALID for 1.5 s (each also ends at a further fifth of the run), then lets calls through again.",
+		about: "The shim fails every token call with CKR_DEVICE_ERROR for 1.5 s, then with CKR_DEVICE_REMOVED for 1.5 s, then C_SignInit and C_Sign with CKR_SESSION_HANDLE_INVALID for 1.5 s, starting at a fifth, two fifths and three fifths of the run (each also ends when a further tenth of the messages is done), and lets calls through again after each.",
 		token: true, n: count(150),
 		drive: func(r *run) {
 			steps := []struct {
@@ -247,10 +248,12 @@ var scenarios = []scenario{
 					break
 				}
 				r.shim.Set(r.t, s.spec)
-				r.window(1500*time.Millisecond, s.at+0.2)
+				r.window(1500*time.Millisecond, s.at+0.1)
+				// Lifted between the steps: each is a fault "for a while",
+				// followed by recovery.
+				r.shim.Set(r.t, testenv.PKCS11FaultSpec{})
+				r.lifted()
 			}
-			r.shim.Set(r.t, testenv.PKCS11FaultSpec{})
-			r.lifted()
 		},
 		after: func(r *run, res *result) { r.mustHit("device errors", r.shim.Injected("error")); r.mustTempFail(res) },
 	},
@@ -317,8 +320,8 @@ var scenarios = []scenario{
 	},
 	{
 		name: "gateway-kill9", title: "dkimgw killed (SIGKILL) and restarted",
-		about: "dkimgw is killed with SIGKILL mid-run, twice, and started again on the same address at once; clients see their connections break and retry.",
-		n:     count(150), connErrAt: allStages(),
+		about: "dkimgw is killed with SIGKILL mid-run, twice, and started again on the same address at once; clients see their connections break and retry (up to 10 times).",
+		n:     count(150), connErrAt: allStages(), attempts: 10,
 		drive: func(r *run) {
 			for _, at := range []float64{0.3, 0.6} {
 				if !r.at(at) {
@@ -374,8 +377,8 @@ var scenarios = []scenario{
 	},
 	{
 		name: "gateway-sigterm", title: "SIGTERM with 100 transactions in flight",
-		about:    "120 sessions, an upstream that takes 2 s to answer each message; when 100 messages are in the upstream's hands, dkimgw gets SIGTERM. It must finish them (250) and exit 0; later connections are refused.",
-		n:        count(300),
+		about: "120 sessions, an upstream that takes 2 s to answer each message; when 100 messages are in the upstream's hands, dkimgw gets SIGTERM. It must finish them (250) and exit 0, answering new transactions 421 and refusing new connections meanwhile; then the upstream answers at once, dkimgw is started again and the run goes on (clients retry up to 10 times).",
+		n:     count(300), attempts: 10,
 		sessions: 120, connErrAt: map[stage]bool{stageDial: true, stageMail: true},
 		drive: func(r *run) {
 			r.sink.DelayData(2 * time.Second)
@@ -390,9 +393,12 @@ var scenarios = []scenario{
 			p := r.cur.Load()
 			p.signal(r.t, syscall.SIGTERM)
 			r.hits = inFlight
-			if code := p.waitExit(r.t, 60*time.Second); code != 0 {
+			if code := p.waitExit(r.t, 90*time.Second); code != 0 {
 				r.t.Errorf("dkimgw serve exited %d after SIGTERM, want 0", code)
 			}
+			r.sink.DelayData(0)
+			r.cur.Store(r.gw.start())
+			r.lifted()
 		},
 		after: func(r *run, res *result) {
 			r.mustHit("transactions in flight", r.hits)
@@ -447,7 +453,7 @@ func runScenario(t *testing.T, sc scenario) {
 	if long {
 		deadline = 20 * time.Minute
 	}
-	r.load = newLoad(loadSpec{scenario: sc.name, addr: addr, n: n, sessions: sessions, deadline: deadline})
+	r.load = newLoad(loadSpec{scenario: sc.name, addr: addr, n: n, sessions: sessions, attempts: sc.attempts, deadline: deadline})
 	driven := make(chan struct{})
 	go func() {
 		defer close(driven)
@@ -467,9 +473,12 @@ func runScenario(t *testing.T, sc scenario) {
 	}
 	sc.after(r, &res)
 	res.faultHits = r.hits
+	if !r.faultEnd.IsZero() {
+		res.lastFailAfter = r.load.lastFailureAfter(r.faultEnd).Seconds()
+	}
 	res.passed = !t.Failed()
-	t.Logf("%s: sent %d, accepted %d, 4xx %d, 5xx %d, conn err %d, unsent %d, retries %d, delivered %d, duplicates %d, delivered unaccepted %d, unsigned %d, lost %d, fault hits %d, %.1fs %s",
-		sc.name, res.sent, res.accepted, res.tempFail, res.permFail, res.connErr, res.unsent, res.retries, res.delivered, res.duplicates, res.deliveredUnaccepted, res.unsigned, res.lost, res.faultHits, res.seconds, r.note)
+	t.Logf("%s: sent %d, accepted %d, 4xx %d, 5xx %d, conn err %d, unsent %d, retries %d, delivered %d, duplicates %d, delivered unaccepted %d, unsigned %d, lost %d, fault hits %d, last failure %.1fs after the fault, %.1fs %s",
+		sc.name, res.sent, res.accepted, res.tempFail, res.permFail, res.connErr, res.unsent, res.retries, res.delivered, res.duplicates, res.deliveredUnaccepted, res.unsigned, res.lost, res.faultHits, res.lastFailAfter, res.seconds, r.note)
 	report(t, sc, res, r.note)
 }
 
