@@ -88,16 +88,18 @@ func renderReport(rows []reportRow) []byte {
 		"mail flowed again after it.\n\n")
 
 	b.WriteString("## Details\n\n")
-	b.WriteString("| scenario | 5xx | broken connections | not started | retries | delivered, never answered 250 | fault hits | seconds |\n")
-	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	b.WriteString("| scenario | 5xx | broken connections | not started | retries | delivered, never answered 250 | fault hits | last failure after the fault (s) | seconds |\n")
+	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, r := range rows {
-		fmt.Fprintf(&b, "| %s | %d | %d | %d | %d | %d | %d | %.0f |\n", r.sc.title, r.res.permFail, r.res.connErr,
-			r.res.unsent, r.res.retries, r.res.deliveredUnaccepted, r.res.faultHits, r.res.seconds)
+		fmt.Fprintf(&b, "| %s | %d | %d | %d | %d | %d | %d | %.1f | %.0f |\n", r.sc.title, r.res.permFail, r.res.connErr,
+			r.res.unsent, r.res.retries, r.res.deliveredUnaccepted, r.res.faultHits, r.res.lastFailAfter, r.res.seconds)
 	}
 	b.WriteString("\n**delivered, never answered 250**: the upstream has the message but its client never got a 250 " +
 		"(the connection broke after the final dot, RFC 1047): the sending MTA retries it, and the retry is a duplicate. " +
 		"**fault hits**: how often the fault was applied (connections and transactions it met, token calls it failed, " +
-		"signals sent, transactions in flight at SIGTERM).\n\n")
+		"signals sent, transactions in flight at SIGTERM). **last failure after the fault**: how long after the fault " +
+		"was lifted (or the gateway was serving again) a client attempt last failed: 0 means the next attempts all " +
+		"went through. **seconds**: the whole scenario, gateway start and verification included.\n\n")
 
 	b.WriteString("## Scenarios\n\n")
 	for _, r := range rows {
