@@ -79,8 +79,9 @@ func renderReport(rows []reportRow) []byte {
 			r.res.tempFail, r.res.delivered, r.res.duplicates, r.res.unsigned, r.res.lost, verdict)
 	}
 	b.WriteString("\nColumns: **sent**: messages whose transaction started (MAIL FROM answered). **accepted**: answered 250, " +
-		"on the first try or a retry. **deferred 4xx**: not accepted, the last reply a 4xx (the client retries each " +
-		"message up to 3 times, 200 ms and 400 ms apart, as an MTA retries deferred mail; after that it gives up for the run). " +
+		"on the first try or a retry. **deferred 4xx**: not accepted; the client got a 4xx for it (it tries each " +
+		"message up to 3 times, 200 ms then 400 ms apart, as an MTA retries deferred mail, and 10 times where dkimgw itself " +
+		"is killed or stopped; after that it gives up for the run: an MTA would keep the message and retry later). " +
 		"**delivered**: accepted messages found at the upstream. **duplicates**: copies at the upstream beyond the first " +
 		"of each message. **unsigned**: copies at the upstream without both signatures verifying. **lost**: accepted " +
 		"messages missing at the upstream. A run passes when lost and unsigned are 0, no message got a 5xx, no client " +
@@ -94,7 +95,11 @@ func renderReport(rows []reportRow) []byte {
 		fmt.Fprintf(&b, "| %s | %d | %d | %d | %d | %d | %d | %.1f | %.0f |\n", r.sc.title, r.res.permFail, r.res.connErr,
 			r.res.unsent, r.res.retries, r.res.deliveredUnaccepted, r.res.faultHits, r.res.lastFailAfter, r.res.seconds)
 	}
-	b.WriteString("\n**delivered, never answered 250**: the upstream has the message but its client never got a 250 " +
+	b.WriteString("\n**5xx**: messages refused for good (none may be: every fault here is temporary). " +
+		"**broken connections**: messages whose last try ended in a connection broken without a reply. " +
+		"**not started**: messages for which no transaction ever started (no gateway to connect to). " +
+		"**retries**: tries beyond the first, over all messages. " +
+		"**delivered, never answered 250**: the upstream has the message but its client never got a 250 " +
 		"(the connection broke after the final dot, RFC 1047): the sending MTA retries it, and the retry is a duplicate. " +
 		"**fault hits**: how often the fault was applied (connections and transactions it met, token calls it failed, " +
 		"signals sent, transactions in flight at SIGTERM). **last failure after the fault**: how long after the fault " +
