@@ -119,6 +119,19 @@ func (l *load) acceptedSince(t time.Time) int {
 	return n
 }
 
+// attemptsSince counts the attempts that ended after t.
+func (l *load) attemptsSince(t time.Time) int {
+	n := 0
+	for i := range l.recs {
+		for _, a := range l.recs[i].attempts {
+			if a.at.After(t) {
+				n++
+			}
+		}
+	}
+	return n
+}
+
 // lastFailureAfter is how long after t the last failed attempt ended
 // (0 when none did).
 func (l *load) lastFailureAfter(t time.Time) time.Duration {
