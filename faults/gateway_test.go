@@ -21,41 +21,21 @@ import (
 	"time"
 )
 
-var (
-	buildOnce sync.Once
-	builtBin  string
-	buildErr  error
-)
-
-// dkimgwBinary builds dkimgw with the race detector (a race provoked by a
-// fault fails its scenario) once per test binary.
-func dkimgwBinary(t *testing.T) string {
+// buildDkimgw builds dkimgw with the race detector (a race provoked by a
+// fault fails its scenario) into dir.
+func buildDkimgw(t *testing.T, dir string) string {
 	t.Helper()
-	buildOnce.Do(func() {
-		goCmd, err := exec.LookPath("go")
-		if err != nil {
-			buildErr = fmt.Errorf("the go command is needed to build dkimgw: %w", err)
-			return
-		}
-		dir, err := os.MkdirTemp("", "dkimgw-faults-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		bin := filepath.Join(dir, "dkimgw")
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		out, err := exec.CommandContext(ctx, goCmd, "build", "-race", "-o", bin, "../cmd/dkimgw").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %w\n%s", err, out)
-			return
-		}
-		builtBin = bin
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+	goCmd, err := exec.LookPath("go")
+	if err != nil {
+		t.Fatalf("the go command is needed to build dkimgw: %v", err)
 	}
-	return builtBin
+	bin := filepath.Join(dir, "dkimgw")
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, goCmd, "build", "-race", "-o", bin, "../cmd/dkimgw").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
 }
 
 // gwConfig is a scenario's gateway configuration.
@@ -113,9 +93,9 @@ type proc struct {
 	exitCode int
 }
 
-func newGateway(t *testing.T, cfg gwConfig, env []string, wrap []string) *gateway {
+func newGateway(t *testing.T, bin string, cfg gwConfig, env []string, wrap []string) *gateway {
 	t.Helper()
-	gw := &gateway{t: t, bin: dkimgwBinary(t), config: filepath.Join(t.TempDir(), "dkimgw.yaml"), env: env, wrap: wrap}
+	gw := &gateway{t: t, bin: bin, config: filepath.Join(t.TempDir(), "dkimgw.yaml"), env: env, wrap: wrap}
 	if err := os.WriteFile(gw.config, []byte(cfg.yaml()), 0o600); err != nil {
 		t.Fatal(err)
 	}

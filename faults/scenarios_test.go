@@ -107,6 +107,14 @@ func (r *run) mustTempFail(res *result) {
 	}
 }
 
+// longShort is long in the long form and short in the short one.
+func longShort(long, short time.Duration) time.Duration {
+	if longForm() {
+		return long
+	}
+	return short
+}
+
 func allStages() map[stage]bool {
 	return map[stage]bool{stageDial: true, stageMail: true, stageLater: true}
 }
@@ -124,7 +132,7 @@ var scenarios = []scenario{
 	{
 		name: "upstream-restart", title: "upstream killed and restarted",
 		about: "The upstream MTA is killed (listener and every connection closed at once) and restarted on the same address after 300 ms, three times during the run.",
-		n:     count(150),
+		n:     count(100),
 		drive: func(r *run) {
 			for _, at := range []float64{0.2, 0.45, 0.7} {
 				if !r.at(at) {
@@ -142,7 +150,7 @@ var scenarios = []scenario{
 	{
 		name: "upstream-refuses", title: "upstream refuses connections",
 		about: "The upstream's listener is closed for 2 s (or a third of the run): every connection to it is refused; then it listens again.",
-		n:     count(150),
+		n:     count(100),
 		drive: func(r *run) {
 			if !r.at(0.25) {
 				return
@@ -157,7 +165,7 @@ var scenarios = []scenario{
 	{
 		name: "upstream-421", title: "upstream answers 421",
 		about: "For 2 s (or a third of the run) the upstream greets new connections with 421 and answers MAIL FROM on open ones with 421, closing them.",
-		n:     count(150),
+		n:     count(100),
 		drive: func(r *run) {
 			if !r.at(0.25) {
 				return
@@ -171,14 +179,14 @@ var scenarios = []scenario{
 	},
 	{
 		name: "upstream-stall", title: "upstream stalls past the timeout",
-		about: "For 7 s the upstream reads nothing: no greeting on new connections, and a message in DATA is left unread. upstream.timeout is 2 s, so the gateway gives up on it first.",
-		n:     count(150), upstreamTimeout: 2 * time.Second,
+		about: "For 7 s (4 s in the short form) the upstream reads nothing: no greeting on new connections, and a message in DATA is left unread. upstream.timeout is 2 s, so the gateway gives up on it first.",
+		n:     count(100), upstreamTimeout: 2 * time.Second,
 		drive: func(r *run) {
 			if !r.at(0.25) {
 				return
 			}
 			r.sink.SetFault(testenv.UpstreamStall)
-			r.window(7*time.Second, 0.75)
+			r.window(longShort(7*time.Second, 4*time.Second), 0.75)
 			r.sink.SetFault(testenv.UpstreamOK)
 			r.lifted()
 		},
@@ -187,7 +195,7 @@ var scenarios = []scenario{
 	{
 		name: "upstream-drop-data", title: "upstream drops the connection in DATA",
 		about: "For 2 s (or a third of the run) the upstream reads the first bytes of each message and closes the connection.",
-		n:     count(150),
+		n:     count(100),
 		drive: func(r *run) {
 			if !r.at(0.25) {
 				return
@@ -202,7 +210,7 @@ var scenarios = []scenario{
 	{
 		name: "upstream-drop-dot", title: "upstream drops the connection after the final dot",
 		about: "For 2 s (or a third of the run) the upstream reads and keeps each whole message, then closes the connection without replying. The gateway cannot know the message arrived and defers it; the client's retry makes a duplicate (RFC 1047).",
-		n:     count(150),
+		n:     count(100),
 		drive: func(r *run) {
 			if !r.at(0.25) {
 				return
@@ -217,7 +225,7 @@ var scenarios = []scenario{
 	{
 		name: "token-sessions-closed", title: "token: every session closed",
 		about: "Every 300 ms, from a tenth to four fifths of the run, the PKCS#11 shim closes every session of the token (C_CloseAllSessions) behind the gateway's back: it is logged out and every handle it holds is void.",
-		token: true, n: count(150),
+		token: true, n: count(100),
 		drive: func(r *run) {
 			if !r.at(0.1) {
 				return
@@ -233,7 +241,7 @@ var scenarios = []scenario{
 	{
 		name: "token-device-errors", title: "token: device errors, then recovery",
 		about: "The shim fails every token call with CKR_DEVICE_ERROR for 1.5 s, then with CKR_DEVICE_REMOVED for 1.5 s, then C_SignInit and C_Sign with CKR_SESSION_HANDLE_INVALID for 1.5 s, starting at a fifth, two fifths and three fifths of the run (each also ends when a further tenth of the messages is done), and lets calls through again after each.",
-		token: true, n: count(150),
+		token: true, n: count(100),
 		drive: func(r *run) {
 			steps := []struct {
 				at   float64
@@ -259,13 +267,13 @@ var scenarios = []scenario{
 	},
 	{
 		name: "token-hang", title: "token: C_Sign hangs for seconds",
-		about: "Every C_Sign waits before it reaches SoftHSM: in the long form 40 s for 45 s, longer than the gateway's deadline for signing a message (30 s), so messages are deferred; in the short form 4 s for 5 s, so they are only late.",
-		token: true, n: count(150),
+		about: "Every C_Sign waits before it reaches SoftHSM: in the long form 40 s for 45 s, longer than the gateway's deadline for signing a message (30 s), so messages are deferred; in the short form 3 s for 4 s, so they are only late.",
+		token: true, n: count(100),
 		drive: func(r *run) {
 			if !r.at(0.25) {
 				return
 			}
-			hang, span := 4*time.Second, 5*time.Second
+			hang, span := 3*time.Second, 4*time.Second
 			if longForm() {
 				hang, span = 40*time.Second, 45*time.Second
 			}
@@ -284,7 +292,7 @@ var scenarios = []scenario{
 	{
 		name: "token-dir-unreadable", title: "token directory unreadable, then restored",
 		about: "The token's directory in SoftHSM's store is made unreadable (chmod 000) for 2 s, then restored. The gateway runs without CAP_DAC_OVERRIDE (setpriv), so that the mode binds it even as root.",
-		token: true, n: count(150),
+		token: true, n: count(100),
 		wrap: []string{"setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-all", "--"},
 		drive: func(r *run) {
 			dir := r.tok.Dir()
@@ -321,7 +329,7 @@ var scenarios = []scenario{
 	{
 		name: "gateway-kill9", title: "dkimgw killed (SIGKILL) and restarted",
 		about: "dkimgw is killed with SIGKILL mid-run, twice, and started again on the same address at once; clients see their connections break and retry (up to 10 times).",
-		n:     count(150), connErrAt: allStages(), attempts: 10,
+		n:     count(100), connErrAt: allStages(), attempts: 10,
 		drive: func(r *run) {
 			for _, at := range []float64{0.3, 0.6} {
 				if !r.at(at) {
@@ -353,7 +361,7 @@ var scenarios = []scenario{
 	{
 		name: "gateway-sighup", title: "SIGHUP every 100 ms",
 		about: "dkimgw is sent SIGHUP (reload the configuration, re-read the PIN) every 100 ms for the whole run.",
-		n:     count(150),
+		n:     count(100),
 		drive: func(r *run) {
 			for r.hits < 100000 {
 				select {
@@ -378,7 +386,7 @@ var scenarios = []scenario{
 	{
 		name: "gateway-sigterm", title: "SIGTERM with 100 transactions in flight",
 		about: "120 sessions, an upstream that takes 2 s to answer each message; when 100 messages are in the upstream's hands, dkimgw gets SIGTERM. It must finish them (250) and exit 0, answering new transactions 421 and refusing new connections meanwhile; then the upstream answers at once, dkimgw is started again and the run goes on (clients retry up to 10 times).",
-		n:     count(300), attempts: 10,
+		n:     count(250), attempts: 10,
 		sessions: 120, connErrAt: map[stage]bool{stageDial: true, stageMail: true},
 		drive: func(r *run) {
 			r.sink.DelayData(2 * time.Second)
@@ -416,12 +424,13 @@ func TestFaults(t *testing.T) {
 		t.Skip("the fault suite runs the real gateway with SoftHSM; not in -short")
 	}
 	testenv.Require(t, "softhsm2-util", testenv.SoftHSMModule, "cc", "setpriv")
+	bin := buildDkimgw(t, t.TempDir())
 	for _, sc := range scenarios {
-		t.Run(sc.name, func(t *testing.T) { runScenario(t, sc) })
+		t.Run(sc.name, func(t *testing.T) { runScenario(t, bin, sc) })
 	}
 }
 
-func runScenario(t *testing.T, sc scenario) {
+func runScenario(t *testing.T, bin string, sc scenario) {
 	long := longForm()
 	start := time.Now()
 	st := testenv.SoftHSM(t)
@@ -441,7 +450,7 @@ func runScenario(t *testing.T, sc scenario) {
 	}
 	addr := freeAddr(t)
 	cfg := gwConfig{uri: uri, upstream: sink.Addr(), listen: addr, upstreamTimeout: timeout, grace: 60 * time.Second}
-	r.gw = newGateway(t, cfg, env, sc.wrap)
+	r.gw = newGateway(t, bin, cfg, env, sc.wrap)
 	r.cur.Store(r.gw.start())
 
 	sessions := sc.sessions

@@ -52,32 +52,25 @@ const (
 	CKRSessionHandleInvalid = 0xB3
 )
 
-var (
-	p11faultOnce  sync.Once
-	p11faultBuilt string
-	p11faultErr   error
-)
-
-// NewPKCS11Fault builds the shim with the C compiler (once per test
-// binary) and gives the calling test a control file of its own.
+// NewPKCS11Fault builds the shim with the C compiler into the calling
+// test's temp directory (a fraction of a second) and gives the test a
+// control file of its own.
 func NewPKCS11Fault(t testing.TB) *PKCS11Fault {
 	t.Helper()
 	Require(t, "cc", SoftHSMModule)
-	p11faultOnce.Do(func() { p11faultBuilt, p11faultErr = buildPKCS11Fault() })
-	if p11faultErr != nil {
-		t.Fatalf("testenv: build the PKCS#11 fault shim: %v", p11faultErr)
-	}
 	dir := t.TempDir()
-	f := &PKCS11Fault{Path: p11faultBuilt, control: filepath.Join(dir, "control"), log: filepath.Join(dir, "injected.log")}
+	lib, err := buildPKCS11Fault(dir)
+	if err != nil {
+		t.Fatalf("testenv: build the PKCS#11 fault shim: %v", err)
+	}
+	f := &PKCS11Fault{Path: lib, control: filepath.Join(dir, "control"), log: filepath.Join(dir, "injected.log")}
 	f.Set(t, PKCS11FaultSpec{})
 	return f
 }
 
-// buildPKCS11Fault compiles the shim against miekg/pkcs11's copy of the
-// PKCS#11 headers (the module's own dependency, so always there) into a
-// directory removed when the process exits... or left in $TMPDIR when it
-// is killed; it is small.
-func buildPKCS11Fault() (string, error) {
+// buildPKCS11Fault compiles the shim into dir against miekg/pkcs11's copy
+// of the PKCS#11 headers (a dependency of the module, so always there).
+func buildPKCS11Fault(dir string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", "github.com/miekg/pkcs11").Output()
@@ -85,10 +78,6 @@ func buildPKCS11Fault() (string, error) {
 		return "", fmt.Errorf("find the PKCS#11 headers (go list -m github.com/miekg/pkcs11): %w", err)
 	}
 	inc := strings.TrimSpace(string(out))
-	dir, err := os.MkdirTemp("", "dkimgw-p11fault-")
-	if err != nil {
-		return "", err
-	}
 	src := filepath.Join(dir, "p11fault.c")
 	if err := os.WriteFile(src, p11faultSource, 0o600); err != nil {
 		return "", err
