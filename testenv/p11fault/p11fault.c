@@ -175,9 +175,9 @@ static CK_RV before(const char *op) {
 	long hang = (cfg.hang_ms > 0 && listed(cfg.hang_ops, op)) ? cfg.hang_ms : 0;
 	CK_RV err = (cfg.error && listed(cfg.error_ops, op)) ? cfg.error : 0;
 	pthread_mutex_unlock(&cfg_mu);
-	/* C_Initialize/C_Finalize and the slot list must stay callable for
-	 * close_all itself; it runs on the next ordinary call. */
-	if (do_close && strcmp(op, "C_Initialize") && strcmp(op, "C_Finalize")) close_all_now(seq);
+	/* close_all acts on the next forwarded call of any thread (C_Initialize
+	 * and C_Finalize are not forwarded through here). */
+	if (do_close) close_all_now(seq);
 	if (hang) {
 		logf_("hang %s %ld\n", op, hang);
 		struct timespec ts = {hang / 1000, (hang % 1000) * 1000000L};
