@@ -9,6 +9,7 @@ import (
 
 	"github.com/dkimgw/dkimgw/dnspub"
 	"github.com/dkimgw/dkimgw/hsm"
+	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/testenv"
 )
 
@@ -77,5 +78,36 @@ func TestServeDriftWatch(t *testing.T) {
 	waitMetric(t, r.gw, "", "dkimgw_dns_drift", labels, 0)
 	if sels := r.waitSigned(1, 30*time.Second); sels[0] != sel {
 		t.Errorf("signed by %v after the drift ended, want %s", sels, sel)
+	}
+}
+
+// TestSameAdminListener: a reload may change the bearer token, not the
+// listener's address or certificate.
+func TestSameAdminListener(t *testing.T) {
+	addr := func(s string) *string { return &s }
+	base := policy.Config{Admin: policy.Admin{Listen: addr("127.0.0.1:9465")}}
+	withTLS := func(c policy.Config, cert string) policy.Config {
+		c.Admin.TLS = &policy.TLS{CertFile: cert, KeyFile: "k"}
+		return c
+	}
+	other := base
+	other.Admin.Listen = addr("127.0.0.1:9466")
+	token := base
+	token.Admin.BearerTokenFile = "/etc/dkimgw/token"
+	for _, c := range []struct {
+		name      string
+		next, cur policy.Config
+		same      bool
+	}{
+		{"unchanged", base, base, true},
+		{"new token file", token, base, true},
+		{"new address", other, base, false},
+		{"TLS added", withTLS(base, "c"), base, false},
+		{"new certificate", withTLS(base, "c2"), withTLS(base, "c"), false},
+		{"same certificate", withTLS(base, "c"), withTLS(base, "c"), true},
+	} {
+		if got := sameAdminListener(&c.next, &c.cur); got != c.same {
+			t.Errorf("%s: sameAdminListener = %v, want %v", c.name, got, c.same)
+		}
 	}
 }

@@ -33,6 +33,10 @@ runs the rotation reconciler every rotation.check_every (see 'dkimgw
 rotate --help') and switches a domain's keys as soon as a new one is
 active, or within a second when another process changed the rotation
 state; a rotating domain without an active key gets 451 4.7.0.
+Every rotation.drift_every it checks that DNS serves the records of the
+active and retired keys as published (rotation.on_drift says what a
+drift does). On admin.listen (default 127.0.0.1:9465) it serves /metrics
+(Prometheus), /healthz and /readyz (see the README).
 SIGTERM or SIGINT: stop accepting, finish the transactions in flight
 (at most shutdown_grace), exit 0, within shutdown_grace even when a
 token call hangs. SIGHUP: reload the configuration and read the token's
@@ -41,7 +45,8 @@ the PIN (it is then not tried again until the reload), the token is
 re-opened with the new one; the reconciler is rebuilt from the new
 rotation policies. A configuration that is invalid, names a missing
 key, changes a setting that needs a restart (hsm.uri, log.format,
-data_dir), or brings a PIN the token refuses is logged and refused, and
+data_dir, admin.listen, admin.tls), or brings a PIN the token refuses is
+logged and refused, and
 the old one keeps serving.`
 )
 
