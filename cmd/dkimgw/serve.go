@@ -46,8 +46,7 @@ re-opened with the new one; the reconciler is rebuilt from the new
 rotation policies. A configuration that is invalid, names a missing
 key, changes a setting that needs a restart (hsm.uri, log.format,
 data_dir, admin.listen, admin.tls), or brings a PIN the token refuses is
-logged and refused, and
-the old one keeps serving.`
+logged and refused, and the old one keeps serving.`
 )
 
 var serveCommand = &command{
