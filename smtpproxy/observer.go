@@ -17,8 +17,11 @@ import (
 // signing domains, selectors) or from a fixed set, never from the
 // message: an unknown From domain is reported with Domain "".
 type Observer interface {
-	// Transaction reports a transaction that reached the end of DATA
-	// (one reply to the message).
+	// Transaction reports a transaction that got its final reply: the
+	// reply to DATA (or BDAT LAST), or a failure at MAIL FROM (the
+	// upstream refused or could not be reached), before the client
+	// hears it. Transactions the client abandons (RSET, QUIT) are not
+	// reported.
 	Transaction(TransactionReport)
 	// ConnectionRefused reports a connection refused at accept time, with
 	// reason RefusedMaxConnections or RefusedMaxConnectionsPerIP.

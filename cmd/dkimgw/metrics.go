@@ -60,7 +60,7 @@ func newMetrics(src metricsSources) *metrics {
 	m := &metrics{reg: prometheus.NewRegistry()}
 	m.messages = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "dkimgw_messages_total",
-		Help: "Messages that got a reply to DATA, by outcome (signed, relayed-unsigned, tempfailed, refused), signing domain (\"\" when the From domain has none) and client.",
+		Help: "Messages that got a final reply (to DATA, or a failure at MAIL FROM), by outcome (signed, relayed-unsigned, tempfailed, refused), signing domain (\"\" when the From domain has none or was not read yet) and client.",
 	}, []string{"outcome", "domain", "client"})
 	m.signatures = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "dkimgw_signatures_total",
