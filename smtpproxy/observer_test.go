@@ -75,3 +75,18 @@ func TestObserverSeesOutcomes(t *testing.T) {
 		t.Errorf("spool bytes after the transactions = %d in memory, %d on disk, want 0", mem, disk)
 	}
 }
+
+// TestObserverSeesMailFailure: a transaction the upstream refuses at MAIL
+// FROM is a tempfailed message with no domain (the header is not read).
+func TestObserverSeesMailFailure(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, "")
+	h.sink.FailMail(&smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "busy"})
+	c := h.dial()
+	_, err := send(c, "news@mail.example.com", []string{"a@example.net"}, testMsg)
+	wantCode(t, err, 451, smtp.EnhancedCode{4, 3, 0})
+	got := h.obs.reports()
+	if len(got) != 1 || got[0].Outcome != OutcomeTempfailed || got[0].Domain != "" || got[0].Client != "campaigns" || got[0].UpstreamClass != "" {
+		t.Fatalf("reports = %+v, want one tempfailed for client campaigns without domain", got)
+	}
+}
