@@ -106,64 +106,88 @@ func (w *driftWatch) stop(deadline time.Time) {
 
 // check runs one round over every active and retired key.
 func (w *driftWatch) check(ctx context.Context) {
-	sctx, cancel := context.WithTimeout(ctx, driftCheckTimeout)
-	keys, err := w.setup.rec.Status(sctx)
-	cancel()
+	keys, err := w.status(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			w.log.Warn("drift watch: cannot read the rotation state; DNS not checked this time", "error", err)
 		}
 		return
 	}
-	now := map[string]bool{}
-	checked := map[string]bool{}
-	badDomains := map[string]bool{}
-	var mu sync.Mutex
-	var wg sync.WaitGroup
+	type result struct {
+		k               rotation.Key
+		drifted, usable bool
+		detail          string
+	}
+	var todo []rotation.Key
 	for _, k := range keys {
-		if k.State != rotation.StateActive && k.State != rotation.StateRetired || k.Record == "" {
-			continue
+		if (k.State == rotation.StateActive || k.State == rotation.StateRetired) && k.Record != "" {
+			todo = append(todo, k.Key)
 		}
+	}
+	results := make([]result, len(todo))
+	var wg sync.WaitGroup
+	for i, k := range todo {
 		wg.Go(func() {
-			drifted, detail, ok := w.checkKey(ctx, k.Key)
-			id := k.Domain + "/" + k.Selector
-			mu.Lock()
-			defer mu.Unlock()
-			if !ok {
-				// No server answered usably: nothing known, the last
-				// verdict stands.
-				if w.drifted[id] {
-					now[id] = true
-					if k.State == rotation.StateActive {
-						badDomains[k.Domain] = true
-					}
-				}
-				checked[id] = true
-				return
-			}
-			checked[id] = true
-			if drifted {
-				now[id] = true
-				if k.State == rotation.StateActive {
-					badDomains[k.Domain] = true
-				}
-				w.log.Warn("DNS drift: authoritative servers do not serve the key's record as published",
-					"domain", k.Domain, "selector", k.Selector, "state", string(k.State), "servers", detail,
-					"on_drift", string(w.onDrift))
-			}
-			if drifted != w.drifted[id] {
-				if !drifted {
-					w.log.Info("DNS drift ended: every authoritative server serves the record as published", "domain", k.Domain, "selector", k.Selector)
-				}
-				if w.sink != nil {
-					w.sink.DriftReported(ctx, driftEvent{Domain: k.Domain, Selector: k.Selector, State: k.State, Drifted: drifted, Detail: detail})
-				}
-			}
+			drifted, detail, usable := w.checkKey(ctx, k)
+			results[i] = result{k: k, drifted: drifted, usable: usable, detail: detail}
 		})
 	}
 	wg.Wait()
 	if ctx.Err() != nil {
 		return
+	}
+	// A key the reconciler moved on while DNS was asked (a retired key
+	// revoked: its record replaced) is no drift: read the state again and
+	// keep only the verdicts on keys that did not change.
+	after, err := w.status(ctx)
+	if err != nil {
+		return
+	}
+	type rec struct {
+		state  rotation.State
+		record string
+	}
+	still := map[string]rec{}
+	for _, k := range after {
+		still[k.Domain+"/"+k.Selector] = rec{k.State, k.Record}
+	}
+
+	now, checked, badDomains := map[string]bool{}, map[string]bool{}, map[string]bool{}
+	for _, r := range results {
+		k := r.k
+		id := k.Domain + "/" + k.Selector
+		if st, ok := still[id]; !ok || st.state != k.State || st.record != k.Record {
+			continue
+		}
+		checked[id] = true
+		drifted := r.drifted
+		if !r.usable {
+			// No server answered usably: nothing known, the last
+			// verdict stands.
+			drifted = w.drifted[id]
+		}
+		if drifted {
+			now[id] = true
+			if k.State == rotation.StateActive {
+				badDomains[k.Domain] = true
+			}
+		}
+		if !r.usable {
+			continue
+		}
+		if r.drifted {
+			w.log.Warn("DNS drift: authoritative servers do not serve the key's record as published",
+				"domain", k.Domain, "selector", k.Selector, "state", string(k.State), "servers", r.detail,
+				"on_drift", string(w.onDrift))
+		}
+		if r.drifted != w.drifted[id] {
+			if !r.drifted {
+				w.log.Info("DNS drift ended: every authoritative server serves the record as published", "domain", k.Domain, "selector", k.Selector)
+			}
+			if w.sink != nil {
+				w.sink.DriftReported(ctx, driftEvent{Domain: k.Domain, Selector: k.Selector, State: k.State, Drifted: r.drifted, Detail: r.detail})
+			}
+		}
 	}
 	for id := range checked {
 		d, s, _ := strings.Cut(id, "/")
@@ -181,6 +205,13 @@ func (w *driftWatch) check(ctx context.Context) {
 	} else {
 		w.ring.drifted.Store(nil)
 	}
+}
+
+// status reads every key of the rotating domains.
+func (w *driftWatch) status(ctx context.Context) ([]rotation.Status, error) {
+	sctx, cancel := context.WithTimeout(ctx, driftCheckTimeout)
+	defer cancel()
+	return w.setup.rec.Status(sctx)
 }
 
 // checkKey asks every authoritative server of the key's zone for its
