@@ -3,13 +3,19 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/dkimgw/dkimgw/dnspub"
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/policy"
+	"github.com/dkimgw/dkimgw/rotation"
 	"github.com/dkimgw/dkimgw/testenv"
 )
 
@@ -109,5 +115,89 @@ func TestSameAdminListener(t *testing.T) {
 		if got := sameAdminListener(&c.next, &c.cur); got != c.same {
 			t.Errorf("%s: sameAdminListener = %v, want %v", c.name, got, c.same)
 		}
+	}
+}
+
+// recordingDrift keeps the drift events it is told of.
+type recordingDrift struct{ events []driftEvent }
+
+func (r *recordingDrift) DriftReported(_ context.Context, e driftEvent) {
+	r.events = append(r.events, e)
+}
+
+// TestDriftWatchReportsToItsSink drives one drift watch by hand against
+// BIND: the sink (where the audit log plugs in) hears a drift start and
+// end once each, the metric follows, and with on_drift: tempfail the
+// keyring holds the domain while its active record is wrong.
+func TestDriftWatchReportsToItsSink(t *testing.T) {
+	server := testenv.StartBIND(t, testenv.DNSOptions{SOAMinimum: 1})
+	r := newRotServe(t, "", server, "{algorithms: [ed25519], interval: 1h, ttl: 1, publisher: primary}")
+	r.cfg.extra = strings.Replace(r.cfg.extra, "  check_every: 500ms\n", "  check_every: 500ms\n  on_drift: tempfail\n", 1)
+	path := filepath.Join(t.TempDir(), "dkimgw.yaml")
+	if err := os.WriteFile(path, []byte(r.cfg.yaml()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := policy.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &testenv.LogBuffer{}
+	logger := slog.New(slog.NewTextHandler(logs, nil))
+	setup, err := newRotation(cfg, nil, logger, nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	domain, sel := r.domain(), "ed20261201"
+	const published = "v=DKIM1; k=ed25519; p=11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="
+	now := time.Now()
+	if err := setup.store.Update(t.Context(), rotation.Change{Key: rotation.Key{
+		Domain: domain, Selector: sel, Algorithm: rotation.Ed25519, State: rotation.StateActive,
+		Created: true, Record: published, Since: now, CreatedAt: now, ActivatedAt: now,
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	k := server.Keys[0]
+	up, err := dnspub.NewRFC2136(dnspub.RFC2136Options{
+		Server: server.Addr,
+		TSIG:   dnspub.TSIG{Name: k.Name, Algorithm: k.Algorithm, SecretFile: server.KeyFile(t, k)},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	set := func(value string) {
+		t.Helper()
+		if _, err := up.SetRecords(t.Context(), server.Zone, []dnspub.Record{{Name: sel + "._domainkey", TTL: time.Second, Value: value}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	set(published)
+
+	var ring keyring
+	m := newMetrics(metricsSources{})
+	sink := &recordingDrift{}
+	w := newDriftWatch(cfg, &rotator{setup: setup}, &ring, m, sink, logger)
+	drift := func() float64 { return testutil.ToFloat64(m.drift.WithLabelValues(domain, sel)) }
+	held := func() bool { d := ring.drifted.Load(); return d != nil && (*d)[domain] }
+
+	w.check(t.Context())
+	if len(sink.events) != 0 || drift() != 0 || held() {
+		t.Fatalf("record as published: events %+v, metric %v, domain held %v; want none, 0, false", sink.events, drift(), held())
+	}
+	set("v=DKIM1; k=ed25519; p=AAAA")
+	w.check(t.Context())
+	w.check(t.Context()) // a drift that lasts is reported once
+	if len(sink.events) != 1 || !sink.events[0].Drifted || sink.events[0].Selector != sel || sink.events[0].State != rotation.StateActive || !strings.Contains(sink.events[0].Detail, "different") {
+		t.Fatalf("record changed: events %+v, want one drift of %s", sink.events, sel)
+	}
+	if drift() != 1 || !held() {
+		t.Errorf("record changed: metric %v, domain held %v; want 1, true", drift(), held())
+	}
+	set(published)
+	w.check(t.Context())
+	if len(sink.events) != 2 || sink.events[1].Drifted || drift() != 0 || held() {
+		t.Errorf("record restored: events %+v, metric %v, domain held %v; want the drift's end, 0, false", sink.events, drift(), held())
+	}
+	if !strings.Contains(logs.String(), "DNS drift ended") {
+		t.Errorf("the end of the drift was not logged:\n%s", logs)
 	}
 }
