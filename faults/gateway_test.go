@@ -54,6 +54,8 @@ func (c gwConfig) yaml() string {
 	b.WriteString("domains:\n  example.com:\n    selectors: [rsa1, ed1]\n")
 	b.WriteString("log:\n  format: json\n  level: info\n")
 	fmt.Fprintf(&b, "shutdown_grace: %s\n", c.grace)
+	// Gateways of parallel scenarios must not share the default port.
+	b.WriteString("admin:\n  listen: \"127.0.0.1:0\"\n")
 	return b.String()
 }
 
