@@ -145,6 +145,12 @@ func (t *Token) GenerateKey(ctx context.Context, domain, selector string, alg Al
 	if _, err := ParseAlgorithm(string(alg)); err != nil {
 		return nil, err
 	}
+	return t.generate(ctx, domain, selector, label, alg)
+}
+
+// generate generates the pair labelled label; domain and selector are
+// "" for a key that is not a DKIM key (the audit key).
+func (t *Token) generate(ctx context.Context, domain, selector, label string, alg Algorithm) (*Key, error) {
 	if err := t.checkMechanisms(alg); err != nil {
 		return nil, err
 	}
@@ -153,7 +159,7 @@ func (t *Token) GenerateKey(ctx context.Context, domain, selector string, alg Al
 		return nil, errorf("random key id: %w", err)
 	}
 	genMech, pubTmpl, privTmpl := keyTemplates(alg, label, id)
-	err = t.do(ctx, "generate "+label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
+	err := t.do(ctx, "generate "+label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
 		// Checked inside the operation so that a retry after recovery
 		// finds the pair a first attempt may have created before its
 		// answer was lost, instead of creating a second one.
@@ -460,7 +466,11 @@ func (t *Token) loadKey(ctx context.Context, domain, selector, label string) (*K
 		}
 		switch len(privs) {
 		case 0:
-			return errorf("%w: no private key labelled %s in token %q; generate one with 'dkimgw keys generate'", ErrKeyNotFound, label, t.Info().Label)
+			hint := "generate one with 'dkimgw keys generate'"
+			if label == AuditKeyLabel {
+				hint = "'dkimgw serve' generates it on first use"
+			}
+			return errorf("%w: no private key labelled %s in token %q; %s", ErrKeyNotFound, label, t.Info().Label, hint)
 		case 1:
 		default:
 			return errorf("%d private keys are labelled %s; destroy the extra ones with pkcs11-tool", len(privs), label)
