@@ -134,6 +134,8 @@ type Config struct {
 	// DataDir holds the rotation state (rotation.db) and the manual
 	// publisher's files. Default /var/lib/dkimgw.
 	DataDir string `yaml:"data_dir"`
+	// Audit is the audit log.
+	Audit Audit `yaml:"audit"`
 
 	// Path is the file the configuration was read from (the name given
 	// to Parse).
