@@ -330,25 +330,3 @@ func (l *Log) append(ctx context.Context, make func(tail) (*Record, error)) (boo
 	}
 	return true, nil
 }
-
-// Seal writes checkpoints every period until ctx ends, then a last one
-// (bounded by final). Failures go to report.
-func (l *Log) Seal(ctx context.Context, every time.Duration, final time.Duration, report func(error)) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			fctx, cancel := context.WithTimeout(context.Background(), final)
-			defer cancel()
-			if _, err := l.Checkpoint(fctx); err != nil && report != nil {
-				report(err)
-			}
-			return
-		case <-t.C:
-			if _, err := l.Checkpoint(ctx); err != nil && report != nil && ctx.Err() == nil {
-				report(err)
-			}
-		}
-	}
-}

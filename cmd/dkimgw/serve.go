@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/smtpproxy"
@@ -66,6 +67,10 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	level := new(slog.LevelVar)
 	logger := newLogger(c.stderr, cfg.Log, level)
 	logWarnings(logger, cfg)
+	alog, err := openServeAudit(cfg, logger)
+	if err != nil {
+		return failf(c, exitCantCreate, "%s: audit.path: %v", *path, err)
+	}
 
 	openCtx, cancel := context.WithTimeout(ctx, tokenTimeout)
 	tok, err := hsm.Open(openCtx, cfg.HSM.URI, hsm.Options{Logger: logger, Getenv: c.getenv})
@@ -80,16 +85,18 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	}
 	cancel()
 	if err != nil {
+		alog.recordTokenError(ctx, cfg.HSM.URI, err)
 		return failf(c, tokenExitCode(err), "%v", err)
 	}
+	alog.useToken(ctx, tok)
 
 	ring.rk.log = logger
-	rot, err := prepareRotator(ctx, cfg, &ring, logger)
+	rot, err := prepareRotator(ctx, cfg, &ring, logger, alog.log)
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitConfig, "%s: rotation: %v", *path, err)
 	}
-	srv, err := smtpproxy.New(smtpproxy.Options{Policy: cfg, Settings: relaySettings(cfg), Keys: &ring, Logger: logger})
+	srv, err := smtpproxy.New(smtpproxy.Options{Policy: alog.policy(cfg), Settings: relaySettings(cfg), Keys: &ring, Logger: logger})
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitConfig, "%v", err)
@@ -106,6 +113,8 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	logger.Info("dkimgw serving", "version", version(), "listen", l.Addr().String(), "config", *path)
+	alog.record(ctx, configEvent(audit.EventConfigLoaded, cfg, nil))
+	alog.start(cfg.Audit.CheckpointEvery.D())
 	if rot != nil {
 		rot.start(&ring, logger)
 		logger.Info("key rotation running", "domains", strings.Join(cfg.Rotating(), ","), "check_every_s", rot.every.Seconds())
@@ -114,11 +123,12 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	for {
 		select {
 		case <-hup:
-			if next, nrot := reload(ctx, srv, cfg, &ring, rot, *path, logger, level, c.getenv); next != nil {
+			if next, nrot := reload(ctx, srv, cfg, &ring, rot, *path, logger, level, c.getenv, alog); next != nil {
 				cfg, rot = next, nrot
 			}
 		case err := <-serveErr:
 			rot.stop(time.Now().Add(shortClose), logger)
+			alog.stop(time.Now().Add(shortClose))
 			closeToken(ring.token(), time.Now().Add(shortClose), logger)
 			return failf(c, exitSoftware, "serve: %v", err)
 		case <-ctx.Done():
@@ -133,6 +143,8 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 			if err != nil {
 				logger.Warn("shutdown: transactions cut short", "error", err)
 			}
+			// The last checkpoint seals the log while the token is open.
+			alog.stop(deadline)
 			// Whatever the token does, the process exits within the grace
 			// period: a token call that hangs is not waited for.
 			closeToken(ring.token(), deadline, logger)
@@ -179,7 +191,7 @@ func closeToken(tok *hsm.Token, deadline time.Time, logger *slog.Logger) {
 // replaces the old one once everything else checked out; the active keys
 // are read from the state again, so the keyring stays as it was for the
 // domains whose policy did not change.
-func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring *keyring, rot *rotator, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string) (*policy.Config, *rotator) {
+func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring *keyring, rot *rotator, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string, alog *serveAudit) (*policy.Config, *rotator) {
 	cfg, err := policy.Load(path)
 	if err == nil && cfg.HSM.URI != cur.HSM.URI {
 		err = errors.New("hsm.uri changed, which needs a restart")
@@ -207,11 +219,11 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 		// sees the new configuration must find its selectors.
 		old := ring.set(tok, keys)
 		oldRot := ring.rot.Load()
-		nrot, err = prepareRotator(kctx, cfg, ring, logger)
+		nrot, err = prepareRotator(kctx, cfg, ring, logger, alog.log)
 		if err != nil {
 			err = fmt.Errorf("rotation: %w", err)
 		} else {
-			err = srv.Reload(cfg, relaySettings(cfg))
+			err = srv.Reload(alog.policy(cfg), relaySettings(cfg))
 		}
 		if err != nil {
 			ring.restore(old)
@@ -223,6 +235,8 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 			tok.Close()
 		}
 		logger.Error("reload refused, the old configuration keeps serving", "config", path, "error", err)
+		alog.recordTokenError(ctx, cur.HSM.URI, err)
+		alog.record(ctx, audit.Event{Event: audit.EventReloadRefused, Details: map[string]any{"config": path, "error": err.Error()}})
 		return nil, nil
 	}
 	rot.stop(time.Now().Add(rotatorStopWait), logger)
@@ -230,12 +244,14 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 		nrot.start(ring, logger)
 	}
 	if opened {
+		alog.useToken(ctx, tok)
 		logger.Info("token re-opened with the PIN from the pin-source", "token", tok.Info().Label)
 		// Transactions still signing with the old token's keys get a
 		// temporary error (451) and are retried by their MTA.
 		go oldTok.Close()
 	}
 	logger.Info("configuration reloaded", "config", path)
+	alog.record(ctx, configEvent(audit.EventConfigLoaded, cfg, map[string]any{"reload": true, "token_reopened": opened}))
 	level.Set(cfg.Log.SlogLevel())
 	logWarnings(logger, cfg)
 	return cfg, nrot
