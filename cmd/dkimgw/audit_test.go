@@ -2,6 +2,9 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/netip"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -10,6 +13,7 @@ import (
 
 	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/hsm"
+	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/testenv"
 )
 
@@ -129,5 +133,79 @@ func TestAuditKeyCommandsAndVerifyLog(t *testing.T) {
 	}
 	if r := runCLI(t, auditor, "", "audit", "verify-log", "--path", logPath+".missing", "--pubkey", pemFile); r.code != exitNoInput {
 		t.Errorf("missing log: exit %d, want %d", r.code, exitNoInput)
+	}
+}
+
+// writeConfig writes a small configuration for token uri whose audit log
+// is auditPath.
+func writeAuditConfig(t *testing.T, uri, auditPath string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "dkimgw.yaml")
+	text := fmt.Sprintf(`hsm: {uri: %q}
+upstream: {address: "127.0.0.1:10026"}
+clients: [{name: campaigns, networks: ["127.0.0.1/32"], domains: [a.example]}]
+domains:
+  a.example: {selectors: [s1]}
+audit: {path: %q}
+`, uri, auditPath)
+	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// TestServeAuditsLoginFailure: serve refused by the token's PIN records
+// the login failure before it exits.
+func TestServeAuditsLoginFailure(t *testing.T) {
+	st := testenv.SoftHSM(t)
+	pin := filepath.Join(t.TempDir(), "pin")
+	os.WriteFile(pin, []byte("000000\n"), 0o600)
+	uri := fmt.Sprintf("pkcs11:token=%s?module-path=%s&pin-source=file:%s", st.Label, st.Module, pin)
+	logPath := filepath.Join(t.TempDir(), "audit.log")
+	r := runCLI(t, nil, "", "serve", "--config", writeAuditConfig(t, uri, logPath))
+	if r.code != 77 {
+		t.Fatalf("serve with a wrong PIN: exit %d, want 77\n%s", r.code, r.stderr)
+	}
+	recs := readAudit(t, logPath)
+	if len(recs) != 1 || recs[0].Event != audit.EventLoginFailed || recs[0].Actor != serveActor {
+		t.Fatalf("records: %+v", recs)
+	}
+	if strings.Contains(fmt.Sprint(recs[0].Details), "000000") {
+		t.Error("the record holds the PIN")
+	}
+}
+
+// TestRefusalSummary: messages refused for their From domain are
+// recorded as one summary per client and domain, not one per message.
+func TestRefusalSummary(t *testing.T) {
+	logPath := filepath.Join(t.TempDir(), "audit.log")
+	cfg, err := policy.Load(writeAuditConfig(t, "pkcs11:token=x", logPath))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := audit.Open(logPath, audit.Options{Actor: serveActor})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sa := &serveAudit{log: l, refused: newRefusalSummary(), logger: slog.New(slog.DiscardHandler)}
+	p := sa.policy(cfg)
+	client := p.ClientByAddr(netip.MustParseAddr("127.0.0.1"))
+	for _, d := range []string{"evil.example", "evil.example", "a.example", "evil.example", "other.example"} {
+		p.Sign(client, d)
+	}
+	sa.refused.flush(t.Context(), l, sa.logger)
+	sa.refused.flush(t.Context(), l, sa.logger) // nothing new: nothing written
+	recs := readAudit(t, logPath)
+	if len(recs) != 2 {
+		t.Fatalf("%d records, want 2: %+v", len(recs), recs)
+	}
+	for i, want := range []struct {
+		domain string
+		n      float64
+	}{{"evil.example", 3}, {"other.example", 1}} {
+		r := recs[i]
+		if r.Event != audit.EventUnauthorized || r.Domain != want.domain || r.Details["messages"] != want.n || r.Details["client"] != "campaigns" {
+			t.Errorf("record %d = %+v, want %s x%v", i+1, r, want.domain, want.n)
+		}
 	}
 }

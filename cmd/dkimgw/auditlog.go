@@ -283,7 +283,7 @@ func (a *serveAudit) record(ctx context.Context, e audit.Event) {
 }
 
 // recordTokenError records a login failure when err is one.
-func (a *serveAudit) recordTokenError(ctx context.Context, tokenURI string, err error) {
+func (a *serveAudit) recordTokenError(ctx context.Context, err error) {
 	if errors.Is(err, hsm.ErrPINIncorrect) || errors.Is(err, hsm.ErrPINLocked) {
 		a.record(ctx, audit.Event{Event: audit.EventLoginFailed, Details: map[string]any{"error": err.Error()}})
 	}

@@ -301,9 +301,15 @@ selector from signing and wait out the grace period first.`
 		return code
 	}
 	defer release()
+	// The id of the key destroyed, unsafe keys included (Key refuses them).
 	var keyID string
-	if k, err := tok.Key(ctx, kf.domain, kf.selector); err == nil {
-		keyID = k.Info().IDHex()
+	label := hsm.RecordName(strings.TrimSuffix(strings.ToLower(kf.domain), "."), strings.ToLower(kf.selector))
+	if infos, err := tok.Keys(ctx); err == nil {
+		for _, i := range infos {
+			if i.Label == label {
+				keyID = i.IDHex()
+			}
+		}
 	}
 	err := tok.DestroyKey(ctx, kf.domain, kf.selector)
 	ev := audit.Event{Event: audit.EventKeyDestroyed, Domain: strings.TrimSuffix(strings.ToLower(kf.domain), "."), Selector: strings.ToLower(kf.selector), KeyID: keyID,

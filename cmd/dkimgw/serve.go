@@ -85,7 +85,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	}
 	cancel()
 	if err != nil {
-		alog.recordTokenError(ctx, cfg.HSM.URI, err)
+		alog.recordTokenError(ctx, err)
 		return failf(c, tokenExitCode(err), "%v", err)
 	}
 	alog.useToken(ctx, tok)
@@ -235,7 +235,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 			tok.Close()
 		}
 		logger.Error("reload refused, the old configuration keeps serving", "config", path, "error", err)
-		alog.recordTokenError(ctx, cur.HSM.URI, err)
+		alog.recordTokenError(ctx, err)
 		alog.record(ctx, audit.Event{Event: audit.EventReloadRefused, Details: map[string]any{"config": path, "error": err.Error()}})
 		return nil, nil
 	}
