@@ -293,9 +293,9 @@ func sigAlg(pub crypto.PublicKey) (string, crypto.SignerOpts, error) {
 	return "", nil, fmt.Errorf("audit: the audit key is a %T; it must be RSA or Ed25519", pub)
 }
 
-// append writes the record make builds from the chain head (nil: write
+// append writes the record build makes from the chain head (nil: write
 // nothing) under the file lock.
-func (l *Log) append(ctx context.Context, make func(tail) (*Record, error)) (bool, error) {
+func (l *Log) append(ctx context.Context, build func(tail) (*Record, error)) (bool, error) {
 	if err := ctx.Err(); err != nil {
 		return false, fmt.Errorf("audit: %w", err)
 	}
@@ -308,7 +308,7 @@ func (l *Log) append(ctx context.Context, make func(tail) (*Record, error)) (boo
 	if err != nil {
 		return false, err
 	}
-	r, err := make(t)
+	r, err := build(t)
 	if r == nil || err != nil {
 		return false, err
 	}
