@@ -190,14 +190,41 @@ func review(ctx context.Context, cfg *policy.Config, tok *hsm.Token, now time.Ti
 	}
 	var statuses []rotation.Status
 	var checkers *zoneCheckers
+	var setup *rotationSetup
 	if len(cfg.Rotating()) > 0 {
-		setup, err := newRotation(cfg, nil, slog.New(slog.DiscardHandler), nil, defaultLockWait)
+		setup, err = newRotation(cfg, nil, slog.New(slog.DiscardHandler), nil, defaultLockWait)
 		if err != nil {
 			return nil, err
 		}
 		checkers = setup.checkers
 		if statuses, err = setup.rec.Status(ctx); err != nil {
 			return nil, err
+		}
+	}
+	// Selectors the rotating domains' publishers hold, which neither the
+	// configuration nor the state may know (a record left behind, one
+	// published by hand).
+	if setup != nil {
+		for _, d := range cfg.Rotating() {
+			r := cfg.Domains[d].Rotation
+			lctx, cancel := context.WithTimeout(ctx, time.Minute)
+			recs, err := setup.pubs[r.Publisher].GetRecords(lctx, r.Zone+".")
+			cancel()
+			if err != nil {
+				add(sevWarning, d, "", "could not list the records of zone %s: %v", r.Zone, err)
+				continue
+			}
+			for _, rec := range recs {
+				name := strings.ToLower(strings.TrimSuffix(rec.Name, "."))
+				if name != r.Zone && !strings.HasSuffix(name, "."+r.Zone) {
+					name += "." + r.Zone
+				}
+				if sel, dom, ok := strings.Cut(name, "._domainkey."); ok && dom == d && !strings.Contains(sel, ".") {
+					if k := get(d, sel); k.State == "unknown" {
+						k.State = "in DNS only"
+					}
+				}
+			}
 		}
 	}
 	for i := range statuses {

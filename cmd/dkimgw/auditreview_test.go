@@ -248,7 +248,8 @@ func TestAuditFindingNoEd25519(t *testing.T) {
 }
 
 // TestAuditReviewRetired: a rotating domain without Ed25519, whose key
-// retired 10 days ago (grace 7d) is still published.
+// retired 10 days ago (grace 7d) is still published, and whose zone holds
+// a selector nobody knows.
 func TestAuditReviewRetired(t *testing.T) {
 	e := newReviewEnv(t)
 	st := testenv.SoftHSM(t)
@@ -257,6 +258,9 @@ func TestAuditReviewRetired(t *testing.T) {
 	retired := genKey(t, tok, rot, "r1", hsm.RSA2048)
 	e.publishKey(retired)
 	v, _ := hsm.TXTRecord(retired.Public())
+	// A selector published behind dkimgw's back, known to neither the
+	// configuration nor the rotation state: found by a zone transfer.
+	e.publish(rot, "stray", v)
 	k := e.srv.Keys[0]
 	cfgPath := e.config(st.URIWithPINFile(t), fmt.Sprintf("  %s: {rotation: {algorithms: [rsa-2048], interval: 90d, grace: 7d, publisher: primary}}", rot), "")
 	b, _ := os.ReadFile(cfgPath)
@@ -279,10 +283,19 @@ func TestAuditReviewRetired(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil {
 		t.Fatalf("audit --json: exit %d: %v\n%s\n%s", r.code, err, r.stdout, r.stderr)
 	}
-	if r.code != 0 {
-		t.Errorf("exit %d with warnings only:\n%s", r.code, findingList(rep.Findings))
+	if r.code != exitFailure {
+		t.Errorf("exit %d, want 1 for the stray selector:\n%s", r.code, findingList(rep.Findings))
 	}
 	want := map[string]bool{"retired key past its grace period is still published": false, "no Ed25519 signature": false}
+	foundStray := false
+	for _, f := range rep.Findings {
+		if f.Selector == "stray" && f.Severity == sevError && strings.Contains(f.Message, "token has no key for it") {
+			foundStray = true
+		}
+	}
+	if !foundStray {
+		t.Errorf("a selector only the zone knows is not reported:\n%s", findingList(rep.Findings))
+	}
 	for _, f := range rep.Findings {
 		for w := range want {
 			if f.Severity == sevWarning && strings.Contains(f.Message, w) {
