@@ -151,11 +151,18 @@ func Open(path string, opts Options) (*Log, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, fmt.Errorf("audit: create the directory of %s: %w", path, err)
 	}
+	_, statErr := os.Stat(path)
 	f, err := l.openLocked()
 	if err != nil {
 		return nil, err
 	}
 	f.Close()
+	if os.IsNotExist(statErr) {
+		// A new file's name must survive a crash as well as its records.
+		if err := syncDir(filepath.Dir(path)); err != nil {
+			return nil, err
+		}
+	}
 	return l, nil
 }
 
@@ -329,4 +336,16 @@ func (l *Log) append(ctx context.Context, build func(tail) (*Record, error)) (bo
 		return false, fmt.Errorf("audit: fsync %s: %w", l.path, err)
 	}
 	return true, nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("audit: open %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("audit: fsync %s: %w", dir, err)
+	}
+	return nil
 }

@@ -25,6 +25,8 @@ var auditCommand = &command{
 }
 
 const auditLong = `
+audit answers who holds which keys, whether DNS agrees, and who did what:
+
   dkimgw audit [--config F] [--json]
         a key-management review for cron: every key in the token and
         every configured domain, their age, state, token attributes and
@@ -40,8 +42,8 @@ its first start: Ed25519 when the token has it, else RSA-2048,
 non-extractable and sign-only.
 
 Exit status of audit: 0 no finding of severity error; 1 at least one;
-64 bad arguments; 69 the token lacks the audit key; 75 the token is
-unavailable; 77 wrong PIN; 78 invalid configuration.
+64 bad arguments; 75 the token is unavailable; 77 wrong PIN; 78 invalid
+configuration.
 Exit status of verify-log: 0 the chain and every checkpoint verify
 (records after the last checkpoint are reported as not sealed yet, a
 warning); 65 a record is broken (the first one is named); 66 no log

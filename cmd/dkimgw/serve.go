@@ -43,7 +43,14 @@ re-opened with the new one; the reconciler is rebuilt from the new
 rotation policies. A configuration that is invalid, names a missing
 key, changes a setting that needs a restart (hsm.uri, log.format,
 data_dir), or brings a PIN the token refuses is logged and refused, and
-the old one keeps serving.`
+the old one keeps serving.
+
+serve records its start, each reload (done or refused), a PIN the token
+refuses, every rotation transition and a summary of refused messages in
+the audit log (audit.path), and seals it with a checkpoint signed by the
+token's audit key every audit.checkpoint_every and at shutdown; it
+generates the audit key (label dkimgw-audit) in the token on its first
+start. See 'dkimgw audit --help'.`
 )
 
 var serveCommand = &command{
@@ -112,8 +119,8 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	logger.Info("dkimgw serving", "version", version(), "listen", l.Addr().String(), "config", *path)
 	alog.record(ctx, configEvent(audit.EventConfigLoaded, cfg, nil))
+	logger.Info("dkimgw serving", "version", version(), "listen", l.Addr().String(), "config", *path)
 	alog.start(cfg.Audit.CheckpointEvery.D())
 	if rot != nil {
 		rot.start(&ring, logger)
@@ -250,8 +257,8 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 		// temporary error (451) and are retried by their MTA.
 		go oldTok.Close()
 	}
-	logger.Info("configuration reloaded", "config", path)
 	alog.record(ctx, configEvent(audit.EventConfigLoaded, cfg, map[string]any{"reload": true, "token_reopened": opened}))
+	logger.Info("configuration reloaded", "config", path)
 	level.Set(cfg.Log.SlogLevel())
 	logWarnings(logger, cfg)
 	return cfg, nrot
