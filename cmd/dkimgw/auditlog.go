@@ -262,6 +262,12 @@ type serveAudit struct {
 	logger  *slog.Logger
 	cancel  context.CancelFunc
 	done    chan struct{}
+
+	// pinErr is the serving token's remembered PIN failure (a login
+	// refused while recovering a lost session, between two reloads);
+	// pinReported keeps it to one record. Used by the sealing loop only.
+	pinErr      func() error
+	pinReported bool
 }
 
 func openServeAudit(cfg *policy.Config, logger *slog.Logger) (*serveAudit, error) {
@@ -312,8 +318,10 @@ func (a *serveAudit) policy(cfg *policy.Config) refusals {
 	return refusals{Config: cfg, sum: a.refused}
 }
 
-// start writes the refusal summary and a checkpoint every period.
-func (a *serveAudit) start(every time.Duration) {
+// start writes the refusal summary, a PIN failure of the token pinErr
+// returns, and a checkpoint every period.
+func (a *serveAudit) start(every time.Duration, pinErr func() error) {
+	a.pinErr = pinErr
 	ctx, cancel := context.WithCancel(context.Background())
 	a.cancel, a.done = cancel, make(chan struct{})
 	go func() {
@@ -334,6 +342,13 @@ func (a *serveAudit) start(every time.Duration) {
 func (a *serveAudit) seal(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, auditWait)
 	defer cancel()
+	if a.pinErr != nil {
+		err := a.pinErr()
+		if err != nil && !a.pinReported {
+			a.recordTokenError(ctx, err)
+		}
+		a.pinReported = err != nil
+	}
 	a.refused.flush(ctx, a.log, a.logger)
 	if _, err := a.log.Checkpoint(ctx); err != nil && !errors.Is(err, audit.ErrNoSealer) && ctx.Err() == nil {
 		a.logger.Error("audit checkpoint not written", "error", err)

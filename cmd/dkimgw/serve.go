@@ -121,7 +121,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	defer signal.Stop(hup)
 	alog.record(ctx, configEvent(audit.EventConfigLoaded, cfg, nil))
 	logger.Info("dkimgw serving", "version", version(), "listen", l.Addr().String(), "config", *path)
-	alog.start(cfg.Audit.CheckpointEvery.D())
+	alog.start(cfg.Audit.CheckpointEvery.D(), func() error { return ring.token().PINError() })
 	if rot != nil {
 		rot.start(&ring, logger)
 		logger.Info("key rotation running", "domains", strings.Join(cfg.Rotating(), ","), "check_every_s", rot.every.Seconds())
