@@ -9,7 +9,7 @@ GO      ?= go
 BIN     := bin/dkimgw
 GOFLAGS ?=
 
-.PHONY: all build deps test test-short fuzz bench demo clean
+.PHONY: all build deps test test-short test-faults fuzz bench demo clean
 
 all: build
 
@@ -29,6 +29,15 @@ test: deps
 # that need one skip when CI is not true).
 test-short:
 	$(GO) test -short ./...
+
+# The fault suite's long form: every scenario with 2,000 messages or more
+# over 20+ sessions through the real gateway (`make test` runs the short
+# form). It writes the table of results to docs/reliability.md.
+test-faults: deps
+	$(GO) mod download
+	DKIMGW_FAULTS=long DKIMGW_FAULTS_REPORT=$(CURDIR)/docs/reliability.md \
+	DKIMGW_FAULTS_COMMAND="make test-faults" CI=true \
+	  $(GO) test -count=1 -timeout 90m -run '^TestFaults$$' -v ./faults
 
 # Runs each fuzz target for FUZZTIME (their seed corpora run in `make test`).
 FUZZTIME ?= 30s

@@ -23,6 +23,8 @@ packages=(
   etcd-client         # etcdctl: endpoint health, an independent look at the store
   time                # /usr/bin/time -v for peak RSS in benchmarks
   openssl             # openssl speed, the raw-crypto baseline in benchmarks
+  gcc                 # builds the fault suite's PKCS#11 fault-injection shim
+  libc6-dev           # its C headers
 )
 
 missing=()
