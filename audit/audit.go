@@ -264,30 +264,68 @@ func (l *Log) Record(ctx context.Context, e Event) error {
 // Checkpoint appends a checkpoint sealing every record before it, unless
 // the last record is a checkpoint already (nothing new to seal). It
 // returns whether it wrote one.
+//
+// The token signs without the log locked: a token call can take long (a
+// network HSM, a lost session), and records must not wait for it. When
+// another record came in meanwhile, the head is signed again, up to
+// checkpointTries times; after that the next checkpoint seals them.
 func (l *Log) Checkpoint(ctx context.Context) (bool, error) {
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.sealer == nil {
+	sealer := l.sealer
+	l.mu.Unlock()
+	if sealer == nil {
 		return false, ErrNoSealer
 	}
-	keyID, err := KeyID(l.sealer.Public())
+	keyID, err := KeyID(sealer.Public())
 	if err != nil {
 		return false, err
 	}
-	alg, opts, err := sigAlg(l.sealer.Public())
+	alg, opts, err := sigAlg(sealer.Public())
 	if err != nil {
 		return false, err
 	}
-	return l.append(ctx, func(t tail) (*Record, error) {
-		if t.checkpoint || t.seq == 0 && t.hash == genesis {
-			return nil, nil
-		}
-		sig, err := l.sealer.SignContext(ctx, CheckpointDigest(t.seq+1, t.hash), opts)
+	for range checkpointTries {
+		head, err := l.head(ctx)
 		if err != nil {
-			return nil, fmt.Errorf("audit: sign a checkpoint: %w", err)
+			return false, err
 		}
-		return &Record{Event: EventCheckpoint, KeyID: keyID, SigAlg: alg, Sig: base64.StdEncoding.EncodeToString(sig)}, nil
+		if head.checkpoint || head.seq == 0 && head.hash == genesis {
+			return false, nil
+		}
+		sig, err := sealer.SignContext(ctx, CheckpointDigest(head.seq+1, head.hash), opts)
+		if err != nil {
+			return false, fmt.Errorf("audit: sign a checkpoint: %w", err)
+		}
+		l.mu.Lock()
+		moved := false
+		wrote, err := l.append(ctx, func(t tail) (*Record, error) {
+			if t.seq != head.seq || t.hash != head.hash {
+				moved = true
+				return nil, nil
+			}
+			return &Record{Event: EventCheckpoint, KeyID: keyID, SigAlg: alg, Sig: base64.StdEncoding.EncodeToString(sig)}, nil
+		})
+		l.mu.Unlock()
+		if !moved {
+			return wrote, err
+		}
+	}
+	return false, nil
+}
+
+// checkpointTries bounds the signatures of one Checkpoint on a busy log.
+const checkpointTries = 3
+
+// head reads the chain head under the lock.
+func (l *Log) head(ctx context.Context) (tail, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var head tail
+	_, err := l.append(ctx, func(t tail) (*Record, error) {
+		head = t
+		return nil, nil
 	})
+	return head, err
 }
 
 func sigAlg(pub crypto.PublicKey) (string, crypto.SignerOpts, error) {

@@ -308,3 +308,69 @@ func appendChild() int {
 	}
 	return 0
 }
+
+// slowSealer blocks its first signature until release is closed.
+type slowSealer struct {
+	k       ed25519.PrivateKey
+	started chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func (s *slowSealer) Public() crypto.PublicKey { return s.k.Public() }
+func (s *slowSealer) SignContext(ctx context.Context, d []byte, o crypto.SignerOpts) ([]byte, error) {
+	first := false
+	s.once.Do(func() { first = true })
+	if first {
+		close(s.started)
+		select {
+		case <-s.release:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return s.k.Sign(rand.Reader, d, o)
+}
+
+// TestCheckpointDoesNotBlockRecords: a record is written while the token
+// signs a checkpoint; the checkpoint then seals the new head.
+func TestCheckpointDoesNotBlockRecords(t *testing.T) {
+	_, k, _ := ed25519.GenerateKey(rand.Reader)
+	s := &slowSealer{k: k, started: make(chan struct{}), release: make(chan struct{})}
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := audit.Open(path, audit.Options{Actor: "a", Sealer: s})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Record(t.Context(), audit.Event{Event: "one"}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		ok, err := l.Checkpoint(t.Context())
+		if err == nil && !ok {
+			err = fmt.Errorf("no checkpoint written")
+		}
+		done <- err
+	}()
+	<-s.started
+	recorded := make(chan error, 1)
+	go func() { recorded <- l.Record(t.Context(), audit.Event{Event: "two"}) }()
+	select {
+	case err := <-recorded:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("a record waited for the checkpoint's signature")
+	}
+	close(s.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	ls := lines(t, path)
+	res := verify(t, strings.Join(ls, "\n")+"\n", k.Public())
+	if len(ls) != 3 || res.Broken != nil || res.Checkpoints != 1 || res.Unsealed != 0 {
+		t.Fatalf("log after a concurrent record: %+v\n%s", res, strings.Join(ls, "\n"))
+	}
+}
