@@ -98,7 +98,9 @@ type proc struct {
 func newGateway(t *testing.T, bin string, cfg gwConfig, env []string, wrap []string) *gateway {
 	t.Helper()
 	gw := &gateway{t: t, bin: bin, config: filepath.Join(t.TempDir(), "dkimgw.yaml"), env: env, wrap: wrap}
-	if err := os.WriteFile(gw.config, []byte(cfg.yaml()), 0o600); err != nil {
+	// The audit log beside the configuration, not in /var/lib/dkimgw.
+	text := cfg.yaml() + fmt.Sprintf("audit: {path: %q}\n", filepath.Join(filepath.Dir(gw.config), "audit.log"))
+	if err := os.WriteFile(gw.config, []byte(text), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {

@@ -14,6 +14,7 @@ import (
 	"math/big"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/miekg/pkcs11"
 
@@ -43,6 +44,12 @@ type KeyInfo struct {
 	CanUnwrap      bool
 	CanDerive      bool
 	CanSignRecover bool
+
+	// Public is the public key (*rsa.PublicKey or ed25519.PublicKey).
+	Public crypto.PublicKey
+	// Start is the key's CKA_START_DATE, which some tokens set at
+	// generation; zero when the token has none (SoftHSM).
+	Start time.Time
 }
 
 // IDHex is the key's CKA_ID in hex, as pkcs11-tool prints it.
@@ -145,6 +152,12 @@ func (t *Token) GenerateKey(ctx context.Context, domain, selector string, alg Al
 	if _, err := ParseAlgorithm(string(alg)); err != nil {
 		return nil, err
 	}
+	return t.generate(ctx, domain, selector, label, alg)
+}
+
+// generate generates the pair labelled label; domain and selector are
+// "" for a key that is not a DKIM key (the audit key).
+func (t *Token) generate(ctx context.Context, domain, selector, label string, alg Algorithm) (*Key, error) {
 	if err := t.checkMechanisms(alg); err != nil {
 		return nil, err
 	}
@@ -153,7 +166,7 @@ func (t *Token) GenerateKey(ctx context.Context, domain, selector string, alg Al
 		return nil, errorf("random key id: %w", err)
 	}
 	genMech, pubTmpl, privTmpl := keyTemplates(alg, label, id)
-	err = t.do(ctx, "generate "+label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
+	err := t.do(ctx, "generate "+label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
 		// Checked inside the operation so that a retry after recovery
 		// finds the pair a first attempt may have created before its
 		// answer was lost, instead of creating a second one.
@@ -373,6 +386,11 @@ func describe(c *pkcs11.Ctx, s pkcs11.SessionHandle, priv pkcs11.ObjectHandle, p
 			return info, nil, errorf("read attribute 0x%x of %s: %w", a.typ, info.Label, err)
 		}
 	}
+	// CK_DATE is "YYYYMMDD"; a token that does not keep it answers
+	// nothing, or blanks.
+	if d, err := readAttr(c, s, priv, pkcs11.CKA_START_DATE); err == nil && len(d) == 8 {
+		info.Start, _ = time.Parse("20060102", string(d))
+	}
 	keyType, err := readUint(c, s, priv, pkcs11.CKA_KEY_TYPE)
 	if err != nil {
 		return info, nil, errorf("read key type of %s: %w", info.Label, err)
@@ -460,7 +478,11 @@ func (t *Token) loadKey(ctx context.Context, domain, selector, label string) (*K
 		}
 		switch len(privs) {
 		case 0:
-			return errorf("%w: no private key labelled %s in token %q; generate one with 'dkimgw keys generate'", ErrKeyNotFound, label, t.Info().Label)
+			hint := "generate one with 'dkimgw keys generate'"
+			if label == AuditKeyLabel {
+				hint = "'dkimgw serve' generates it on first use"
+			}
+			return errorf("%w: no private key labelled %s in token %q; %s", ErrKeyNotFound, label, t.Info().Label, hint)
 		case 1:
 		default:
 			return errorf("%d private keys are labelled %s; destroy the extra ones with pkcs11-tool", len(privs), label)
@@ -469,7 +491,7 @@ func (t *Token) loadKey(ctx context.Context, domain, selector, label string) (*K
 		if err != nil {
 			return err
 		}
-		info.Domain, info.Selector = domain, selector
+		info.Domain, info.Selector, info.Public = domain, selector, pub
 		k.info, k.pub, k.handle, k.epoch = info, pub, privs[0], epoch
 		return nil
 	}, nil)
@@ -508,10 +530,11 @@ func (t *Token) Keys(ctx context.Context) ([]KeyInfo, error) {
 			if _, _, ok := parseLabel(string(label)); !ok {
 				continue
 			}
-			info, _, err := describe(c, s, h, pubs)
+			info, pub, err := describe(c, s, h, pubs)
 			if err != nil {
 				return err
 			}
+			info.Public = pub
 			infos = append(infos, info)
 		}
 		return nil

@@ -136,6 +136,8 @@ type Config struct {
 	DataDir string `yaml:"data_dir"`
 	// Admin is the HTTP listener of /metrics, /healthz and /readyz.
 	Admin Admin `yaml:"admin"`
+	// Audit is the audit log.
+	Audit Audit `yaml:"audit"`
 
 	// Path is the file the configuration was read from (the name given
 	// to Parse).

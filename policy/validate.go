@@ -55,6 +55,7 @@ func (v *validator) validate(c *Config) {
 	v.validateLog(c)
 	v.validateRotation(c)
 	v.validateAdmin(c)
+	v.validateAudit(c)
 	v.validateDomains(c)
 	v.validateClients(c)
 

@@ -49,6 +49,7 @@ func commands() []*command {
 		signCommand,
 		serveCommand, configCommand,
 		rotateCommand, dnsCommand,
+		auditCommand,
 	}
 }
 

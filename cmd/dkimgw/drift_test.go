@@ -6,12 +6,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/dnspub"
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/policy"
@@ -84,6 +86,17 @@ func TestServeDriftWatch(t *testing.T) {
 	waitMetric(t, r.gw, "", "dkimgw_dns_drift", labels, 0)
 	if sels := r.waitSigned(1, 30*time.Second); sels[0] != sel {
 		t.Errorf("signed by %v after the drift ended, want %s", sels, sel)
+	}
+
+	// The audit log has the drift's start and its end.
+	var drifts []bool
+	for _, rec := range readAudit(t, filepath.Join(r.dataDir, "audit.log")) {
+		if rec.Event == audit.EventDrift && rec.Selector == sel {
+			drifts = append(drifts, rec.Details["drifted"] == true)
+		}
+	}
+	if !slices.Equal(drifts, []bool{true, false}) {
+		t.Errorf("audit records of the drift (drifted): %v, want [true false]", drifts)
 	}
 }
 

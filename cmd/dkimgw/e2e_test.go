@@ -342,6 +342,11 @@ func (gw *gateway) writeConfig(cfg gwConfig) { gw.writeConfigText(cfg.yaml()) }
 
 func (gw *gateway) writeConfigText(text string) {
 	gw.t.Helper()
+	// The audit log defaults to data_dir (/var/lib/dkimgw): keep a test's
+	// beside its configuration.
+	if !strings.Contains(text, "data_dir:") && !strings.Contains(text, "\naudit:") {
+		text += fmt.Sprintf("audit: {path: %q}\n", filepath.Join(filepath.Dir(gw.config), "audit.log"))
+	}
 	tmp := gw.config + ".new"
 	if err := os.WriteFile(tmp, []byte(text), 0o600); err != nil {
 		gw.t.Fatal(err)

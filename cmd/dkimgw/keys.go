@@ -7,6 +7,7 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/hsm"
 )
 
@@ -34,10 +35,14 @@ identified by its domain and selector; its token objects are labelled
   dkimgw keys destroy --domain D --selector S --yes
         destroy both objects of a key (withdraw its DNS record first)
 
-The token comes from --hsm or $DKIMGW_HSM. Exit status: 0 done; 64 bad
-arguments; 69 no such key, or the token lacks a needed mechanism; 73 the
-key exists already; 75 token unavailable, try again; 77 wrong or locked
-PIN; 78 bad token URI or module path.`
+The token comes from --hsm or $DKIMGW_HSM. generate and destroy record
+what they did, with the Unix user, in the audit log (--audit-log, else
+$DKIMGW_AUDIT_LOG, else audit.path of /etc/dkimgw/dkimgw.yaml), fsynced
+before they report success, and seal it when the token has the audit key.
+Exit status: 0 done; 64 bad arguments; 69 no such key, or the token lacks
+a needed mechanism; 73 the key exists already, or the audit log cannot be
+written; 75 token unavailable, try again; 77 wrong or locked PIN; 78 bad
+token URI or module path.`
 
 func runKeys(ctx context.Context, c *cli, args []string) int {
 	if len(args) == 0 {
@@ -86,6 +91,7 @@ signing with the key.`
 	fs.StringVar(&kf.selector, "selector", "", "selector (s=), e.g. s2026a")
 	fs.StringVar(&alg, "algorithm", string(hsm.DefaultAlgorithm), "rsa-2048, rsa-3072, rsa-4096 or ed25519")
 	fs.IntVar(&ttl, "ttl", hsm.DefaultRecordTTL, "TTL of the printed record")
+	auditPath := fs.String("audit-log", "", "audit log `file` (default $"+auditEnv+", else audit.path of "+defaultConfig+")")
 	tf.register(fs)
 	if code, ok := parseFlags(c, fs, usage, long, args); !ok {
 		return code
@@ -97,12 +103,26 @@ signing with the key.`
 	if err != nil {
 		return failf(c, exitUsage, "%v", err)
 	}
+	al, code, ok := openCLIAudit(c, *auditPath)
+	if !ok {
+		return code
+	}
 	ctx, tok, release, code := tf.openFor(ctx, c)
 	if tok == nil {
 		return code
 	}
 	defer release()
 	key, err := tok.GenerateKey(ctx, kf.domain, kf.selector, algorithm)
+	ev := audit.Event{Event: audit.EventKeyGenerated, Domain: kf.domain, Selector: kf.selector,
+		Details: map[string]any{"command": "keys generate", "algorithm": string(algorithm), "token": tok.Info().Label}}
+	if err == nil {
+		ev.Domain, ev.Selector, ev.KeyID = key.Info().Domain, key.Info().Selector, key.Info().IDHex()
+	}
+	ev.Details = outcome(err, ev.Details)
+	if aerr := al.record(ctx, c, ev); aerr != nil && err == nil {
+		return failf(c, exitCantCreate, "the key %s was generated but the audit log could not record it", key.Info().Label)
+	}
+	al.seal(ctx, c, tok)
 	if err != nil {
 		return failf(c, tokenExitCode(err), "%v", err)
 	}
@@ -261,6 +281,7 @@ selector from signing and wait out the grace period first.`
 	fs.StringVar(&kf.domain, "domain", "", "signing domain (d=)")
 	fs.StringVar(&kf.selector, "selector", "", "selector (s=)")
 	fs.BoolVar(&yes, "yes", false, "confirm the destruction")
+	auditPath := fs.String("audit-log", "", "audit log `file` (default $"+auditEnv+", else audit.path of "+defaultConfig+")")
 	tf.register(fs)
 	if code, ok := parseFlags(c, fs, usage, long, args); !ok {
 		return code
@@ -271,12 +292,33 @@ selector from signing and wait out the grace period first.`
 	if !yes {
 		return failf(c, exitUsage, "keys destroy: destroying %s cannot be undone; add --yes to confirm", hsm.RecordName(kf.domain, strings.ToLower(kf.selector)))
 	}
+	al, code, ok := openCLIAudit(c, *auditPath)
+	if !ok {
+		return code
+	}
 	ctx, tok, release, code := tf.openFor(ctx, c)
 	if tok == nil {
 		return code
 	}
 	defer release()
-	if err := tok.DestroyKey(ctx, kf.domain, kf.selector); err != nil {
+	// The id of the key destroyed, unsafe keys included (Key refuses them).
+	var keyID string
+	label := hsm.RecordName(strings.TrimSuffix(strings.ToLower(kf.domain), "."), strings.ToLower(kf.selector))
+	if infos, err := tok.Keys(ctx); err == nil {
+		for _, i := range infos {
+			if i.Label == label {
+				keyID = i.IDHex()
+			}
+		}
+	}
+	err := tok.DestroyKey(ctx, kf.domain, kf.selector)
+	ev := audit.Event{Event: audit.EventKeyDestroyed, Domain: strings.TrimSuffix(strings.ToLower(kf.domain), "."), Selector: strings.ToLower(kf.selector), KeyID: keyID,
+		Details: outcome(err, map[string]any{"command": "keys destroy", "token": tok.Info().Label})}
+	if aerr := al.record(ctx, c, ev); aerr != nil && err == nil {
+		return failf(c, exitCantCreate, "the key was destroyed but the audit log could not record it")
+	}
+	al.seal(ctx, c, tok)
+	if err != nil {
 		return failf(c, tokenExitCode(err), "%v", err)
 	}
 	fmt.Fprintf(c.stderr, "destroyed %s in token %q\n", hsm.RecordName(kf.domain, strings.ToLower(kf.selector)), tok.Info().Label)

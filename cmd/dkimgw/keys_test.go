@@ -231,6 +231,7 @@ func TestEveryCommandHasHelp(t *testing.T) {
 		{"help"}, {"--help"}, {"keys", "--help"}, {"keys", "generate", "--help"}, {"keys", "list", "--help"},
 		{"keys", "dns", "--help"}, {"keys", "destroy", "--help"}, {"sign", "--help"}, {"serve", "--help"},
 		{"config", "--help"}, {"config", "check", "--help"}, {"help", "serve"},
+		{"audit", "--help"}, {"audit", "verify-log", "--help"}, {"audit", "export-key", "--help"}, {"help", "audit"},
 	} {
 		r := runCLI(t, nil, "", args...)
 		if r.code != exitOK || !strings.Contains(r.stdout, "usage: dkimgw") {

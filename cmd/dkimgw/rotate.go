@@ -12,6 +12,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/rotation"
@@ -39,6 +40,10 @@ cron, for a first run, and to see what is going on.
         soon as every authoritative server serves them. Until then the
         domain's mail gets 451 4.7.0 (relayed unsigned with
         on_token_error: relay-unsigned).
+
+Every pass (not status) is recorded in the audit log (audit.path) with
+the Unix user, each transition too, and sealed when the token has the
+audit key.
 
 Only one reconciler works on the state (data_dir/rotation.db) at a time:
 a second one waits up to --wait, then says who holds the lock.
@@ -95,7 +100,11 @@ func runRotate(ctx context.Context, c *cli, args []string) int {
 		return failf(c, tokenExitCode(err), "%s: hsm.uri: %v", *path, err)
 	}
 	defer tok.Close()
-	setup, err := newRotation(cfg, tok, logger, nil, *wait)
+	alog, err := audit.Open(cfg.Audit.Path, audit.Options{Actor: unixUser()})
+	if err != nil {
+		return failf(c, exitCantCreate, "%s: audit.path: %v", *path, err)
+	}
+	setup, err := newAuditedRotation(cfg, tok, logger, nil, *wait, alog)
 	if err != nil {
 		return failf(c, exitConfig, "%s: %v", *path, err)
 	}
@@ -110,6 +119,14 @@ func runRotate(ctx context.Context, c *cli, args []string) int {
 		}
 		rep, err = setup.rec.Pass(ctx, opts)
 	}
+	ca := &cliAudit{log: alog}
+	ev := audit.Event{Event: audit.EventRotateRun, Domain: *domain, Details: outcome(err, map[string]any{
+		"command": "rotate", "dry_run": *dry, "emergency": *emergency, "actions": len(rep.Actions),
+	})}
+	if aerr := ca.record(ctx, c, ev); aerr != nil && err == nil {
+		err = aerr
+	}
+	ca.seal(ctx, c, tok)
 	printReport(c.stdout, rep, *dry)
 	if err != nil {
 		return failf(c, rotateExitCode(err), "%v", err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/miekg/dns"
 
+	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/dnspub"
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/rotation"
@@ -480,6 +482,24 @@ func TestRotateEmergency(t *testing.T) {
 	}
 	if r := e.run("dns", "check"); r.code != 0 {
 		t.Errorf("dns check after the emergency: exit %d\n%s", r.code, r.stdout)
+	}
+	// The audit log holds every pass, by the Unix user, and the
+	// emergency revocation of the old key.
+	me, _ := user.Current()
+	runs, emergency := 0, 0
+	for _, rec := range readAudit(t, filepath.Join(e.dataDir, "audit.log")) {
+		if rec.Actor != me.Username {
+			t.Errorf("record %d actor %q, want %q", rec.Seq, rec.Actor, me.Username)
+		}
+		switch {
+		case rec.Event == audit.EventRotateRun && rec.Details["emergency"] == true:
+			runs++
+		case rec.Event == audit.EventEmergency && rec.Selector == old.Selector:
+			emergency++
+		}
+	}
+	if runs != 1 || emergency != 1 {
+		t.Errorf("audit log: %d emergency rotate runs, %d emergency revocations of %s; want 1 and 1", runs, emergency, old.Selector)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/dnspub"
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/policy"
@@ -36,6 +37,12 @@ type rotationSetup struct {
 // store is then never called. It does no I/O but creating data_dir and
 // reading the TSIG secrets.
 func newRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger, after func(rotation.Report, error), lockWait time.Duration) (*rotationSetup, error) {
+	return newAuditedRotation(cfg, tok, logger, after, lockWait, nil)
+}
+
+// newAuditedRotation is newRotation with every rotation event recorded
+// in alog too (nil: logged only).
+func newAuditedRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger, after func(rotation.Report, error), lockWait time.Duration, alog *audit.Log) (*rotationSetup, error) {
 	store, err := rotation.OpenBolt(cfg.DataDir)
 	if err != nil {
 		return nil, fmt.Errorf("data_dir: %w", err)
@@ -78,7 +85,7 @@ func newRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger, after 
 		Keys:       &tokenKeys{tok: tok, domains: domains},
 		Publishers: rpubs,
 		Checker:    s.checkers,
-		Events:     &logEvents{log: logger.With("component", "rotation-events")},
+		Events:     &auditEvents{logEvents: logEvents{log: logger.With("component", "rotation-events")}, audit: alog},
 		Logger:     logger,
 		Policies:   pols,
 		AfterPass:  after,
@@ -355,8 +362,8 @@ func (z *zoneCheckers) Check(ctx context.Context, zone, name string) (rotation.O
 	return obs, nil
 }
 
-// logEvents is the rotation event sink until the audit log exists: every
-// transition as a log line, emergencies at ERROR.
+// logEvents logs every rotation transition, emergencies at ERROR
+// (auditEvents records them in the audit log too).
 type logEvents struct{ log *slog.Logger }
 
 var _ rotation.EventSink = (*logEvents)(nil)

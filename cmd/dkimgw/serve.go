@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/smtpproxy"
@@ -46,7 +47,14 @@ re-opened with the new one; the reconciler is rebuilt from the new
 rotation policies. A configuration that is invalid, names a missing
 key, changes a setting that needs a restart (hsm.uri, log.format,
 data_dir, admin.listen, admin.tls), or brings a PIN the token refuses is
-logged and refused, and the old one keeps serving.`
+logged and refused, and the old one keeps serving.
+
+serve records its start, each reload (done or refused), a PIN the token
+refuses, every rotation transition and a summary of refused messages in
+the audit log (audit.path), and seals it with a checkpoint signed by the
+token's audit key every audit.checkpoint_every and at shutdown; it
+generates the audit key (label dkimgw-audit) in the token on its first
+start. See 'dkimgw audit --help'.`
 )
 
 var serveCommand = &command{
@@ -70,6 +78,10 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	level := new(slog.LevelVar)
 	logger := newLogger(c.stderr, cfg.Log, level)
 	logWarnings(logger, cfg)
+	alog, err := openServeAudit(cfg, logger)
+	if err != nil {
+		return failf(c, exitCantCreate, "%s: audit.path: %v", *path, err)
+	}
 
 	openCtx, cancel := context.WithTimeout(ctx, tokenTimeout)
 	tok, err := hsm.Open(openCtx, cfg.HSM.URI, hsm.Options{Logger: logger, Getenv: c.getenv})
@@ -84,17 +96,20 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	}
 	cancel()
 	if err != nil {
+		alog.recordTokenError(ctx, err)
 		return failf(c, tokenExitCode(err), "%v", err)
 	}
+	alog.useToken(ctx, tok)
 
 	ring.rk.log = logger
-	rot, err := prepareRotator(ctx, cfg, &ring, logger)
+	rot, err := prepareRotator(ctx, cfg, &ring, logger, alog.log)
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitConfig, "%s: rotation: %v", *path, err)
 	}
 	obs := newServeObs(cfg, &ring, rot)
-	srv, err := smtpproxy.New(smtpproxy.Options{Policy: cfg, Settings: relaySettings(cfg), Keys: &ring, Logger: logger, Observer: obs.m})
+	obs.driftSink = alog
+	srv, err := smtpproxy.New(smtpproxy.Options{Policy: alog.policy(cfg), Settings: relaySettings(cfg), Keys: &ring, Logger: logger, Observer: obs.m})
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitConfig, "%v", err)
@@ -120,7 +135,9 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	alog.record(ctx, configEvent(audit.EventConfigLoaded, cfg, nil))
 	logger.Info("dkimgw serving", "version", version(), "listen", l.Addr().String(), "config", *path)
+	alog.start(cfg.Audit.CheckpointEvery.D(), func() error { return ring.token().PINError() })
 	if rot != nil {
 		rot.start(&ring, logger)
 		logger.Info("key rotation running", "domains", strings.Join(cfg.Rotating(), ","), "check_every_s", rot.every.Seconds())
@@ -131,7 +148,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	for {
 		select {
 		case <-hup:
-			next, nrot := reload(ctx, srv, cfg, &ring, rot, *path, logger, level, c.getenv)
+			next, nrot := reload(ctx, srv, cfg, &ring, rot, *path, logger, level, c.getenv, alog)
 			obs.m.reloaded(next != nil)
 			if next != nil {
 				cfg, rot = next, nrot
@@ -146,6 +163,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 			drift.stop(time.Now().Add(shortClose))
 			admin.shutdown(time.Now().Add(shortClose))
 			rot.stop(time.Now().Add(shortClose), logger)
+			alog.stop(time.Now().Add(shortClose))
 			closeToken(ring.token(), time.Now().Add(shortClose), logger)
 			return failf(c, exitSoftware, "serve: %v", err)
 		case <-ctx.Done():
@@ -165,6 +183,8 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 			if err != nil {
 				logger.Warn("shutdown: transactions cut short", "error", err)
 			}
+			// The last checkpoint seals the log while the token is open.
+			alog.stop(deadline)
 			// Whatever the token does, the process exits within the grace
 			// period: a token call that hangs is not waited for.
 			closeToken(ring.token(), deadline, logger)
@@ -211,7 +231,7 @@ func closeToken(tok *hsm.Token, deadline time.Time, logger *slog.Logger) {
 // replaces the old one once everything else checked out; the active keys
 // are read from the state again, so the keyring stays as it was for the
 // domains whose policy did not change.
-func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring *keyring, rot *rotator, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string) (*policy.Config, *rotator) {
+func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring *keyring, rot *rotator, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string, alog *serveAudit) (*policy.Config, *rotator) {
 	cfg, err := policy.Load(path)
 	if err == nil && cfg.HSM.URI != cur.HSM.URI {
 		err = errors.New("hsm.uri changed, which needs a restart")
@@ -242,11 +262,11 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 		// sees the new configuration must find its selectors.
 		old := ring.set(tok, keys)
 		oldRot := ring.rot.Load()
-		nrot, err = prepareRotator(kctx, cfg, ring, logger)
+		nrot, err = prepareRotator(kctx, cfg, ring, logger, alog.log)
 		if err != nil {
 			err = fmt.Errorf("rotation: %w", err)
 		} else {
-			err = srv.Reload(cfg, relaySettings(cfg))
+			err = srv.Reload(alog.policy(cfg), relaySettings(cfg))
 		}
 		if err != nil {
 			ring.restore(old)
@@ -258,6 +278,8 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 			tok.Close()
 		}
 		logger.Error("reload refused, the old configuration keeps serving", "config", path, "error", err)
+		alog.recordTokenError(ctx, err)
+		alog.record(ctx, audit.Event{Event: audit.EventReloadRefused, Details: map[string]any{"config": path, "error": err.Error()}})
 		return nil, nil
 	}
 	rot.stop(time.Now().Add(rotatorStopWait), logger)
@@ -265,11 +287,13 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 		nrot.start(ring, logger)
 	}
 	if opened {
+		alog.useToken(ctx, tok)
 		logger.Info("token re-opened with the PIN from the pin-source", "token", tok.Info().Label)
 		// Transactions still signing with the old token's keys get a
 		// temporary error (451) and are retried by their MTA.
 		go oldTok.Close()
 	}
+	alog.record(ctx, configEvent(audit.EventConfigLoaded, cfg, map[string]any{"reload": true, "token_reopened": opened}))
 	logger.Info("configuration reloaded", "config", path)
 	level.Set(cfg.Log.SlogLevel())
 	logWarnings(logger, cfg)

@@ -19,7 +19,7 @@ type serveObs struct {
 	cfg  atomic.Pointer[policy.Config]
 	rot  atomic.Pointer[rotator]
 	srv  atomic.Pointer[smtpproxy.Server]
-	// driftSink is told of drift (nil until the audit log implements it).
+	// driftSink is told of drift: the audit log.
 	driftSink driftSink
 }
 

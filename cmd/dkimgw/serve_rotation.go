@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/rotation"
@@ -139,21 +140,21 @@ type rotator struct {
 // prepareRotator builds the reconciler of cfg (nil when no domain
 // rotates) and installs the active keys it records in ring; it starts
 // nothing, so that a reload can still refuse.
-func prepareRotator(ctx context.Context, cfg *policy.Config, ring *keyring, logger *slog.Logger) (*rotator, error) {
+func prepareRotator(ctx context.Context, cfg *policy.Config, ring *keyring, logger *slog.Logger, alog *audit.Log) (*rotator, error) {
 	if len(cfg.Rotating()) == 0 {
 		ring.setActive(ctx, nil)
 		return nil, nil
 	}
 	ring.rk.log = logger.With("component", "keyring")
 	domains := len(cfg.Rotating())
-	setup, err := newRotation(cfg, ring.token(), logger, func(rep rotation.Report, err error) {
+	setup, err := newAuditedRotation(cfg, ring.token(), logger, func(rep rotation.Report, err error) {
 		// The keyring switches after every pass, from what it recorded;
 		// a pass that could not read every domain's state (it failed
 		// early, or the store did) leaves the keyring as it is.
 		if len(rep.Active) == domains {
 			ring.setActive(context.Background(), rep.Active)
 		}
-	}, cfg.Rotation.CheckEvery.D())
+	}, cfg.Rotation.CheckEvery.D(), alog)
 	if err != nil {
 		return nil, err
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"github.com/emersion/go-msgauth/dkim"
 	"github.com/miekg/dns"
 
+	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/rotation"
 	"github.com/dkimgw/dkimgw/testenv"
@@ -475,6 +477,49 @@ func TestServeRotationSIGHUP(t *testing.T) {
 	}
 	if code, sels := r.sendOne("after-bad-hup@x"); code != 250 || len(sels) != 2 {
 		t.Errorf("after a refused reload: %d %v", code, sels)
+	}
+	r.gw.signal(syscall.SIGTERM)
+	if code := r.gw.waitExit(30 * time.Second); code != 0 {
+		t.Fatalf("serve exited %d", code)
+	}
+	checkServeAudit(t, r)
+}
+
+// checkServeAudit checks serve's audit log after TestServeRotationSIGHUP:
+// the start and both reloads, every transition of both keys, the audit
+// key generated on the first start, and a last checkpoint at shutdown
+// that seals everything.
+func checkServeAudit(t *testing.T, r *rotServe) {
+	t.Helper()
+	logPath := filepath.Join(r.dataDir, "audit.log")
+	recs := readAudit(t, logPath)
+	var events []string
+	count := map[string]int{}
+	for _, rec := range recs {
+		if rec.Actor != "serve" {
+			t.Errorf("record %d actor %q, want serve", rec.Seq, rec.Actor)
+		}
+		e := rec.Event
+		if rec.Selector != "" {
+			e += " " + rec.Selector
+		}
+		events = append(events, e)
+		count[rec.Event]++
+	}
+	if recs[len(recs)-1].Event != audit.EventCheckpoint {
+		t.Errorf("the last record is %q, not the shutdown checkpoint", recs[len(recs)-1].Event)
+	}
+	for ev, n := range map[string]int{
+		audit.EventConfigLoaded: 2, audit.EventReloadRefused: 1,
+		"key published": 2, "key visible": 2, "key active": 2, audit.EventKeyGenerated: 3,
+	} {
+		if count[ev] != n {
+			t.Errorf("%d %q records, want %d; events:\n%s", count[ev], ev, n, strings.Join(events, "\n"))
+		}
+	}
+	r2 := runCLI(t, map[string]string{hsmEnv: r.st.URIWithPINFile(t)}, "", "audit", "verify-log", "--path", logPath)
+	if r2.code != 0 || strings.Contains(r2.stdout, "warning") {
+		t.Errorf("verify-log of serve's log: exit %d\n%s%s", r2.code, r2.stdout, r2.stderr)
 	}
 }
 

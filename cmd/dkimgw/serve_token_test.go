@@ -4,6 +4,7 @@ package main
 // behind its back, a PIN changed behind its back, a token call that hangs.
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/testenv"
 )
@@ -100,7 +102,10 @@ func testPINChangeSIGHUP(t *testing.T, bin string) {
 		t.Fatalf("URI %q has no pin file", uri)
 	}
 	sink := testenv.NewSMTPSink(t)
-	gw := startGateway(t, bin, standardConfig(uri, sink.Addr()))
+	cfg := standardConfig(uri, sink.Addr())
+	auditPath := filepath.Join(t.TempDir(), "audit.log")
+	cfg.extra += fmt.Sprintf("audit: {path: %q, checkpoint_every: 1s}\n", auditPath)
+	gw := startGateway(t, bin, cfg)
 	send := func(id string) smtpResult {
 		return sendDirect(t, gw.addr, "news@example.com", []string{"x@example.net"},
 			testMessage("news@example.com", "x@example.net", id, "pin", "PIN change.\r\n"))
@@ -173,6 +178,25 @@ func testPINChangeSIGHUP(t *testing.T, bin string) {
 	}
 	if strings.Contains(gw.logText(), st.PIN) {
 		t.Error("the log contains the PIN")
+	}
+
+	// The login the token refused is in the audit log (within a
+	// checkpoint period), once.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		n := 0
+		for _, r := range readAudit(t, auditPath) {
+			if r.Event == audit.EventLoginFailed {
+				n++
+			}
+		}
+		if n == 1 {
+			break
+		}
+		if n > 1 || time.Now().After(deadline) {
+			t.Fatalf("%d %q records in the audit log", n, audit.EventLoginFailed)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 
 	// The operator puts the new PIN in the pin file and sends SIGHUP.
