@@ -249,6 +249,22 @@ type QueueEntry struct {
 	} `json:"recipients"`
 }
 
+// deferred reports whether a delivery of the message was tried and
+// deferred. Postfix moves such a message to the deferred queue, but a
+// loaded queue manager can take tens of seconds to do so, while the
+// recipient's delay reason is there at once.
+func (e QueueEntry) deferred() bool {
+	if e.QueueName == "deferred" {
+		return true
+	}
+	for _, r := range e.Recipients {
+		if r.DelayReason != "" {
+			return true
+		}
+	}
+	return false
+}
+
 // Queue lists the messages still in the queue.
 func (p *Postfix) Queue() []QueueEntry {
 	p.t.Helper()
@@ -289,14 +305,14 @@ func (p *Postfix) WaitQueue(timeout time.Duration, what string, cond func([]Queu
 	}
 }
 
-// WaitDeferred waits until n messages sit in the deferred queue and
-// returns them.
+// WaitDeferred waits until n messages were tried and deferred (in the
+// deferred queue, or with a recipient's delay reason) and returns them.
 func (p *Postfix) WaitDeferred(n int, timeout time.Duration) []QueueEntry {
 	p.t.Helper()
 	return p.WaitQueue(timeout, fmt.Sprintf("%d deferred message(s)", n), func(q []QueueEntry) bool {
 		c := 0
 		for _, e := range q {
-			if e.QueueName == "deferred" {
+			if e.deferred() {
 				c++
 			}
 		}
