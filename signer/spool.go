@@ -27,6 +27,13 @@ const (
 	// legitimate one and still cheap to hold in memory.
 	DefaultMaxHeaderBytes = 1 << 20
 
+	// MaxHeaderFields bounds the number of fields in a header section.
+	// MaxHeaderBytes alone would let a header of a million bytes carry
+	// hundreds of thousands of tiny fields, each costing a record here
+	// and a scan in every verifier; real messages have tens, long
+	// relay traces a few hundred.
+	MaxHeaderFields = 1000
+
 	// maxLineOctets is RFC 5322 §2.1.1's limit on a line, without CRLF.
 	maxLineOctets = 998
 
@@ -169,8 +176,8 @@ func (m *Message) Close() error {
 // Spool returns a *RefusedError if the message must not be signed: no
 // From field or more than one, a From without a parseable domain, NUL or
 // other control characters in the header section, a header section over
-// opts.MaxHeaderBytes, a header line over 998 octets, or a header line
-// that is not a field. It stops reading at the first such problem. A
+// opts.MaxHeaderBytes or with more than MaxHeaderFields fields, a header
+// line over 998 octets, or a header line that is not a field. It stops reading at the first such problem. A
 // message over opts.MaxMessageBytes gives an error matching ErrTooLarge,
 // also as soon as the limit is passed. Any other error (reading r, the
 // temporary file, ctx) is not the message's fault: retrying may succeed.
@@ -411,6 +418,9 @@ func (s *spooler) headerLine() error {
 		}
 	}
 	s.endField()
+	if len(s.fields) >= MaxHeaderFields {
+		return refusef("the header section has more than %d fields", MaxHeaderFields)
+	}
 	s.field = append(append(s.field, line...), '\r', '\n')
 	return nil
 }

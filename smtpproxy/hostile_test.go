@@ -1,0 +1,442 @@
+package smtpproxy
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"runtime/metrics"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Hostile input: what a client that means harm sends, and what it must
+// not achieve. The heavy forms (a whole 1 GB DATA stream) run when
+// DKIMGW_HOSTILE_FULL=1 (`make test-faults`); `make test` runs the same
+// checks on a stream cut short by data_timeout.
+
+// hostileFull reports whether the long forms of the hostile tests run.
+func hostileFull() bool { return os.Getenv("DKIMGW_HOSTILE_FULL") == "1" }
+
+// recordingUpstream is an upstream MTA that says yes to everything and
+// records every line it receives, so that a test can see what dkimgw
+// passed on, not only what arrived as a message.
+type recordingUpstream struct {
+	l     net.Listener
+	mu    sync.Mutex
+	lines []string
+	msgs  int
+	wg    sync.WaitGroup
+}
+
+func newRecordingUpstream(t *testing.T) *recordingUpstream {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &recordingUpstream{l: l}
+	u.wg.Add(1)
+	go func() {
+		defer u.wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			u.wg.Add(1)
+			go func() {
+				defer u.wg.Done()
+				u.serve(c)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		u.wg.Wait()
+	})
+	return u
+}
+
+func (u *recordingUpstream) addr() string { return u.l.Addr().String() }
+
+func (u *recordingUpstream) serve(c net.Conn) {
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	r := bufio.NewReaderSize(c, 64<<10)
+	io.WriteString(c, "220 up.test ESMTP\r\n")
+	inData := false
+	for {
+		l, err := r.ReadString('\n')
+		if err != nil {
+			return
+		}
+		line := strings.TrimSuffix(l, "\r\n")
+		u.mu.Lock()
+		if !inData {
+			u.lines = append(u.lines, line)
+		}
+		u.mu.Unlock()
+		if inData {
+			if line == "." {
+				inData = false
+				u.mu.Lock()
+				u.msgs++
+				u.mu.Unlock()
+				io.WriteString(c, "250 2.0.0 queued\r\n")
+			}
+			continue
+		}
+		verb := strings.ToUpper(line)
+		switch {
+		case strings.HasPrefix(verb, "EHLO"):
+			io.WriteString(c, "250-up.test\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n250-PIPELINING\r\n250 SIZE 1000000000\r\n")
+		case verb == "DATA":
+			inData = true
+			io.WriteString(c, "354 go ahead\r\n")
+		case verb == "QUIT":
+			io.WriteString(c, "221 bye\r\n")
+			return
+		default:
+			io.WriteString(c, "250 2.0.0 ok\r\n")
+		}
+	}
+}
+
+// commands returns the command lines received so far.
+func (u *recordingUpstream) commands() []string {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]string(nil), u.lines...)
+}
+
+func (u *recordingUpstream) messages() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.msgs
+}
+
+// TestSmuggledControlCharactersRefused: CR, LF or NUL inside an envelope
+// address or a MAIL/RCPT parameter is refused with a 5xx, and nothing of
+// it reaches the upstream (where a CR or LF would start a command of the
+// attacker's choosing, and a NUL cuts a string short in C MTAs).
+func TestSmuggledControlCharactersRefused(t *testing.T) {
+	up := newRecordingUpstream(t)
+	h := newHarness(t, strings.Replace(baseConfig, `"%s"`, `"`+up.addr()+`"`, 1))
+	const mark = "SMUGGLED"
+	mails := []string{
+		"MAIL FROM:<a\r" + mark + "@example.com>",
+		"MAIL FROM:<a\x00" + mark + "@example.com>",
+		"MAIL FROM:<a@example.com> ENVID=x\r" + mark,
+		"MAIL FROM:<a@example.com> ENVID=x\x00" + mark,
+		"MAIL FROM:<a@example.com> ENVID=x+0D+0A" + mark,
+		"MAIL FROM:<a@example.com> ENVID=x+00" + mark,
+		"MAIL FROM:<a@example.com> RET=HDRS\r" + mark,
+		"MAIL FROM:<a@example.com> BODY=8BITMIME\x00" + mark,
+	}
+	rcpts := []string{
+		"RCPT TO:<b\r" + mark + "@example.net>",
+		"RCPT TO:<b\x00" + mark + "@example.net>",
+		"RCPT TO:<b@example.net> ORCPT=rfc822;b\r" + mark,
+		"RCPT TO:<b@example.net> ORCPT=rfc822;b+0D+0A" + mark,
+		"RCPT TO:<b@example.net> ORCPT=rfc822;b+00" + mark,
+		"RCPT TO:<b@example.net> NOTIFY=NEVER\x00" + mark,
+		"RCPT TO:<b@example.net> ORCPT=utf-8;b\\x{0D}" + mark,
+	}
+	c := dialRaw(t, h.addr)
+	c.cmd("EHLO client.test", "250")
+	for _, m := range mails {
+		if r := c.send(m+"\r\n", ""); !strings.HasPrefix(r, "5") {
+			t.Errorf("%q: reply %q, want 5xx", m, r)
+			c.cmd("RSET", "250")
+		}
+	}
+	// A bare LF ends a line: the rest becomes a second command, and both
+	// halves must be refused.
+	if err := c.write("MAIL FROM:<a\n" + mark + "@example.com>\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		if r := c.reply(); !strings.HasPrefix(r, "5") {
+			t.Errorf("MAIL split by a bare LF, part %d: reply %q, want 5xx", i+1, r)
+		}
+	}
+	c.cmd("RSET", "250")
+	c.cmd("MAIL FROM:<a@example.com>", "250")
+	for _, r := range rcpts {
+		if got := c.send(r+"\r\n", ""); !strings.HasPrefix(got, "5") {
+			t.Errorf("%q: reply %q, want 5xx", r, got)
+		}
+	}
+	// The session still works for a clean transaction.
+	c.cmd("RCPT TO:<b@example.net>", "250")
+	c.cmd("DATA", "354")
+	c.send(strings.ReplaceAll(testMsg, "\r\n.", "\r\n..")+".\r\n", "250")
+	c.cmd("QUIT", "221")
+
+	waitFor(t, func() bool { return up.messages() == 1 })
+	for _, l := range up.commands() {
+		if strings.Contains(l, mark) || strings.ContainsAny(l, "\x00\r") || strings.Contains(strings.ToUpper(l), "+0D") ||
+			strings.Contains(strings.ToUpper(l), "+00") || strings.Contains(strings.ToUpper(l), "+0A") {
+			t.Errorf("the upstream received %q", l)
+		}
+	}
+}
+
+// heapSampler records the peak of the live heap while it runs.
+type heapSampler struct {
+	base uint64
+	peak atomic.Uint64
+	stop chan struct{}
+	done chan struct{}
+}
+
+func heapObjects() uint64 {
+	s := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
+}
+
+func startHeapSampler() *heapSampler {
+	runtime.GC()
+	hs := &heapSampler{base: heapObjects(), stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(hs.done)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			if v := heapObjects(); v > hs.peak.Load() {
+				hs.peak.Store(v)
+			}
+			select {
+			case <-hs.stop:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return hs
+}
+
+// growth stops sampling and returns the peak over the baseline.
+func (hs *heapSampler) growth() uint64 {
+	close(hs.stop)
+	<-hs.done
+	if p := hs.peak.Load(); p > hs.base {
+		return p - hs.base
+	}
+	return 0
+}
+
+// maxHeapGrowth is how much the heap may grow while one hostile message
+// is received: far above what a flat process needs (the spool keeps
+// spool.memory_limit, 1 MiB, in memory) and far below the sizes sent.
+const maxHeapGrowth = 64 << 20
+
+// streamData sends DATA's content from gen until the server replies or
+// limit bytes are sent, reading the reply concurrently (the server may
+// reply while the client is still sending). It returns the reply and how
+// many bytes went out.
+func streamData(t *testing.T, c *rawClient, limit int64, gen func(buf []byte) []byte) (string, int64) {
+	t.Helper()
+	var sent atomic.Int64
+	stop := make(chan struct{})
+	writerDone := make(chan struct{})
+	go func() {
+		defer close(writerDone)
+		buf := make([]byte, 0, 256<<10)
+		for sent.Load() < limit {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			buf = gen(buf[:0])
+			_ = c.conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
+			n, err := c.conn.Write(buf)
+			sent.Add(int64(n))
+			if err != nil && !isTimeout(err) {
+				return
+			}
+		}
+		_ = c.conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		_, _ = io.WriteString(c.conn, "\r\n.\r\n")
+	}()
+	var reply string
+	select {
+	case reply = <-c.replies:
+	case <-time.After(15 * time.Minute):
+		t.Fatal("no reply to the stream within 15 minutes")
+	}
+	close(stop)
+	<-writerDone
+	return reply, sent.Load()
+}
+
+// bodyLines fills buf with ordinary 78-octet body lines.
+func bodyLines(buf []byte) []byte {
+	line := strings.Repeat("x", 76) + "\r\n"
+	for len(buf)+len(line) <= cap(buf) {
+		buf = append(buf, line...)
+	}
+	return buf
+}
+
+// TestHugeDataCutAtSizeLimit: a DATA stream of 1 GB (generated as it is
+// sent) is answered 552 5.3.4, nothing reaches the upstream, and the heap
+// does not grow with the stream. go-smtp reads and discards the rest of a
+// message before it replies; in the short form data_timeout ends that
+// after a few seconds, in the full form the whole gigabyte is read.
+func TestHugeDataCutAtSizeLimit(t *testing.T) {
+	dataTimeout := "4s"
+	if hostileFull() {
+		dataTimeout = "15m"
+	}
+	conf := strings.Replace(baseConfig, "  max_message_bytes: 65536\n",
+		"  max_message_bytes: 10485760\n  data_timeout: "+dataTimeout+"\n", 1)
+	h := newHarness(t, conf)
+	c := dialRaw(t, h.addr)
+	c.cmd("EHLO client.test", "250")
+	c.cmd("MAIL FROM:<news@mail.example.com>", "250")
+	c.cmd("RCPT TO:<x@example.net>", "250")
+	c.cmd("DATA", "354")
+	hs := startHeapSampler()
+	start := time.Now()
+	first := true
+	reply, sent := streamData(t, c, 1<<30, func(buf []byte) []byte {
+		if first {
+			first = false
+			buf = append(buf, "From: news@mail.example.com\r\nSubject: big\r\n\r\n"...)
+		}
+		return bodyLines(buf)
+	})
+	grew := hs.growth()
+	t.Logf("sent %d MB in %v; reply %q; heap grew %d KiB at most", sent>>20, time.Since(start).Round(time.Millisecond), reply, grew>>10)
+	if !strings.HasPrefix(reply, "552 5.3.4") {
+		t.Errorf("reply %q, want 552 5.3.4", reply)
+	}
+	if sent < 10<<20 {
+		t.Errorf("only %d bytes were sent before the reply: the limit was not what cut the message", sent)
+	}
+	if hostileFull() && sent < 1<<30 {
+		t.Errorf("full form: only %d bytes of 1 GiB were sent before the reply", sent)
+	}
+	if grew > maxHeapGrowth {
+		t.Errorf("the heap grew by %d MiB while receiving the stream, want at most %d MiB", grew>>20, maxHeapGrowth>>20)
+	}
+	if n := len(h.sink.Messages()); n != 0 {
+		t.Errorf("the upstream got %d messages", n)
+	}
+}
+
+// TestHeaderBombsRefused: a header section of 100,000 fields, and a
+// header line of 10 MB, are refused with a 5xx without the heap growing
+// with them, and nothing reaches the upstream.
+func TestHeaderBombsRefused(t *testing.T) {
+	conf := strings.Replace(baseConfig, "  max_message_bytes: 65536\n", "  max_message_bytes: 52428800\n", 1)
+	h := newHarness(t, conf)
+	bombs := []struct {
+		name string
+		body func(w io.Writer) error
+	}{
+		{"100,000 small fields", func(w io.Writer) error {
+			bw := bufio.NewWriter(w)
+			bw.WriteString("From: news@mail.example.com\r\n")
+			for i := range 100000 {
+				fmt.Fprintf(bw, "X%d: y\r\n", i%10)
+			}
+			bw.WriteString("\r\nbody\r\n")
+			return bw.Flush()
+		}},
+		{"100,000 fields of 20 octets", func(w io.Writer) error {
+			bw := bufio.NewWriter(w)
+			bw.WriteString("From: news@mail.example.com\r\n")
+			for range 100000 {
+				bw.WriteString("X-Bomb: 0123456789\r\n")
+			}
+			bw.WriteString("\r\nbody\r\n")
+			return bw.Flush()
+		}},
+		{"a header line of 10 MB", func(w io.Writer) error {
+			bw := bufio.NewWriter(w)
+			bw.WriteString("From: news@mail.example.com\r\nSubject: ")
+			chunk := strings.Repeat("a", 64<<10)
+			for range 160 {
+				bw.WriteString(chunk)
+			}
+			bw.WriteString("\r\n\r\nbody\r\n")
+			return bw.Flush()
+		}},
+		{"a folded field of 10 MB", func(w io.Writer) error {
+			bw := bufio.NewWriter(w)
+			bw.WriteString("From: news@mail.example.com\r\nSubject: x")
+			fold := "\r\n " + strings.Repeat("a", 70)
+			for range (10 << 20) / len(fold) {
+				bw.WriteString(fold)
+			}
+			bw.WriteString("\r\n\r\nbody\r\n")
+			return bw.Flush()
+		}},
+	}
+	for _, b := range bombs {
+		t.Run(b.name, func(t *testing.T) {
+			c := dialRaw(t, h.addr)
+			c.cmd("EHLO client.test", "250")
+			c.cmd("MAIL FROM:<news@mail.example.com>", "250")
+			c.cmd("RCPT TO:<x@example.net>", "250")
+			c.cmd("DATA", "354")
+			hs := startHeapSampler()
+			wrote := make(chan error, 1)
+			go func() {
+				_ = c.conn.SetWriteDeadline(time.Now().Add(time.Minute))
+				err := b.body(c.conn)
+				if err == nil {
+					_, err = io.WriteString(c.conn, ".\r\n")
+				}
+				wrote <- err
+			}()
+			reply := c.reply()
+			<-wrote
+			grew := hs.growth()
+			t.Logf("reply %q; heap grew %d KiB at most", reply, grew>>10)
+			if !strings.HasPrefix(reply, "5") {
+				t.Errorf("reply %q, want a 5xx refusal", reply)
+			}
+			if grew > maxHeapGrowth {
+				t.Errorf("the heap grew by %d MiB, want at most %d MiB", grew>>20, maxHeapGrowth>>20)
+			}
+		})
+	}
+	if n := len(h.sink.Messages()); n != 0 {
+		t.Errorf("the upstream got %d messages", n)
+	}
+}
+
+// raiseFileLimit lifts the soft RLIMIT_NOFILE to at least n (both ends of
+// every test connection live in this process), or skips the test where
+// the hard limit does not allow it.
+func raiseFileLimit(t *testing.T, n uint64) {
+	t.Helper()
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	if lim.Cur >= n {
+		return
+	}
+	if lim.Max < n {
+		t.Fatalf("RLIMIT_NOFILE hard limit %d: the test needs %d file descriptors (raise it with ulimit -Hn)", lim.Max, n)
+	}
+	old := lim
+	lim.Cur = n
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old) })
+}
