@@ -35,3 +35,37 @@ func TestSpoolFieldCountLimit(t *testing.T) {
 		}
 	}
 }
+
+// TestFromDomainRefusesMappedLookalikes: a From domain that IDNA's
+// mapping changes beyond letter case (invisible characters, fullwidth
+// letters, decomposed accents) is refused: a receiver that does not map
+// it sees a name other than the one signed, and a person sees one that
+// looks like it. Only case differences are folded.
+func TestFromDomainRefusesMappedLookalikes(t *testing.T) {
+	for _, d := range []string{
+		"a\u200b.example",      // zero-width space, mapped away
+		"a\u00ad.example",      // soft hyphen, mapped away
+		"\uff41.example",       // fullwidth a, mapped to a
+		"bu\u0308cher.example", // u and a combining diaeresis, mapped to ü
+	} {
+		_, err := Spool(t.Context(), strings.NewReader("From: x@"+d+"\r\n\r\n"), SpoolOptions{})
+		var re *RefusedError
+		if !errors.As(err, &re) {
+			t.Errorf("From domain %q: got %v, want a refusal", d, err)
+		}
+		if Aligned(d, "a.example") || Aligned(d, "bücher.example") {
+			t.Errorf("Aligned(%q, ...) is true", d)
+		}
+	}
+	for d, want := range map[string]string{"BÜCHER.example": "xn--bcher-kva.example", "bücher.example": "xn--bcher-kva.example"} {
+		m, err := Spool(t.Context(), strings.NewReader("From: x@"+d+"\r\n\r\n"), SpoolOptions{})
+		if err != nil {
+			t.Errorf("From domain %q: %v", d, err)
+			continue
+		}
+		if m.FromDomain() != want {
+			t.Errorf("From domain %q: FromDomain() = %q, want %q", d, m.FromDomain(), want)
+		}
+		m.Close()
+	}
+}
