@@ -275,7 +275,9 @@ func TestSpoolFilesPrivateAndGone(t *testing.T) {
 		{"accepted", "news@mail.example.com", nil, func(c *rawClient) { c.send(".\r\n", "250") }},
 		{"refused", "news@other.test", nil, func(c *rawClient) { c.send(".\r\n", "550") }},
 		{"upstream failure", "news@mail.example.com",
-			func() { h.sink.FailData(&smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "no"}) },
+			func() {
+				h.sink.FailData(&smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "no"})
+			},
 			func(c *rawClient) { c.send(".\r\n", "451") }},
 		{"client gone mid-DATA", "news@mail.example.com", nil, func(c *rawClient) { c.conn.Close() }},
 	}
