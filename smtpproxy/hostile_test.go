@@ -440,3 +440,94 @@ func raiseFileLimit(t *testing.T, n uint64) {
 	}
 	t.Cleanup(func() { _ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old) })
 }
+
+// TestSlowLorisAndIdleConnectionsDoNotStarve: 1,000 idle connections
+// from 20 source addresses (within max_connections_per_ip each), some
+// half-way through a command, and clients sending a byte a second (one
+// in a command, one in DATA) leave a well-behaved client served at once.
+// Functional, not a benchmark: the bound is generous; the time taken is
+// logged.
+func TestSlowLorisAndIdleConnectionsDoNotStarve(t *testing.T) {
+	const idle, sources = 1000, 20
+	raiseFileLimit(t, 2*idle+500)
+	conf := strings.Replace(baseConfig, "  max_message_bytes: 65536\n",
+		"  max_message_bytes: 65536\n  max_connections: 1100\n  max_connections_per_ip: 60\n", 1)
+	h := newHarness(t, conf)
+
+	// The slow lorises: a byte a second, until the test ends.
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	defer func() { close(done); wg.Wait() }()
+	loris := func(src, prefix, trickle string) {
+		conn := dialFrom(t, src, h.addr)
+		readLine(t, conn)
+		io.WriteString(conn, prefix)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tick := time.NewTicker(time.Second)
+			defer tick.Stop()
+			for i := 0; ; i++ {
+				select {
+				case <-done:
+					return
+				case <-tick.C:
+				}
+				conn.SetWriteDeadline(time.Now().Add(time.Second))
+				if _, err := conn.Write([]byte{trickle[i%len(trickle)]}); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	loris("127.0.0.200", "", "EHLO slowly-but-surely.example\r\n")
+	loris("127.0.0.201", "EHLO l\r\nMAIL FROM:<news@mail.example.com>\r\nRCPT TO:<x@example.net>\r\nDATA\r\nFrom: news@mail.example.com\r\n\r\n", "x")
+
+	// The idle crowd.
+	conns := make([]net.Conn, 0, idle)
+	for i := range idle {
+		src := fmt.Sprintf("127.0.0.%d", 2+i%sources)
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second}
+		c, err := d.Dial("tcp", h.addr)
+		if err != nil {
+			t.Fatalf("idle connection %d from %s: %v", i, src, err)
+		}
+		conns = append(conns, c)
+		switch i % 3 {
+		case 1:
+			io.WriteString(c, "EHLO idle.example\r\n")
+		case 2:
+			io.WriteString(c, "MAIL FROM:<half-way")
+		}
+	}
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	// Every idle connection got its greeting: each holds a slot.
+	for i, c := range conns {
+		c.SetReadDeadline(time.Now().Add(30 * time.Second))
+		var b [4]byte
+		if _, err := io.ReadFull(c, b[:]); err != nil || string(b[:]) != "220 " {
+			t.Fatalf("idle connection %d: greeting %q, %v", i, b, err)
+		}
+	}
+	waitFor(t, func() bool { return h.srv.connCount() >= idle+2 })
+	time.Sleep(2 * time.Second) // the lorises trickle on
+
+	// The well-behaved client.
+	start := time.Now()
+	c := h.dial()
+	if _, err := send(c, "news@mail.example.com", []string{"x@example.net"}, testMsg); err != nil {
+		t.Fatalf("the well-behaved client: %v", err)
+	}
+	took := time.Since(start)
+	t.Logf("well-behaved client served in %v with %d connections open", took.Round(time.Millisecond), h.srv.connCount())
+	if took > 5*time.Second {
+		t.Errorf("the well-behaved client took %v (want about a second at most)", took)
+	}
+	if n := len(h.sink.Messages()); n != 1 {
+		t.Errorf("the upstream got %d messages, want 1", n)
+	}
+}
