@@ -9,7 +9,7 @@ GO      ?= go
 BIN     := bin/dkimgw
 GOFLAGS ?=
 
-.PHONY: all build deps test test-short fuzz bench demo clean
+.PHONY: all build deps test test-short fuzz test-faults test-hostile bench demo clean
 
 all: build
 
@@ -38,6 +38,19 @@ fuzz:
 	    echo "== $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
 	  done; \
 	done
+
+# The long forms, for `make test-faults`: every fuzz target for FUZZTIME
+# (above), then the hostile-input tests with DKIMGW_HOSTILE_FULL=1, which
+# sends a whole 1 GB DATA stream (`make test` cuts it short with a
+# data_timeout of seconds). One of them alone:
+#   DKIMGW_HOSTILE_FULL=1 go test -run TestHugeDataCutAtSizeLimit ./smtpproxy
+test-faults: fuzz test-hostile
+
+test-hostile:
+	DKIMGW_HOSTILE_FULL=1 CI=true $(GO) test -race -count=1 -timeout 30m \
+	  -run 'TestSmuggled|TestHugeData|TestHeaderBombs|TestSlowLoris|TestNotAnOpenRelay|TestNoSignatureForAnotherDomain|TestAuthBruteForce|TestSpool' \
+	  ./smtpproxy ./signer
+	CI=true $(GO) test -race -count=1 -timeout 30m -run 'TestSecretsNeverShown' ./cmd/dkimgw
 
 bench: deps build
 	@scripts/bench.sh
