@@ -165,14 +165,7 @@ func fakeAuthority(t *testing.T) string {
 		}
 		w.WriteMsg(r)
 	})
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", pc.LocalAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	pc, l := udpAndTCP(t)
 	for _, srv := range []*dns.Server{{PacketConn: pc, Handler: handler}, {Listener: l, Handler: handler}} {
 		started := make(chan struct{})
 		srv.NotifyStartedFunc = func() { close(started) }
@@ -181,6 +174,25 @@ func fakeAuthority(t *testing.T) string {
 		t.Cleanup(func() { srv.Shutdown() })
 	}
 	return pc.LocalAddr().String()
+}
+
+// udpAndTCP listens on one free loopback port over UDP and TCP. The UDP
+// port the kernel picks may be taken for TCP, so it tries a few.
+func udpAndTCP(t *testing.T) (net.PacketConn, net.Listener) {
+	t.Helper()
+	for range 20 {
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := net.Listen("tcp", pc.LocalAddr().String())
+		if err == nil {
+			return pc, l
+		}
+		pc.Close()
+	}
+	t.Fatal("no loopback port free for both UDP and TCP")
+	return nil, nil
 }
 
 // TestCheckerNSWithoutGlue: NS hosts whose addresses come without glue

@@ -127,6 +127,13 @@ type Config struct {
 	// ShutdownGrace bounds the wait for transactions in flight on SIGTERM.
 	// Default 30s.
 	ShutdownGrace time.Duration `yaml:"shutdown_grace"`
+	// DNS is where rotated keys are published and checked.
+	DNS DNS `yaml:"dns"`
+	// Rotation holds the reconciler's settings.
+	Rotation RotationSettings `yaml:"rotation"`
+	// DataDir holds the rotation state (rotation.db) and the manual
+	// publisher's files. Default /var/lib/dkimgw.
+	DataDir string `yaml:"data_dir"`
 
 	// Path is the file the configuration was read from (the name given
 	// to Parse).
@@ -322,10 +329,13 @@ type User struct {
 type Domain struct {
 	// Selectors name the token keys (selector._domainkey.domain) that
 	// sign the domain's mail: one DKIM-Signature each, in this order.
-	// At least one.
+	// At least one, unless the domain has Rotation (then none).
 	Selectors []string `yaml:"selectors"`
 	// Expire sets x= to the signing time plus Expire. Zero: no x=.
 	Expire time.Duration `yaml:"expire"`
+	// Rotation, instead of Selectors, has dkimgw generate, publish and
+	// rotate the domain's keys; it signs with the active ones.
+	Rotation *Rotation `yaml:"rotation"`
 }
 
 // TokenErrorAction is what happens to a message that cannot be signed
@@ -451,6 +461,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&c.OnTokenError, TokenErrorTempfail)
 	setDefault(&c.OnUnauthorized, UnauthorizedReject)
 	setDefault(&c.ShutdownGrace, DefaultShutdownGrace)
+	c.applyRotationDefaults()
 }
 
 func setDefault[T comparable](p *T, v T) {
@@ -503,6 +514,7 @@ func yamlErrors(file string, err error) error {
 		}
 		e.Msg = strings.NewReplacer(
 			"into time.Duration", "into a duration (write it like 90s, 5m or 120h)",
+			"into Duration", "into a duration (write it like 90d, 12h, 30m or 3600)",
 			"policy.", "",
 		).Replace(e.Msg)
 		errs = append(errs, e)

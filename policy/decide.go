@@ -33,8 +33,14 @@ type Signing struct {
 	// Domain is d=: the From domain or its nearest parent listed under
 	// domains.
 	Domain string
-	// Selectors sign the message, one signature each, in order.
+	// Selectors sign the message, one signature each, in order. Empty
+	// when Rotating: the domain's active keys sign it.
 	Selectors []string
+	// Rotating is set for a domain with a rotation policy: its selectors
+	// are those of its active keys, which the key source knows; with none
+	// active yet the message cannot be signed (451 4.7.0, or unsigned with
+	// on_token_error: relay-unsigned).
+	Rotating bool
 	// Expire is the x= offset; zero for none.
 	Expire time.Duration
 }
@@ -151,7 +157,7 @@ func (c *Config) Sign(client *Client, fromDomain string) (Signing, error) {
 		return Signing{}, &UnauthorizedError{Client: name, FromDomain: from}
 	}
 	dom := c.Domains[d]
-	return Signing{Domain: d, Selectors: slices.Clone(dom.Selectors), Expire: dom.Expire}, nil
+	return Signing{Domain: d, Selectors: slices.Clone(dom.Selectors), Expire: dom.Expire, Rotating: dom.Rotation != nil}, nil
 }
 
 // Selectors lists every (domain, selector) pair the configuration signs

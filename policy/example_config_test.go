@@ -15,6 +15,9 @@ func TestExampleConfig(t *testing.T) {
 	if len(cfg.Clients) != 1 || len(cfg.Selectors()) != 2 {
 		t.Fatalf("example has %d clients and %d selectors, want 1 and 2", len(cfg.Clients), len(cfg.Selectors()))
 	}
+	if got := cfg.Rotating(); len(got) != 1 || cfg.DNS.Publishers[cfg.Domains[got[0]].Rotation.Publisher].Type != policy.PublisherRFC2136 {
+		t.Errorf("example rotates %q, want one domain published by rfc2136", got)
+	}
 	if len(cfg.Warnings) != 0 {
 		t.Errorf("the example draws warnings: %q", cfg.Warnings)
 	}

@@ -53,6 +53,7 @@ func (v *validator) validate(c *Config) {
 	v.validateUpstream(c)
 	v.validateSpool(c)
 	v.validateLog(c)
+	v.validateRotation(c)
 	v.validateDomains(c)
 	v.validateClients(c)
 
@@ -225,8 +226,16 @@ func (v *validator) validateDomains(c *Config) {
 			continue
 		}
 		seen[key] = name
-		if len(d.Selectors) == 0 {
-			v.errorf(at("domains", name), "domains.%s.selectors: at least one selector is required", name)
+		switch {
+		case d.Rotation != nil && len(d.Selectors) > 0:
+			v.errorf(at("domains", name, "rotation"), "domains.%s: has both selectors and rotation; list fixed selectors or let rotation manage the keys, not both", name)
+		case d.Rotation != nil:
+			r := *d.Rotation
+			r.Algorithms = slices.Clone(r.Algorithms)
+			v.validateDomainRotation(c, name, key, &r)
+			d.Rotation = &r
+		case len(d.Selectors) == 0:
+			v.errorf(at("domains", name), "domains.%s.selectors: at least one selector is required (or a rotation policy)", name)
 		}
 		sels := make([]string, 0, len(d.Selectors))
 		for i, s := range d.Selectors {

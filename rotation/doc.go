@@ -91,14 +91,16 @@
 //
 // # Emergency rotation
 //
-// [Reconciler.Emergency] treats every key of a domain as compromised: keys
-// on their way in are withdrawn (retired and at once revoked, since a crash may
-// have published one), a new key per algorithm is planned, then
-// generated and published at once. The compromised active keys keep
-// signing until their successors are visible (otherwise the domain's mail
-// would get 451 meanwhile) and are revoked, without grace, in the pass
-// that activates the successors. All of it is logged at WARN and ERROR and
-// sent to the event sink with Emergency set.
+// [Reconciler.Emergency] treats every key of a domain as compromised: the
+// active keys are retired at once (they stop signing: a key that may be in
+// someone else's hands must not sign one more message), keys on their way
+// in are withdrawn, and all of them are revoked at once, without grace
+// (since a crash may have published a withdrawn one). A new key per
+// algorithm is planned, then generated and published at once, and
+// activated as soon as it is visible. Until then the domain has no active
+// key: [Reconciler.Active] lists none for it and the relay must answer
+// 451, as for a domain's very first key. All of it is logged at WARN and
+// ERROR and sent to the event sink with Emergency set.
 //
 // # Interfaces
 //

@@ -82,6 +82,9 @@ type fakeKeyStore struct {
 	generated map[string]int // successful generations per label
 	destroyed map[string]int
 	panicKeys bool
+	// hangKeys makes the next Keys wait for its context to end, as a
+	// hung token would (the adapter's calls honour ctx).
+	hangKeys bool
 	// requireLock, when set, fails Keys unless it reports true: the
 	// reconciler must read the key store under the state store's lock.
 	requireLock func() bool
@@ -142,6 +145,12 @@ func (s *fakeKeyStore) replace(domain, selector string) {
 
 func (s *fakeKeyStore) Keys(ctx context.Context) ([]KeyInfo, error) {
 	s.mu.Lock()
+	if s.hangKeys {
+		s.hangKeys = false
+		s.mu.Unlock()
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
 	defer s.mu.Unlock()
 	if s.panicKeys {
 		s.panicKeys = false

@@ -16,13 +16,16 @@ const emergencyPasses = 4
 
 // Emergency starts an emergency rotation of domain after a suspected key
 // compromise. In one transaction it marks every key of the domain that
-// is not yet revoked as compromised, withdraws the keys on their way in
-// (they go to retired, never having signed) and plans a new key per
-// algorithm; then it runs passes at once, so that the new keys are
-// generated and published now. The compromised active keys keep signing
-// until their successors are visible (otherwise the domain's mail would
-// get 451 meanwhile) and are revoked without grace in the pass that
-// activates the successors; compromised retired keys are revoked now.
+// is not yet revoked as compromised, retires the active keys (they stop
+// signing at once: a key that may be in someone else's hands must not
+// sign one more message), withdraws the keys on their way in (retired,
+// never having signed) and plans a new key per algorithm; then it runs
+// passes at once, so that every compromised selector's record is
+// replaced by the revoked form now, without grace, and the new keys are
+// generated and published now. They become active as soon as DNS serves
+// them (the usual visibility rule); until then the domain has no active
+// key and its mail gets 451 4.7.0 (or goes unsigned where the relay's
+// policy says so), as for a domain's very first key.
 //
 // Each call is a new emergency rotation (the replacements of an earlier
 // one are treated as compromised too). After an interruption, ordinary
@@ -43,7 +46,7 @@ func (r *Reconciler) Emergency(ctx context.Context, domain string) (Report, erro
 		return Report{}, err
 	}
 	now := r.now()
-	r.log.Error("EMERGENCY key rotation: every key of the domain is treated as compromised", "domain", domain)
+	r.log.Error("EMERGENCY key rotation: every key of the domain is treated as compromised; its active keys stop signing now and the domain's mail is deferred (451) until the new keys are visible in DNS", "domain", domain)
 	var changes []Change
 	var marked []Key
 	var froms []State
@@ -56,7 +59,7 @@ func (r *Reconciler) Emergency(ctx context.Context, domain string) (Report, erro
 		from := k.State
 		k.Compromised = true
 		k.Note = "compromised: emergency rotation"
-		if k.State.candidate() {
+		if k.State.candidate() || k.State == StateActive {
 			k.State, k.RetiredAt, k.Since = StateRetired, now, now
 		}
 		changes = append(changes, Change{Prev: k.Rev, Key: k})
@@ -92,7 +95,10 @@ func (r *Reconciler) Emergency(ctx context.Context, domain string) (Report, erro
 	rep := Report{Active: map[string][]ActiveKey{}}
 	for i, k := range marked {
 		what := "marked compromised (emergency rotation)"
-		if froms[i] != k.State {
+		switch {
+		case froms[i] == StateActive:
+			what = "compromised: stopped signing at once; its record is revoked now, without grace (emergency rotation)"
+		case froms[i] != k.State:
 			what = "withdrawn before use (emergency rotation)"
 		}
 		rep.Actions = append(rep.Actions, Action{Domain: domain, Selector: k.Selector, Algorithm: k.Algorithm, From: froms[i], To: k.State, What: what})
@@ -189,7 +195,8 @@ func nextStep(p Policy, k Key, keys []Key) (string, time.Time) {
 }
 
 // Run calls Reconcile at once and then every period until ctx ends,
-// like certmagic's maintenance loop. A pass that panics is logged with
+// like certmagic's maintenance loop, each pass bounded by
+// Options.PassTimeout. A pass that panics is logged with
 // its stack and the loop goes on: one bad domain or driver must not stop
 // rotation (or the process) for the others.
 func (r *Reconciler) Run(ctx context.Context, every time.Duration) {
@@ -215,6 +222,8 @@ func (r *Reconciler) Run(ctx context.Context, every time.Duration) {
 }
 
 func (r *Reconciler) safePass(ctx context.Context) (rep Report, err error) {
+	ctx, cancel := context.WithTimeout(ctx, r.passMax)
+	defer cancel()
 	defer func() {
 		if v := recover(); v != nil {
 			r.log.Error("rotation pass panicked", "panic", fmt.Sprint(v), "stack", string(debug.Stack()))

@@ -575,34 +575,43 @@ func TestEmergencyRotation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// At once: new keys generated and published; the old ones still sign.
+	// At once: new keys generated and published; the old ones stopped
+	// signing and their records are revoked, without grace.
 	if got := len(e.byState(StatePublished)); got != 2 {
 		t.Fatalf("after Emergency: %d published keys, want 2: %v", got, rep.Actions)
 	}
-	for _, k := range e.byState(StateActive) {
-		if !k.Compromised {
-			t.Fatalf("active key %s not marked compromised", k.Selector)
-		}
+	if act := e.byState(StateActive); len(act) != 0 {
+		t.Fatalf("after Emergency: %d keys still active (signing), want none until the new ones are visible", len(act))
 	}
-	if !strings.Contains(e.logs.String(), "level=ERROR msg=\"EMERGENCY key rotation") {
-		t.Fatalf("no loud log line:\n%s", e.logs.String())
+	if act, err := e.r.Active(t.Context()); err != nil || len(act["example.com"]) != 0 {
+		t.Fatalf("Active after Emergency = %v, %v; want no key for example.com (451)", act, err)
 	}
-	// Activated as soon as visible; the old selectors revoked in that
-	// same pass, without grace.
-	for len(e.byState(StateActive)) != 2 || e.byState(StateActive)[0].Compromised {
-		e.clock.Advance(30 * time.Minute)
-		e.mustPass()
+	if len(rep.Active["example.com"]) != 0 {
+		t.Fatalf("Emergency's report lists active keys %v", rep.Active)
 	}
 	for _, k := range old {
-		got := e.keys()
-		for _, g := range got {
-			if g.Selector == k.Selector && g.State != StateRevoked {
-				t.Errorf("compromised %s is %s after its successor became active, want revoked at once", k.Selector, g.State)
+		for _, g := range e.keys() {
+			if g.Selector == k.Selector && (g.State != StateRevoked || !g.Compromised) {
+				t.Errorf("compromised %s is %s (compromised=%v) right after Emergency, want revoked at once", k.Selector, g.State, g.Compromised)
 			}
 		}
 		if v := e.dns.servedEverywhere(k.Selector + "._domainkey.example.com"); v != RevokedRecord {
 			t.Errorf("compromised %s: DNS serves %.40q, want the revoked record", k.Selector, v)
 		}
+	}
+	if !strings.Contains(e.logs.String(), "level=ERROR msg=\"EMERGENCY key rotation") {
+		t.Fatalf("no loud log line:\n%s", e.logs.String())
+	}
+	// Activated as soon as visible.
+	for range 20 {
+		if len(e.byState(StateActive)) == 2 {
+			break
+		}
+		e.clock.Advance(30 * time.Minute)
+		e.mustPass()
+	}
+	if act := e.byState(StateActive); len(act) != 2 || act[0].Compromised || act[1].Compromised {
+		t.Fatalf("the replacements are not active: %v", e.keys())
 	}
 	var loud int
 	for _, ev := range e.sink.all() {

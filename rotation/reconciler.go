@@ -37,7 +37,14 @@ type Options struct {
 	// AfterPass, when set, is called by Run after every pass (for
 	// instance to switch the relay's keyring to the active keys).
 	AfterPass func(Report, error)
+	// PassTimeout bounds each pass of Run, so that one hung token or DNS
+	// server cannot stop rotation for good. Zero: DefaultPassTimeout.
+	PassTimeout time.Duration
 }
+
+// DefaultPassTimeout bounds a pass of Run: several calls of at most
+// CallTimeout each per key, and room for a slow token.
+const DefaultPassTimeout = 10 * time.Minute
 
 // Reconciler drives each managed domain's keys through the lifecycle.
 type Reconciler struct {
@@ -51,6 +58,7 @@ type Reconciler struct {
 	timeout  time.Duration
 	policies []Policy
 	after    func(Report, error)
+	passMax  time.Duration
 }
 
 // New validates opts and returns a reconciler. It does no I/O.
@@ -61,7 +69,10 @@ func New(opts Options) (*Reconciler, error) {
 	r := &Reconciler{
 		store: opts.Store, keys: opts.Keys, pubs: opts.Publishers, checker: opts.Checker,
 		events: opts.Events, log: opts.Logger, now: opts.Now, timeout: opts.CallTimeout,
-		after: opts.AfterPass,
+		after: opts.AfterPass, passMax: opts.PassTimeout,
+	}
+	if r.passMax <= 0 {
+		r.passMax = DefaultPassTimeout
 	}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)

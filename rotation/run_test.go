@@ -46,3 +46,43 @@ func TestRunRecoversPanics(t *testing.T) {
 		}
 	})
 }
+
+// TestRunBoundsEachPass: a pass stuck on a hung key store ends at
+// PassTimeout, and the next tick's pass goes ahead.
+func TestRunBoundsEachPass(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		pol := testPolicy()
+		pol.Algorithms = []Algorithm{Ed25519}
+		e := newEnv(t, pol)
+		e.ks.hangKeys = true
+		e.r.timeout = time.Hour // the per-call bound is not what ends it
+		e.r.passMax = 2 * time.Minute
+		var mu sync.Mutex
+		var errs []error
+		e.r.after = func(r Report, err error) {
+			mu.Lock()
+			errs = append(errs, err)
+			mu.Unlock()
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan struct{})
+		go func() { e.r.Run(ctx, 5*time.Minute); close(done) }()
+		time.Sleep(3 * time.Minute)
+		synctest.Wait()
+		mu.Lock()
+		n := len(errs)
+		mu.Unlock()
+		if n != 1 {
+			t.Fatalf("%d passes ended within 3 minutes, want the hung one ended at PassTimeout", n)
+		}
+		time.Sleep(3 * time.Minute)
+		synctest.Wait()
+		cancel()
+		<-done
+		mu.Lock()
+		defer mu.Unlock()
+		if len(errs) != 2 || errs[0] == nil || errs[1] != nil {
+			t.Fatalf("passes: errors %v, want the hung pass cut short, then a good pass", errs)
+		}
+	})
+}

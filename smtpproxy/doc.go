@@ -32,7 +32,10 @@
 //
 // The package does not know where keys live: it asks a [KeySource] and
 // treats an error with a Temporary() bool method that returns true as a
-// token failure. Nor does it read the configuration: its decisions (which
+// token failure. For a domain whose keys rotate (policy.Signing.Rotating)
+// it asks a [SignerSource] for the domain's active keys, selector and key
+// together, at the moment it signs; a domain with none gets 451 4.7.0
+// ([ErrNoActiveKey]), never a signature DNS cannot verify. Nor does it read the configuration: its decisions (which
 // client this is, who signs mail From a domain, whether AUTH is offered,
 // what to do on a token error or an unauthorised From) come from a
 // [Policy], which *policy.Config implements, and its limits, timeouts and

@@ -143,6 +143,13 @@ domains:
 // (a conf without one names another upstream).
 func newHarness(t *testing.T, conf string) *harness {
 	t.Helper()
+	return newHarnessKeys(t, conf, nil)
+}
+
+// newHarnessKeys is newHarness with the key source wrap makes of the
+// test keys (nil: the keys themselves).
+func newHarnessKeys(t *testing.T, conf string, wrap func(*memKeys) KeySource) *harness {
+	t.Helper()
 	h := &harness{t: t, sink: testenv.NewSMTPSink(t), logs: &testenv.LogBuffer{}, dir: t.TempDir()}
 	rk, ek := testKeys(t)
 	h.keys = &memKeys{keys: map[string]crypto.Signer{
@@ -156,7 +163,11 @@ func newHarness(t *testing.T, conf string) *harness {
 		conf = fmt.Sprintf(conf, h.sink.Addr())
 	}
 	cfg := h.parse(conf)
-	srv, err := New(Options{Policy: cfg, Settings: settingsOf(cfg), Keys: h.keys, Logger: slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	var keys KeySource = h.keys
+	if wrap != nil {
+		keys = wrap(h.keys)
+	}
+	srv, err := New(Options{Policy: cfg, Settings: settingsOf(cfg), Keys: keys, Logger: slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}

@@ -32,6 +32,23 @@ type KeySource interface {
 	Key(ctx context.Context, domain, selector string) (crypto.Signer, error)
 }
 
+// ErrNoActiveKey is what a SignerSource returns (wrapped) for a rotating
+// domain that has no active key yet: DNS serves none of its keys, so
+// nothing may be signed for it. The relay answers 451 4.7.0 (or relays
+// unsigned with on_token_error: relay-unsigned), as for a token failure.
+var ErrNoActiveKey = errors.New("no active key yet")
+
+// SignerSource is a KeySource that also knows the signers of domains whose
+// keys rotate (policy.Signing.Rotating): their selectors are not in the
+// configuration but those of the domain's active keys, which change while
+// the relay runs. Signers returns them, selector and key together, as one
+// consistent set: a message is signed with the keys active when it is
+// signed, never with a mix of two sets.
+type SignerSource interface {
+	KeySource
+	Signers(ctx context.Context, domain string) ([]signer.Identity, error)
+}
+
 // Policy is what the relay asks of its configuration: who a client is and
 // what happens to its mail. *policy.Config implements it; the relay does
 // not read the configuration otherwise (its settings come in [Settings]).

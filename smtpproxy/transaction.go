@@ -236,13 +236,9 @@ func (tx *transaction) sign(msg *signer.Message) ([]string, error) {
 
 	ctx, cancel := context.WithTimeout(tx.ctx, signTimeout)
 	defer cancel()
-	ids := make([]signer.Identity, 0, len(signing.Selectors))
-	for _, sel := range signing.Selectors {
-		key, err := tx.ss.srv.keys.Key(ctx, signing.Domain, sel)
-		if err != nil {
-			return nil, tx.tokenError(err)
-		}
-		ids = append(ids, signer.Identity{Domain: signing.Domain, Selector: sel, Key: key})
+	ids, err := tx.signers(ctx, signing)
+	if err != nil {
+		return nil, tx.tokenError(err)
 	}
 	fields, err := signer.Sign(ctx, msg, ids, signer.Options{Expire: signing.Expire, Now: tx.ss.srv.now})
 	if err != nil {
@@ -250,6 +246,39 @@ func (tx *transaction) sign(msg *signer.Message) ([]string, error) {
 	}
 	tx.signed = true
 	return fields, nil
+}
+
+// signers returns the identities that sign for signing: its selectors'
+// keys, or a rotating domain's active keys.
+func (tx *transaction) signers(ctx context.Context, signing policy.Signing) ([]signer.Identity, error) {
+	keys := tx.ss.srv.keys
+	if signing.Rotating {
+		src, ok := keys.(SignerSource)
+		if !ok {
+			return nil, fmt.Errorf("smtpproxy: domain %s rotates its keys, and the key source does not know rotated keys", signing.Domain)
+		}
+		ids, err := src.Signers(ctx, signing.Domain)
+		if err == nil && len(ids) == 0 {
+			err = fmt.Errorf("smtpproxy: domain %s: %w", signing.Domain, ErrNoActiveKey)
+		}
+		if err != nil {
+			return nil, err
+		}
+		tx.signing.Selectors = make([]string, len(ids))
+		for i, id := range ids {
+			tx.signing.Selectors[i] = id.Selector
+		}
+		return ids, nil
+	}
+	ids := make([]signer.Identity, 0, len(signing.Selectors))
+	for _, sel := range signing.Selectors {
+		key, err := keys.Key(ctx, signing.Domain, sel)
+		if err != nil {
+			return nil, err
+		}
+		ids = append(ids, signer.Identity{Domain: signing.Domain, Selector: sel, Key: key})
+	}
+	return ids, nil
 }
 
 // tokenError handles a key that could not be had or used. Temporary or

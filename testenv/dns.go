@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -54,6 +55,10 @@ type DNSServer struct {
 type DNSOptions struct {
 	// Zone is the zone's name; "" means "dkimgw.test.".
 	Zone string
+	// SOAMinimum is the SOA's MINIMUM field, and with it the zone's
+	// negative-caching TTL (RFC 2308 §5); 0 means 120 seconds. Rotation
+	// tests make it a second or two, since a new key waits it out.
+	SOAMinimum uint32
 }
 
 const (
@@ -97,7 +102,7 @@ func startDNS(t testing.TB, impl string, opts DNSOptions) *DNSServer {
 	// it; a server that cannot bind exits, and a new port is tried.
 	var last error
 	for range 3 {
-		s, err := tryStartDNS(t, impl, zone)
+		s, err := tryStartDNS(t, impl, zone, opts)
 		if err == nil {
 			return s
 		}
@@ -107,7 +112,7 @@ func startDNS(t testing.TB, impl string, opts DNSOptions) *DNSServer {
 	return nil
 }
 
-func tryStartDNS(t testing.TB, impl, zone string) (*DNSServer, error) {
+func tryStartDNS(t testing.TB, impl, zone string, opts DNSOptions) (*DNSServer, error) {
 	t.Helper()
 	port, err := freePort()
 	if err != nil {
@@ -119,7 +124,7 @@ func tryStartDNS(t testing.TB, impl, zone string) (*DNSServer, error) {
 		Addr:       net.JoinHostPort("127.0.0.1", port),
 		NSHost:     "ns1." + zone,
 		SOATTL:     testSOATTL,
-		SOAMinimum: testSOAMinimum,
+		SOAMinimum: cmp.Or(opts.SOAMinimum, testSOAMinimum),
 		Dir:        t.TempDir(),
 		exited:     make(chan struct{}),
 		log:        &LogBuffer{},

@@ -48,6 +48,7 @@ func commands() []*command {
 		keysCommand,
 		signCommand,
 		serveCommand, configCommand,
+		rotateCommand, dnsCommand,
 	}
 }
 

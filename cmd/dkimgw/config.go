@@ -10,6 +10,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/dkimgw/dkimgw/hsm"
@@ -25,7 +28,9 @@ const (
 config check decodes the configuration strictly (an unknown key is an
 error naming its line), validates it as a whole, then opens the token and
 checks that every selector under domains: names a usable key: present,
-non-extractable, and able to sign. It serves nothing. Warnings (things
+non-extractable, and able to sign; for the rotating domains it builds the
+reconciler (selector templates, publishers, TSIG secret files) without
+contacting DNS or writing the rotation state. It serves nothing. Warnings (things
 that are valid but risky, such as a client network wider than /16) go
 to stderr and do not change the exit status.
 
@@ -64,6 +69,9 @@ func runConfig(ctx context.Context, c *cli, args []string) int {
 	for _, w := range cfg.Warnings {
 		fmt.Fprintf(c.stderr, "dkimgw: warning: %s\n", w)
 	}
+	if err := checkRotation(cfg); err != nil {
+		return failf(c, exitConfig, "%s: %v", *path, err)
+	}
 	ctx, cancel := tf.withTimeout(ctx)
 	defer cancel()
 	tok, err := hsm.Open(ctx, cfg.HSM.URI, hsm.Options{Logger: errorLogger(c), Getenv: c.getenv})
@@ -74,7 +82,7 @@ func runConfig(ctx context.Context, c *cli, args []string) int {
 	if _, err := checkKeys(ctx, tok, cfg, c.stdout); err != nil {
 		return failf(c, tokenExitCode(err), "%s: %v", *path, err)
 	}
-	fmt.Fprintf(c.stdout, "%s: OK (%d clients, %d domains, %d keys, %d warnings)\n", *path, len(cfg.Clients), len(cfg.Domains), len(cfg.Selectors()), len(cfg.Warnings))
+	fmt.Fprintf(c.stdout, "%s: OK (%d clients, %d domains, %d keys, %d rotating domains, %d warnings)\n", *path, len(cfg.Clients), len(cfg.Domains), len(cfg.Selectors()), len(cfg.Rotating()), len(cfg.Warnings))
 	return exitOK
 }
 
@@ -139,4 +147,32 @@ func newLogger(w io.Writer, cfg policy.Log, level *slog.LevelVar) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
 	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// checkRotation builds the reconciler of the rotating domains, as serve
+// and rotate will (selector templates, publishers, TSIG secrets), without
+// touching the token, DNS or the state: data_dir is not created, and a
+// missing one is only what serve will create.
+func checkRotation(cfg *policy.Config) error {
+	if len(cfg.Rotating()) == 0 {
+		return nil
+	}
+	probe := *cfg
+	if _, err := os.Stat(cfg.DataDir); err != nil {
+		dir, err := os.MkdirTemp("", "dkimgw-config-check-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		probe.DataDir = dir
+		probe.DNS.Publishers = maps.Clone(cfg.DNS.Publishers)
+		for name, p := range probe.DNS.Publishers {
+			if _, err := os.Stat(p.Dir); p.Type == policy.PublisherManual && err != nil {
+				p.Dir = filepath.Join(dir, "manual", name)
+				probe.DNS.Publishers[name] = p
+			}
+		}
+	}
+	_, err := newRotation(&probe, nil, slog.New(slog.DiscardHandler), nil, 0)
+	return err
 }

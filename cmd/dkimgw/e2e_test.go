@@ -101,6 +101,10 @@ type gwConfig struct {
 	networks []string
 	// grace is shutdown_grace; empty means 20s.
 	grace string
+	// rotating are domains with a rotation policy (a YAML flow mapping);
+	// extra is appended to the configuration (dns:, rotation:, ...).
+	rotating map[string]string
+	extra    string
 }
 
 func standardConfig(uri, upstream string) gwConfig {
@@ -127,12 +131,16 @@ func (c gwConfig) yaml() string {
 	for _, d := range slices.Sorted(maps.Keys(c.domains)) {
 		fmt.Fprintf(&b, "  %s:\n    selectors: [%s]\n", d, strings.Join(c.domains[d], ", "))
 	}
+	for _, d := range slices.Sorted(maps.Keys(c.rotating)) {
+		fmt.Fprintf(&b, "  %s:\n    rotation: %s\n", d, c.rotating[d])
+	}
 	b.WriteString("log:\n  format: json\n  level: info\n")
 	grace := c.grace
 	if grace == "" {
 		grace = "20s"
 	}
 	fmt.Fprintf(&b, "shutdown_grace: %s\n", grace)
+	b.WriteString(c.extra)
 	return b.String()
 }
 

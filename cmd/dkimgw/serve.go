@@ -4,10 +4,12 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -26,14 +28,21 @@ the token's keys and relays it to the upstream MTA, replying to each
 command with the upstream's own answer (see the README).
 
 Before it listens, it checks every configured key, as 'config check' does.
+Domains with a rotation policy are signed with their active keys: serve
+runs the rotation reconciler every rotation.check_every (see 'dkimgw
+rotate --help') and switches a domain's keys as soon as a new one is
+active, or within a second when another process changed the rotation
+state; a rotating domain without an active key gets 451 4.7.0.
 SIGTERM or SIGINT: stop accepting, finish the transactions in flight
 (at most shutdown_grace), exit 0, within shutdown_grace even when a
 token call hangs. SIGHUP: reload the configuration and read the token's
 PIN again from its pin-source; when the PIN changed, or the token refused
 the PIN (it is then not tried again until the reload), the token is
-re-opened with the new one. A configuration that is invalid, names a
-missing key, changes a setting that needs a restart, or brings a PIN the
-token refuses is logged and refused, and the old one keeps serving.`
+re-opened with the new one; the reconciler is rebuilt from the new
+rotation policies. A configuration that is invalid, names a missing
+key, changes a setting that needs a restart (hsm.uri, log.format,
+data_dir), or brings a PIN the token refuses is logged and refused, and
+the old one keeps serving.`
 )
 
 var serveCommand = &command{
@@ -74,6 +83,12 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 		return failf(c, tokenExitCode(err), "%v", err)
 	}
 
+	ring.rk.log = logger
+	rot, err := prepareRotator(ctx, cfg, &ring, logger)
+	if err != nil {
+		closeToken(ring.token(), time.Now().Add(shortClose), logger)
+		return failf(c, exitConfig, "%s: rotation: %v", *path, err)
+	}
 	srv, err := smtpproxy.New(smtpproxy.Options{Policy: cfg, Settings: relaySettings(cfg), Keys: &ring, Logger: logger})
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
@@ -91,14 +106,19 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	logger.Info("dkimgw serving", "version", version(), "listen", l.Addr().String(), "config", *path)
+	if rot != nil {
+		rot.start(&ring, logger)
+		logger.Info("key rotation running", "domains", strings.Join(cfg.Rotating(), ","), "check_every_s", rot.every.Seconds())
+	}
 
 	for {
 		select {
 		case <-hup:
-			if next := reload(ctx, srv, cfg, &ring, *path, logger, level, c.getenv); next != nil {
-				cfg = next
+			if next, nrot := reload(ctx, srv, cfg, &ring, rot, *path, logger, level, c.getenv); next != nil {
+				cfg, rot = next, nrot
 			}
 		case err := <-serveErr:
+			rot.stop(time.Now().Add(shortClose), logger)
 			closeToken(ring.token(), time.Now().Add(shortClose), logger)
 			return failf(c, exitSoftware, "serve: %v", err)
 		case <-ctx.Done():
@@ -106,6 +126,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 			logger.Info("shutting down", "grace_s", grace.Seconds())
 			deadline := time.Now().Add(grace)
 			sctx, cancel := context.WithDeadline(context.Background(), deadline)
+			rot.stop(deadline, logger)
 			err := srv.Shutdown(sctx)
 			cancel()
 			<-serveErr
@@ -120,6 +141,10 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 		}
 	}
 }
+
+// rotatorStopWait bounds the wait for the old reconciler's pass at a
+// reload: its calls honour cancellation, except a token call in flight.
+const rotatorStopWait = 30 * time.Second
 
 // shortClose bounds closing the token when serve fails.
 const shortClose = 5 * time.Second
@@ -149,10 +174,18 @@ func closeToken(tok *hsm.Token, deadline time.Time, logger *slog.Logger) {
 // with it and replaces the old one once its keys check out. A PIN that
 // fails is refused like any other error, after one login attempt, and
 // the old Token keeps serving.
-func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring *keyring, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string) *policy.Config {
+//
+// With rotation, the reconciler is rebuilt from the new policies and
+// replaces the old one once everything else checked out; the active keys
+// are read from the state again, so the keyring stays as it was for the
+// domains whose policy did not change.
+func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring *keyring, rot *rotator, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string) (*policy.Config, *rotator) {
 	cfg, err := policy.Load(path)
 	if err == nil && cfg.HSM.URI != cur.HSM.URI {
 		err = errors.New("hsm.uri changed, which needs a restart")
+	}
+	if err == nil && cfg.DataDir != cur.DataDir && len(cur.Rotating()) > 0 {
+		err = errors.New("data_dir changed, which needs a restart (move the rotation state with it)")
 	}
 	if err == nil && cfg.Log.Format != cur.Log.Format {
 		err = errors.New("log.format changed, which needs a restart")
@@ -168,12 +201,21 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 	if err == nil {
 		keys, err = checkKeys(kctx, tok, cfg, nil)
 	}
+	var nrot *rotator
 	if err == nil {
 		// The new keys (and token) go in first: a transaction that already
 		// sees the new configuration must find its selectors.
 		old := ring.set(tok, keys)
-		if err = srv.Reload(cfg, relaySettings(cfg)); err != nil {
+		oldRot := ring.rot.Load()
+		nrot, err = prepareRotator(kctx, cfg, ring, logger)
+		if err != nil {
+			err = fmt.Errorf("rotation: %w", err)
+		} else {
+			err = srv.Reload(cfg, relaySettings(cfg))
+		}
+		if err != nil {
 			ring.restore(old)
+			ring.rot.Store(oldRot)
 		}
 	}
 	if err != nil {
@@ -181,7 +223,11 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 			tok.Close()
 		}
 		logger.Error("reload refused, the old configuration keeps serving", "config", path, "error", err)
-		return nil
+		return nil, nil
+	}
+	rot.stop(time.Now().Add(rotatorStopWait), logger)
+	if nrot != nil {
+		nrot.start(ring, logger)
 	}
 	if opened {
 		logger.Info("token re-opened with the PIN from the pin-source", "token", tok.Info().Label)
@@ -192,7 +238,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 	logger.Info("configuration reloaded", "config", path)
 	level.Set(cfg.Log.SlogLevel())
 	logWarnings(logger, cfg)
-	return cfg
+	return cfg, nrot
 }
 
 // relaySettings are the relay's settings in cfg; its decisions come from
@@ -263,6 +309,9 @@ func reopenIfPINChanged(ctx context.Context, tok *hsm.Token, uri string, logger 
 // for).
 type keyring struct {
 	cur atomic.Pointer[ringState]
+	// rot holds the active keys of the rotating domains (Signers).
+	rot atomic.Pointer[rotatingSet]
+	rk  rotatingKeys
 }
 
 // ringState is one token with its keys, swapped as a whole.
