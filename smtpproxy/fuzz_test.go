@@ -48,7 +48,7 @@ var replyLine = regexp.MustCompile(`^[2-5][0-9][0-9]([ -][^\x00-\x1f\x7f]*)?$`)
 // gets them: dkimgw greets it with its own name); the fix (quoting)
 // belongs in go-smtp. MAIL and RCPT echo their addresses too, which
 // dkimgw refuses before go-smtp replies when they hold controls.
-var goSMTPEcho = regexp.MustCompile(`(?s)^(500 5\.5\.2 Syntax errors, .{4} command unrecognized|250[ -]Hello .*)$`)
+var goSMTPEcho = regexp.MustCompile(`(?s)^(500 5\.5\.2 Syntax errors, .{4} command unrecognized|250[ -](2\.0\.0 )?Hello .*)$`)
 
 // FuzzSMTPSession sends arbitrary bytes, as a client would after the
 // greeting, to a real Server in front of a recording sink. Whatever the
