@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -67,5 +70,51 @@ func TestFromDomainRefusesMappedLookalikes(t *testing.T) {
 			t.Errorf("From domain %q: FromDomain() = %q, want %q", d, m.FromDomain(), want)
 		}
 		m.Close()
+	}
+}
+
+// TestCleanSpoolDir: only regular files named as Spool names them are
+// removed; a missing directory is an error that names the spool dir.
+func TestCleanSpoolDir(t *testing.T) {
+	dir := t.TempDir()
+	for _, name := range []string{"dkimgw-spool-1", "dkimgw-spool-2345678901", "dkimgw-spool-", "dkimgw-spool-1.tmp", "other"} {
+		if err := os.WriteFile(filepath.Join(dir, name), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(filepath.Join(dir, "dkimgw-spool-3"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	// A file Spool is writing right now is already unlinked: a
+	// concurrent Spool is not disturbed.
+	m, err := Spool(t.Context(), strings.NewReader("From: a@example.com\r\n\r\n"+strings.Repeat("x\r\n", 1000)), SpoolOptions{Dir: dir, MemoryLimit: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	removed, err := CleanSpoolDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(removed, " "); got != "dkimgw-spool-1 dkimgw-spool-2345678901" {
+		t.Errorf("removed %q", got)
+	}
+	var left []string
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		left = append(left, e.Name())
+	}
+	if got := strings.Join(left, " "); got != "dkimgw-spool- dkimgw-spool-1.tmp dkimgw-spool-3 other" {
+		t.Errorf("left %q", got)
+	}
+	r, err := m.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := io.ReadAll(r); len(b) != 23+3000 {
+		t.Errorf("the spooled message reads back %d bytes", len(b))
+	}
+	if _, err := CleanSpoolDir(filepath.Join(dir, "missing")); err == nil || !strings.HasPrefix(err.Error(), "signer: read spool dir") {
+		t.Errorf("missing dir: %v", err)
 	}
 }
