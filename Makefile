@@ -9,7 +9,7 @@ GO      ?= go
 BIN     := bin/dkimgw
 GOFLAGS ?=
 
-.PHONY: all build deps test test-short fuzz test-faults test-hostile bench demo clean
+.PHONY: all build deps test test-short test-faults test-hostile fuzz bench demo clean
 
 all: build
 
@@ -30,6 +30,15 @@ test: deps
 test-short:
 	$(GO) test -short ./...
 
+# The fault suite's long form: every scenario with 2,000 messages or more
+# over 20+ sessions through the real gateway (`make test` runs the short
+# form). It writes the table of results to docs/reliability.md.
+test-faults: deps
+	$(GO) mod download
+	DKIMGW_FAULTS=long DKIMGW_FAULTS_REPORT=$(CURDIR)/docs/reliability.md \
+	DKIMGW_FAULTS_COMMAND="make test-faults" CI=true \
+	  $(GO) test -count=1 -timeout 90m -run '^TestFaults$$' -v ./faults
+
 # Runs each fuzz target for FUZZTIME (their seed corpora run in `make test`).
 FUZZTIME ?= 30s
 fuzz:
@@ -39,8 +48,8 @@ fuzz:
 	  done; \
 	done
 
-# The long forms, for `make test-faults`: every fuzz target for FUZZTIME
-# (above), then the hostile-input tests with DKIMGW_HOSTILE_FULL=1, which
+# Hostile input, for `make test-faults` too (before the fault suite's
+# recipe above): every fuzz target for FUZZTIME, then the hostile-input tests with DKIMGW_HOSTILE_FULL=1, which
 # sends a whole 1 GB DATA stream where `make test` sends 16 MiB. They run
 # without the race detector here (its cost per byte read makes a gigabyte
 # take minutes); `make test` runs them with it. One alone:

@@ -91,6 +91,10 @@ type Token struct {
 
 	// logins counts C_Login calls, for tests.
 	logins int
+	// waiting counts callers waiting for a pool session; ckrErrors the
+	// failed token calls by return value (Stats).
+	waiting   int
+	ckrErrors map[string]uint64
 }
 
 // TokenInfo describes the token a Token is connected to.
@@ -469,10 +473,20 @@ func (t *Token) withSession(ctx context.Context, fn sessionFunc) (ran, error) {
 	select {
 	case t.sem <- struct{}{}:
 	default:
+		t.mu.Lock()
+		t.waiting++
+		t.mu.Unlock()
+		var err error
 		select {
 		case t.sem <- struct{}{}:
 		case <-ctx.Done():
-			return ran{}, temporary(errorf("wait for a free session on token %q: %w", t.uri.Token, ctx.Err()))
+			err = temporary(errorf("wait for a free session on token %q: %w", t.uri.Token, ctx.Err()))
+		}
+		t.mu.Lock()
+		t.waiting--
+		t.mu.Unlock()
+		if err != nil {
+			return ran{}, err
 		}
 	}
 	defer func() { <-t.sem }()
@@ -511,11 +525,13 @@ func (t *Token) withSession(ctx context.Context, fn sessionFunc) (ran, error) {
 	t.mu.Unlock()
 	if fresh {
 		if s, err = c.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION); err != nil {
+			t.countError(err)
 			return at, errorf("open session on token %q: %w", label, err)
 		}
 	}
 
 	err = fn(c, s, at.epoch)
+	t.countError(err)
 
 	t.mu.Lock()
 	keep := t.connected && at.epoch == t.epoch && classify(err) < recoverSession

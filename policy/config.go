@@ -134,6 +134,8 @@ type Config struct {
 	// DataDir holds the rotation state (rotation.db) and the manual
 	// publisher's files. Default /var/lib/dkimgw.
 	DataDir string `yaml:"data_dir"`
+	// Admin is the HTTP listener of /metrics, /healthz and /readyz.
+	Admin Admin `yaml:"admin"`
 
 	// Path is the file the configuration was read from (the name given
 	// to Parse).
@@ -462,6 +464,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&c.OnUnauthorized, UnauthorizedReject)
 	setDefault(&c.ShutdownGrace, DefaultShutdownGrace)
 	c.applyRotationDefaults()
+	c.applyAdminDefaults()
 }
 
 func setDefault[T comparable](p *T, v T) {

@@ -159,7 +159,31 @@ type TSIG struct {
 type RotationSettings struct {
 	// CheckEvery is how often serve runs a reconcile pass. Default 1m.
 	CheckEvery Duration `yaml:"check_every"`
+	// DriftEvery is how often serve checks that every authoritative
+	// server still serves the record of each active and retired key.
+	// Default 10m.
+	DriftEvery Duration `yaml:"drift_every"`
+	// OnDrift is what happens to a domain whose active key's record DNS
+	// no longer serves as published: warn (default) or tempfail.
+	OnDrift DriftAction `yaml:"on_drift"`
 }
+
+// DriftAction is what serve does when DNS stops serving an active key's
+// record as dkimgw published it.
+type DriftAction string
+
+const (
+	// DriftWarn logs, sets the drift metric and keeps signing: the record
+	// may come back (a zone reloaded from an old file), and a warning
+	// loses no mail.
+	DriftWarn DriftAction = "warn"
+	// DriftTempfail answers 451 4.7.0 for the domain's mail until the
+	// record is served again, instead of sending mail that fails DKIM.
+	DriftTempfail DriftAction = "tempfail"
+)
+
+// DefaultDriftEvery is how often serve re-checks the published records.
+const DefaultDriftEvery = 10 * time.Minute
 
 // Rotating lists the domains with a rotation policy, sorted.
 func (c *Config) Rotating() []string {
@@ -176,12 +200,22 @@ func (c *Config) Rotating() []string {
 func (c *Config) applyRotationDefaults() {
 	setDefault(&c.DataDir, DefaultDataDir)
 	setDefault(&c.Rotation.CheckEvery, Duration(DefaultCheckEvery))
+	setDefault(&c.Rotation.DriftEvery, Duration(DefaultDriftEvery))
+	setDefault(&c.Rotation.OnDrift, DriftWarn)
 }
 
 func (v *validator) validateRotation(c *Config) {
 	c.DataDir = v.path(c.DataDir)
 	if c.Rotation.CheckEvery <= 0 {
 		v.errorf(at("rotation", "check_every"), "rotation.check_every must be a positive duration")
+	}
+	if c.Rotation.DriftEvery <= 0 {
+		v.errorf(at("rotation", "drift_every"), "rotation.drift_every must be a positive duration")
+	}
+	switch c.Rotation.OnDrift {
+	case DriftWarn, DriftTempfail:
+	default:
+		v.errorf(at("rotation", "on_drift"), "rotation.on_drift: unknown value %q (want warn or tempfail)", c.Rotation.OnDrift)
 	}
 	if c.DNS.Timeout < 0 {
 		v.errorf(at("dns", "timeout"), "dns.timeout must not be negative")

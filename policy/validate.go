@@ -54,6 +54,7 @@ func (v *validator) validate(c *Config) {
 	v.validateSpool(c)
 	v.validateLog(c)
 	v.validateRotation(c)
+	v.validateAdmin(c)
 	v.validateDomains(c)
 	v.validateClients(c)
 
@@ -112,29 +113,30 @@ func (v *validator) validateSMTP(c *Config) {
 	v.positive(at("smtp", "data_timeout"), "smtp.data_timeout", s.DataTimeout)
 	v.positive(at("smtp", "max_session_duration"), "smtp.max_session_duration", s.MaxSessionDuration)
 	if s.TLS != nil {
-		v.validateTLS(s.TLS)
+		v.validateTLS(s.TLS, "smtp")
 	}
 }
 
-func (v *validator) validateTLS(t *TLS) {
+// validateTLS checks the tls block of section (smtp, admin).
+func (v *validator) validateTLS(t *TLS, section string) {
 	if t.CertFile == "" || t.KeyFile == "" {
-		v.errorf(at("smtp", "tls"), "smtp.tls needs both cert_file and key_file")
+		v.errorf(at(section, "tls"), "%s.tls needs both cert_file and key_file", section)
 		return
 	}
 	t.CertFile, t.KeyFile = v.path(t.CertFile), v.path(t.KeyFile)
 	certPEM, err := v.readFile(t.CertFile)
 	if err != nil {
-		v.errorf(at("smtp", "tls", "cert_file"), "smtp.tls.cert_file: %v", err)
+		v.errorf(at(section, "tls", "cert_file"), "%s.tls.cert_file: %v", section, err)
 		return
 	}
 	keyPEM, err := v.readFile(t.KeyFile)
 	if err != nil {
-		v.errorf(at("smtp", "tls", "key_file"), "smtp.tls.key_file: %v", err)
+		v.errorf(at(section, "tls", "key_file"), "%s.tls.key_file: %v", section, err)
 		return
 	}
 	cert, err := tls.X509KeyPair(certPEM, keyPEM)
 	if err != nil {
-		v.errorf(at("smtp", "tls"), "smtp.tls: %s and %s are not a usable certificate and key: %v", t.CertFile, t.KeyFile, err)
+		v.errorf(at(section, "tls"), "%s.tls: %s and %s are not a usable certificate and key: %v", section, t.CertFile, t.KeyFile, err)
 		return
 	}
 	t.cert = &cert

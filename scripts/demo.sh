@@ -108,6 +108,8 @@ domains:
   $DOMAIN:
     selectors: [rsa2026, ed2026]
     expire: 168h
+admin:
+  listen: "127.0.0.1:0"   # /metrics, /healthz, /readyz on a free port (the log says which)
 YAML
 sed 's/^/  /' "$work/dkimgw.yaml"
 set -x

@@ -23,6 +23,9 @@ packages=(
   etcd-client         # etcdctl: endpoint health, an independent look at the store
   time                # /usr/bin/time -v for peak RSS in benchmarks
   openssl             # openssl speed, the raw-crypto baseline in benchmarks
+  prometheus          # promtool: checks and unit-tests deploy/prometheus/dkimgw-alerts.yml
+  gcc                 # builds the fault suite's PKCS#11 fault-injection shim
+  libc6-dev           # its C headers
 )
 
 missing=()

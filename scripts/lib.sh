@@ -90,6 +90,7 @@ domains:
   example.com:
     selectors: [$4]
 log: {format: json}
+admin: {listen: "127.0.0.1:0"}   # a free port: never collides with another gateway's default
 YAML
 }
 

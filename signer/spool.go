@@ -113,6 +113,14 @@ func (m *Message) FromDomain() string { return m.fromDomain }
 // DKIM-Signature fields Sign makes).
 func (m *Message) Size() int64 { return m.size }
 
+// OnDisk reports whether the message is spooled in a file rather than
+// held in memory (it was larger than SpoolOptions.MemoryLimit).
+func (m *Message) OnDisk() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.file != nil
+}
+
 // Open returns a new reader over the normalised message. It may be called
 // any number of times, also concurrently; each reader is independent.
 func (m *Message) Open() (io.ReadCloser, error) {

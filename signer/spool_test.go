@@ -127,7 +127,7 @@ func TestSpoolMemoryAndFile(t *testing.T) {
 	t.Run("below the limit stays in memory", func(t *testing.T) {
 		dir := t.TempDir()
 		m := spoolString(t, msg, SpoolOptions{Dir: dir, MemoryLimit: int64(len(msg))})
-		if m.file != nil || m.mem == nil {
+		if m.file != nil || m.mem == nil || m.OnDisk() {
 			t.Fatal("message at the memory limit went to a file")
 		}
 		assertEmptyDir(t, dir)
@@ -135,7 +135,7 @@ func TestSpoolMemoryAndFile(t *testing.T) {
 	t.Run("above the limit goes to a 0600 file", func(t *testing.T) {
 		dir := t.TempDir()
 		m := spoolString(t, msg, SpoolOptions{Dir: dir, MemoryLimit: int64(len(msg)) - 1})
-		if m.file == nil || m.mem != nil {
+		if m.file == nil || m.mem != nil || !m.OnDisk() {
 			t.Fatal("message over the memory limit stayed in memory")
 		}
 		fi, err := m.file.Stat()

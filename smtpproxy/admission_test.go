@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -80,6 +81,11 @@ func TestMaxConnectionsPerIP(t *testing.T) {
 	if !strings.HasPrefix(all, "421 4.7.0 ") {
 		t.Errorf("connection over the per-address limit got %q, want 421 4.7.0 and the close", all)
 	}
+	h.obs.mu.Lock()
+	if !slices.Equal(h.obs.refused, []string{RefusedMaxConnectionsPerIP}) {
+		t.Errorf("refusals reported = %q, want [%s]", h.obs.refused, RefusedMaxConnectionsPerIP)
+	}
+	h.obs.mu.Unlock()
 	// Another host still gets in.
 	other := dialFrom(t, "127.0.0.2", h.addr)
 	if l := readLine(t, other); !strings.HasPrefix(l, "220 ") {

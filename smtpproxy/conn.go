@@ -207,10 +207,11 @@ func (l *listener) Accept() (net.Conn, error) {
 		if cc != nil {
 			return cc, nil
 		}
-		reason := "too many connections"
+		reason, metric := "too many connections", RefusedMaxConnections
 		if refusal == replyTooManyFromSrc {
-			reason = "too many connections from this source"
+			reason, metric = "too many connections from this source", RefusedMaxConnectionsPerIP
 		}
+		l.srv.obs.ConnectionRefused(metric)
 		l.srv.logger.Warn("connection refused", "reason", reason, "remote", nc.RemoteAddr().String())
 		_ = nc.SetWriteDeadline(time.Now().Add(time.Second))
 		_, _ = io.WriteString(nc, refusal)

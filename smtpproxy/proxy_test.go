@@ -22,6 +22,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -116,6 +117,7 @@ type harness struct {
 	keys *memKeys
 	logs *testenv.LogBuffer
 	dir  string
+	obs  *recordingObserver
 }
 
 // baseConfig is the configuration of most tests; %s is the sink.
@@ -150,7 +152,7 @@ func newHarness(t *testing.T, conf string) *harness {
 // test keys (nil: the keys themselves).
 func newHarnessKeys(t *testing.T, conf string, wrap func(*memKeys) KeySource) *harness {
 	t.Helper()
-	h := &harness{t: t, sink: testenv.NewSMTPSink(t), logs: &testenv.LogBuffer{}, dir: t.TempDir()}
+	h := &harness{t: t, sink: testenv.NewSMTPSink(t), logs: &testenv.LogBuffer{}, dir: t.TempDir(), obs: &recordingObserver{}}
 	rk, ek := testKeys(t)
 	h.keys = &memKeys{keys: map[string]crypto.Signer{
 		"rsa1._domainkey.example.com": rk,
@@ -167,7 +169,7 @@ func newHarnessKeys(t *testing.T, conf string, wrap func(*memKeys) KeySource) *h
 	if wrap != nil {
 		keys = wrap(h.keys)
 	}
-	srv, err := New(Options{Policy: cfg, Settings: settingsOf(cfg), Keys: keys, Logger: slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	srv, err := New(Options{Policy: cfg, Settings: settingsOf(cfg), Keys: keys, Observer: h.obs, Logger: slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
@@ -933,5 +935,13 @@ func TestMaxConnections(t *testing.T) {
 	all, _ := readAll(conn)
 	if !strings.HasPrefix(all, "421 4.3.2") {
 		t.Errorf("second connection got %q, want 421 4.3.2", all)
+	}
+	if n := h.srv.Connections(); n != 1 {
+		t.Errorf("Connections() = %d, want 1", n)
+	}
+	h.obs.mu.Lock()
+	defer h.obs.mu.Unlock()
+	if !slices.Equal(h.obs.refused, []string{RefusedMaxConnections}) {
+		t.Errorf("refusals reported = %q, want [%s]", h.obs.refused, RefusedMaxConnections)
 	}
 }

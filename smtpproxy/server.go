@@ -168,6 +168,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Now is the signing time (t=). Nil: time.Now.
 	Now func() time.Time
+	// Observer is told of every transaction's outcome and of refused
+	// connections, for metrics. Nil: nobody is told.
+	Observer Observer
 }
 
 // signTimeout bounds getting the keys and signing one message: a token
@@ -201,6 +204,9 @@ type Server struct {
 
 	ctx    context.Context // ends when the server is closed for good
 	cancel context.CancelFunc
+
+	obs                 Observer
+	spoolMem, spoolDisk atomic.Int64 // bytes of the messages spooled now
 }
 
 // state is what a Reload swaps: a policy, settings and the upstream pool
@@ -275,6 +281,10 @@ func New(opts Options) (*Server, error) {
 		bcrypt: make(chan struct{}, runtime.GOMAXPROCS(0)),
 		ctx:    ctx,
 		cancel: cancel,
+		obs:    opts.Observer,
+	}
+	if s.obs == nil {
+		s.obs = noObserver{}
 	}
 	s.state.Store(&state{policy: opts.Policy, set: &set, pool: newPool(set.Upstream, hostname, logger)})
 

@@ -38,6 +38,8 @@ type transaction struct {
 	signed       bool
 	size         int64
 	upstream     string // the upstream's reply to the final dot
+	upClass      string // its class ("2xx"), for metrics
+	sigs         []SignatureReport
 	note         string // why it was relayed unsigned, or what failed inside
 	internal     error  // detail of a local failure (never sent to the client)
 	done         bool   // the upstream accepted the message
@@ -178,6 +180,12 @@ func (tx *transaction) data(r io.Reader) error {
 	}
 	defer msg.Close()
 	tx.size = msg.Size()
+	spooled := &tx.ss.srv.spoolMem
+	if msg.OnDisk() {
+		spooled = &tx.ss.srv.spoolDisk
+	}
+	spooled.Add(tx.size)
+	defer spooled.Add(-tx.size)
 	tx.fromDomain = msg.FromDomain()
 
 	fields, err := tx.sign(msg)
@@ -245,6 +253,9 @@ func (tx *transaction) sign(msg *signer.Message) ([]string, error) {
 		return nil, tx.tokenError(err)
 	}
 	tx.signed = true
+	for _, id := range ids {
+		tx.sigs = append(tx.sigs, SignatureReport{Domain: id.Domain, Selector: id.Selector, Algorithm: algorithmOf(id.Key)})
+	}
 	return fields, nil
 }
 
@@ -335,12 +346,17 @@ func (tx *transaction) relay(fields []string, msg *signer.Message) error {
 			tx.breakUp()
 		}
 		tx.internal = err
+		var se *smtp.SMTPError
+		if errors.As(err, &se) {
+			tx.upClass = replyClass(se.Code)
+		}
 		reply := upstreamReply(err)
 		tx.upstream = replyCode(reply)
 		return reply
 	}
 	tx.done = true
-	up.junk = 0 // an upstream forgives junk commands once a message is delivered
+	tx.upClass = "2xx" // go-smtp gives no code with a success
+	up.junk = 0        // an upstream forgives junk commands once a message is delivered
 	reply := okReply(resp.StatusText)
 	tx.upstream = replyCode(reply)
 	return reply
@@ -375,7 +391,25 @@ func (tx *transaction) finish(reply error) {
 			tx.up = nil
 		}
 		tx.log(reply)
+		tx.report(reply)
 	})
+}
+
+// report tells the server's Observer the outcome of a transaction that
+// got a reply to its message.
+func (tx *transaction) report(reply error) {
+	out, ok := outcomeOf(reply, tx.signed)
+	if !ok {
+		return
+	}
+	r := TransactionReport{Domain: tx.signing.Domain, Outcome: out, UpstreamClass: tx.upClass}
+	if tx.client != nil {
+		r.Client = tx.client.Name
+	}
+	if out == OutcomeSigned {
+		r.Signatures = tx.sigs
+	}
+	tx.ss.srv.obs.Transaction(r)
 }
 
 func (tx *transaction) log(reply error) {

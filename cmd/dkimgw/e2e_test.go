@@ -105,6 +105,9 @@ type gwConfig struct {
 	// extra is appended to the configuration (dns:, rotation:, ...).
 	rotating map[string]string
 	extra    string
+	// admin is the admin: section; empty means a listener on a port the
+	// kernel picks, without TLS or token.
+	admin string
 }
 
 func standardConfig(uri, upstream string) gwConfig {
@@ -140,6 +143,11 @@ func (c gwConfig) yaml() string {
 		grace = "20s"
 	}
 	fmt.Fprintf(&b, "shutdown_grace: %s\n", grace)
+	if c.admin == "" {
+		b.WriteString("admin:\n  listen: \"127.0.0.1:0\"\n")
+	} else {
+		b.WriteString(c.admin)
+	}
 	b.WriteString(c.extra)
 	return b.String()
 }
@@ -162,6 +170,7 @@ type gateway struct {
 	cmd    *exec.Cmd
 	config string // its configuration file
 	addr   string // where it listens
+	admin  string // where its admin listener listens ("" if none)
 
 	mu      sync.Mutex
 	lines   []logLine
@@ -239,6 +248,11 @@ func startGateway(t *testing.T, bin string, cfg gwConfig) *gateway {
 	gw.addr = l.str("listen")
 	if _, _, err := net.SplitHostPort(gw.addr); err != nil {
 		t.Fatalf("dkimgw logged listen=%q: %v", gw.addr, err)
+	}
+	for _, l := range gw.logLines(0) {
+		if a := l.str("admin_listen"); a != "" {
+			gw.admin = a
+		}
 	}
 	return gw
 }

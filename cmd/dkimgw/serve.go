@@ -33,6 +33,10 @@ runs the rotation reconciler every rotation.check_every (see 'dkimgw
 rotate --help') and switches a domain's keys as soon as a new one is
 active, or within a second when another process changed the rotation
 state; a rotating domain without an active key gets 451 4.7.0.
+Every rotation.drift_every it checks that DNS serves the records of the
+active and retired keys as published (rotation.on_drift says what a
+drift does). On admin.listen (default 127.0.0.1:9465) it serves /metrics
+(Prometheus), /healthz and /readyz (see the README).
 SIGTERM or SIGINT: stop accepting, finish the transactions in flight
 (at most shutdown_grace), exit 0, within shutdown_grace even when a
 token call hangs. SIGHUP: reload the configuration and read the token's
@@ -41,8 +45,8 @@ the PIN (it is then not tried again until the reload), the token is
 re-opened with the new one; the reconciler is rebuilt from the new
 rotation policies. A configuration that is invalid, names a missing
 key, changes a setting that needs a restart (hsm.uri, log.format,
-data_dir), or brings a PIN the token refuses is logged and refused, and
-the old one keeps serving.`
+data_dir, admin.listen, admin.tls), or brings a PIN the token refuses is
+logged and refused, and the old one keeps serving.`
 )
 
 var serveCommand = &command{
@@ -89,7 +93,8 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitConfig, "%s: rotation: %v", *path, err)
 	}
-	srv, err := smtpproxy.New(smtpproxy.Options{Policy: cfg, Settings: relaySettings(cfg), Keys: &ring, Logger: logger})
+	obs := newServeObs(cfg, &ring, rot)
+	srv, err := smtpproxy.New(smtpproxy.Options{Policy: cfg, Settings: relaySettings(cfg), Keys: &ring, Logger: logger, Observer: obs.m})
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitConfig, "%v", err)
@@ -98,6 +103,16 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitUnavailable, "smtp.listen: %v", err)
+	}
+	obs.srv.Store(srv)
+	admin, err := startAdmin(cfg, obs.m, obs.readyChecks(), logger)
+	if err != nil {
+		l.Close()
+		closeToken(ring.token(), time.Now().Add(shortClose), logger)
+		return failf(c, exitUnavailable, "%v", err)
+	}
+	if admin != nil {
+		logger.Info("admin listener serving /metrics, /healthz, /readyz", "admin_listen", admin.Addr(), "tls", cfg.Admin.TLS != nil, "bearer_token", len(cfg.Admin.BearerToken()) > 0)
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
@@ -110,14 +125,26 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 		rot.start(&ring, logger)
 		logger.Info("key rotation running", "domains", strings.Join(cfg.Rotating(), ","), "check_every_s", rot.every.Seconds())
 	}
+	drift := newDriftWatch(cfg, rot, &ring, obs.m, obs.driftSink, logger)
+	drift.start()
 
 	for {
 		select {
 		case <-hup:
-			if next, nrot := reload(ctx, srv, cfg, &ring, rot, *path, logger, level, c.getenv); next != nil {
+			next, nrot := reload(ctx, srv, cfg, &ring, rot, *path, logger, level, c.getenv)
+			obs.m.reloaded(next != nil)
+			if next != nil {
 				cfg, rot = next, nrot
+				obs.cfg.Store(cfg)
+				obs.rot.Store(rot)
+				admin.setToken(cfg.Admin.BearerToken())
+				drift.stop(time.Now().Add(rotatorStopWait))
+				drift = newDriftWatch(cfg, rot, &ring, obs.m, obs.driftSink, logger)
+				drift.start()
 			}
 		case err := <-serveErr:
+			drift.stop(time.Now().Add(shortClose))
+			admin.shutdown(time.Now().Add(shortClose))
 			rot.stop(time.Now().Add(shortClose), logger)
 			closeToken(ring.token(), time.Now().Add(shortClose), logger)
 			return failf(c, exitSoftware, "serve: %v", err)
@@ -126,10 +153,15 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 			logger.Info("shutting down", "grace_s", grace.Seconds())
 			deadline := time.Now().Add(grace)
 			sctx, cancel := context.WithDeadline(context.Background(), deadline)
+			drift.stop(deadline)
 			rot.stop(deadline, logger)
 			err := srv.Shutdown(sctx)
 			cancel()
 			<-serveErr
+			// The admin listener goes last: /metrics and /readyz answer
+			// (unready is not reported; the relay is draining) while
+			// transactions finish.
+			admin.shutdown(deadline)
 			if err != nil {
 				logger.Warn("shutdown: transactions cut short", "error", err)
 			}
@@ -189,6 +221,9 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 	}
 	if err == nil && cfg.Log.Format != cur.Log.Format {
 		err = errors.New("log.format changed, which needs a restart")
+	}
+	if err == nil && !sameAdminListener(cfg, cur) {
+		err = errors.New("admin.listen or admin.tls changed, which needs a restart")
 	}
 	kctx, cancel := context.WithTimeout(ctx, tokenTimeout)
 	defer cancel()
@@ -312,6 +347,12 @@ type keyring struct {
 	// rot holds the active keys of the rotating domains (Signers).
 	rot atomic.Pointer[rotatingSet]
 	rk  rotatingKeys
+	// drifted are the rotating domains whose active key's record DNS no
+	// longer serves as published, with rotation.on_drift: tempfail (the
+	// drift watch sets it); nil: none.
+	drifted atomic.Pointer[map[string]bool]
+	// observeSign, when set before serving, times every signature.
+	observeSign func(alg string, d time.Duration)
 }
 
 // ringState is one token with its keys, swapped as a whole.
@@ -341,13 +382,13 @@ func (r *keyring) Key(ctx context.Context, domain, selector string) (crypto.Sign
 	st := r.cur.Load()
 	ref := policy.KeyRef{Domain: domain, Selector: selector}
 	if k := st.keys[ref]; k != nil && k.Err() == nil {
-		return k, nil
+		return timed(k, r.observeSign), nil
 	}
 	st.mu.Lock()
 	k := st.refound[ref]
 	st.mu.Unlock()
 	if k != nil && k.Err() == nil {
-		return k, nil
+		return timed(k, r.observeSign), nil
 	}
 	k, err := st.tok.Key(ctx, domain, selector)
 	if err != nil {
@@ -359,5 +400,5 @@ func (r *keyring) Key(ctx context.Context, domain, selector string) (crypto.Sign
 	}
 	st.refound[ref] = k
 	st.mu.Unlock()
-	return k, nil
+	return timed(k, r.observeSign), nil
 }

@@ -53,6 +53,9 @@ func (r *keyring) Signers(ctx context.Context, domain string) ([]signer.Identity
 	if len(keys) == 0 {
 		return nil, fmt.Errorf("dkimgw: domain %s: %w (rotation has not activated a key DNS serves)", domain, smtpproxy.ErrNoActiveKey)
 	}
+	if d := r.drifted.Load(); d != nil && (*d)[domain] {
+		return nil, fmt.Errorf("dkimgw: domain %s: %w (DNS no longer serves the active key's record as published; rotation.on_drift: tempfail)", domain, smtpproxy.ErrNoActiveKey)
+	}
 	ids := make([]signer.Identity, 0, len(keys))
 	for _, k := range keys {
 		key := k.key
@@ -65,7 +68,7 @@ func (r *keyring) Signers(ctx context.Context, domain string) ([]signer.Identity
 			}
 			key = nk
 		}
-		ids = append(ids, signer.Identity{Domain: domain, Selector: k.selector, Key: key})
+		ids = append(ids, signer.Identity{Domain: domain, Selector: k.selector, Key: timed(key, r.observeSign)})
 	}
 	return ids, nil
 }

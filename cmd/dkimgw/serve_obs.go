@@ -1,0 +1,105 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"time"
+
+	"github.com/dkimgw/dkimgw/policy"
+	"github.com/dkimgw/dkimgw/rotation"
+	"github.com/dkimgw/dkimgw/smtpproxy"
+)
+
+// serveObs is what serve's metrics and readiness read: the current
+// configuration, reconciler and relay, swapped at each reload.
+type serveObs struct {
+	m    *metrics
+	ring *keyring
+	cfg  atomic.Pointer[policy.Config]
+	rot  atomic.Pointer[rotator]
+	srv  atomic.Pointer[smtpproxy.Server]
+	// driftSink is told of drift (nil until the audit log implements it).
+	driftSink driftSink
+}
+
+func newServeObs(cfg *policy.Config, ring *keyring, rot *rotator) *serveObs {
+	o := &serveObs{ring: ring}
+	o.cfg.Store(cfg)
+	o.rot.Store(rot)
+	o.m = newMetrics(metricsSources{
+		token: ring.token,
+		connections: func() int {
+			if s := o.srv.Load(); s != nil {
+				return s.Connections()
+			}
+			return 0
+		},
+		spool: func() (int64, int64) {
+			if s := o.srv.Load(); s != nil {
+				return s.SpoolBytes()
+			}
+			return 0, 0
+		},
+		keys: o.keys,
+		fixed: func() map[string][]string {
+			out := map[string][]string{}
+			for d, dom := range o.cfg.Load().Domains {
+				if dom.Rotation == nil {
+					out[d] = dom.Selectors
+				}
+			}
+			return out
+		},
+	})
+	ring.observeSign = o.m.observeSign
+	return o
+}
+
+// keys reads the rotating domains' keys and their policies' intervals.
+func (o *serveObs) keys(ctx context.Context) ([]rotation.Status, map[string]time.Duration, error) {
+	rot := o.rot.Load()
+	if rot == nil {
+		return nil, nil, nil
+	}
+	st, err := rot.setup.rec.Status(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	iv := make(map[string]time.Duration, len(rot.setup.policies))
+	for d, p := range rot.setup.policies {
+		iv[d] = p.Interval
+	}
+	return st, iv, nil
+}
+
+// readyChecks are /readyz's conditions: the configuration is loaded, the
+// token gives a free, logged-in session, the upstream accepts a TCP
+// connection.
+func (o *serveObs) readyChecks() []readyCheck {
+	return []readyCheck{
+		{"config", func(context.Context) error {
+			if o.cfg.Load() == nil {
+				return errors.New("no configuration loaded")
+			}
+			return nil
+		}},
+		{"token", func(ctx context.Context) error {
+			return o.ring.token().Check(ctx)
+		}},
+		{"upstream", dialCheck(func() string { return o.cfg.Load().Upstream.Address })},
+	}
+}
+
+// sameAdminListener reports whether the admin listener of next is the
+// one serving (a new bearer token is taken at reload; a new address or
+// certificate needs a restart).
+func sameAdminListener(next, cur *policy.Config) bool {
+	if next.Admin.Addr() != cur.Admin.Addr() || (next.Admin.TLS == nil) != (cur.Admin.TLS == nil) {
+		return false
+	}
+	if t := next.Admin.TLS; t != nil && (t.CertFile != cur.Admin.TLS.CertFile || t.KeyFile != cur.Admin.TLS.KeyFile) {
+		return false
+	}
+	return true
+}

@@ -1,0 +1,107 @@
+package faults
+
+import (
+	"context"
+	"crypto"
+	"crypto/rsa"
+	"crypto/sha256"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dkimgw/dkimgw/hsm"
+	"github.com/dkimgw/dkimgw/testenv"
+)
+
+// TestPKCS11FaultShim checks the fault shim itself, in process, through
+// the real hsm package: every fault it is told to inject reaches the
+// caller as the failure a real token gives, and once it is lifted the
+// token signs again. Pointed at SoftHSM itself, every "fails" step here
+// would sign.
+func TestPKCS11FaultShim(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs SoftHSM and a C compiler; not in -short")
+	}
+	st := testenv.SoftHSM(t)
+	makeKeys(t, st)
+	shim := testenv.NewPKCS11Fault(t)
+	for _, kv := range shim.Env() {
+		k, v, _ := strings.Cut(kv, "=")
+		t.Setenv(k, v)
+	}
+	tok, err := hsm.Open(t.Context(), shim.URI(st.URI()), hsm.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tok.Close()
+	key, err := tok.Key(t.Context(), "example.com", "rsa1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("p11fault"))
+	sign := func(timeout time.Duration) error {
+		ctx, cancel := context.WithTimeout(t.Context(), timeout)
+		defer cancel()
+		sig, err := key.SignContext(ctx, digest[:], crypto.SHA256)
+		if err == nil {
+			err = rsa.VerifyPKCS1v15(key.Public().(*rsa.PublicKey), crypto.SHA256, digest[:], sig)
+		}
+		return err
+	}
+	// signsAgain: recovery re-initialises at most twice a second, so the
+	// first signatures after a fault may still fail; bounded.
+	signsAgain := func(what string) {
+		t.Helper()
+		var err error
+		for range 40 {
+			if err = sign(10 * time.Second); err == nil {
+				return
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+		t.Fatalf("after %s the token does not sign again: %v", what, err)
+	}
+	if err := sign(10 * time.Second); err != nil {
+		t.Fatalf("no fault: %v", err)
+	}
+
+	for _, ckr := range []uint{testenv.CKRDeviceError, testenv.CKRDeviceRemoved, testenv.CKRSessionHandleInvalid} {
+		before := shim.Injected("error")
+		shim.Set(t, testenv.PKCS11FaultSpec{Error: ckr, ErrorOps: []string{"all"}})
+		err := sign(10 * time.Second)
+		if err == nil || !hsm.IsTemporary(err) {
+			t.Errorf("CKR 0x%x on every call: sign = %v, want a temporary error", ckr, err)
+		}
+		if shim.Injected("error") == before {
+			t.Errorf("CKR 0x%x: the shim logged no injected error", ckr)
+		}
+		shim.Set(t, testenv.PKCS11FaultSpec{})
+		signsAgain("the device errors")
+	}
+
+	// C_Sign alone fails: the real operation must have been ended, or the
+	// next C_SignInit on that session would fail with CKR_OPERATION_ACTIVE.
+	shim.Set(t, testenv.PKCS11FaultSpec{Error: testenv.CKRDeviceError, ErrorOps: []string{"C_Sign"}})
+	if err := sign(10 * time.Second); err == nil {
+		t.Errorf("C_Sign failing: sign succeeded")
+	}
+	shim.Set(t, testenv.PKCS11FaultSpec{})
+	signsAgain("failed C_Sign calls")
+
+	shim.CloseAllSessions(t)
+	signsAgain("every session was closed")
+	if n := shim.Injected("close_all"); n != 1 {
+		t.Errorf("the shim closed all sessions %d times, want 1", n)
+	}
+
+	shim.Set(t, testenv.PKCS11FaultSpec{Hang: 3 * time.Second})
+	err = sign(500 * time.Millisecond)
+	if err == nil || !hsm.IsTemporary(err) {
+		t.Errorf("C_Sign hanging 3s, signing with a 500ms deadline: %v, want a temporary error", err)
+	}
+	if shim.Injected("hang") == 0 {
+		t.Errorf("the shim logged no hang")
+	}
+	shim.Set(t, testenv.PKCS11FaultSpec{})
+	signsAgain("the hang")
+}
