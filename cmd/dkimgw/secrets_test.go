@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,7 +19,7 @@ import (
 // pin-source file and looks for the PIN (and a wrong one it was given)
 // everywhere the process shows anything: its arguments and environment,
 // its log at debug level through signing, refusals and a reload refused
-// for a wrong PIN, the goroutine dump SIGQUIT makes the Go runtime print,
+// for a wrong PIN, its /metrics, /healthz and /readyz, the goroutine dump SIGQUIT makes the Go runtime print,
 // and the output of `config check` and `keys list`, also when they fail
 // with the PIN given inline. It ends by checking, with pkcs11-tool, that
 // the keys are still sensitive and never extractable, and cannot be read.
@@ -73,6 +75,24 @@ func TestSecretsNeverShown(t *testing.T) {
 	gw.waitLog(mark, 30*time.Second, "reload refused", func(l logLine) bool { return strings.HasPrefix(l.str("msg"), "reload refused") })
 	if err := os.WriteFile(pinFile, []byte(st.PIN+"\n"), 0o600); err != nil {
 		t.Fatal(err)
+	}
+
+	// The admin listener's pages, after all of the above.
+	if gw.admin == "" {
+		t.Fatal("the gateway logged no admin listener")
+	}
+	for _, page := range []string{"/metrics", "/healthz", "/readyz"} {
+		hc := http.Client{Timeout: 10 * time.Second}
+		resp, err := hc.Get("http://" + gw.admin + page)
+		if err != nil {
+			t.Fatalf("GET %s: %v", page, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if page == "/metrics" && !strings.Contains(string(body), "dkimgw_") {
+			t.Errorf("GET /metrics: %s, no dkimgw_ metric in %.300q", resp.Status, body)
+		}
+		outputs = append(outputs, output{"GET " + page, string(body)})
 	}
 
 	// The runtime's goroutine dump.
