@@ -78,10 +78,19 @@ func normalizeDomain(d string) (string, error) {
 	if ascii {
 		d = strings.ToLower(d)
 	} else {
-		var err error
-		if d, err = idna.Lookup.ToASCII(d); err != nil {
+		a, err := idna.Lookup.ToASCII(d)
+		if err != nil {
 			return "", fmt.Errorf("%q: %w", d, err)
 		}
+		// The lookup mapping drops invisible characters (U+200B, the soft
+		// hyphen), folds fullwidth letters and composes accents: a
+		// receiver that does not map sees another name than the one
+		// signed, and a reader sees a look-alike. Only case may differ.
+		u, err := idna.Lookup.ToUnicode(a)
+		if err != nil || u != strings.ToLower(d) {
+			return "", fmt.Errorf("%q is not in the form IDNA maps it to (%q): invisible, fullwidth or decomposed characters", d, u)
+		}
+		d = a
 	}
 	if len(d) > 253 {
 		return "", fmt.Errorf("domain name longer than 253 octets")

@@ -10,6 +10,7 @@ import (
 	"hash"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 )
@@ -26,6 +27,13 @@ const (
 	// sections are a few kilobytes; a megabyte is far beyond any
 	// legitimate one and still cheap to hold in memory.
 	DefaultMaxHeaderBytes = 1 << 20
+
+	// MaxHeaderFields bounds the number of fields in a header section.
+	// MaxHeaderBytes alone would let a header of a million bytes carry
+	// hundreds of thousands of tiny fields, each costing a record here
+	// and a scan in every verifier; real messages have tens, long
+	// relay traces a few hundred.
+	MaxHeaderFields = 1000
 
 	// maxLineOctets is RFC 5322 §2.1.1's limit on a line, without CRLF.
 	maxLineOctets = 998
@@ -177,8 +185,8 @@ func (m *Message) Close() error {
 // Spool returns a *RefusedError if the message must not be signed: no
 // From field or more than one, a From without a parseable domain, NUL or
 // other control characters in the header section, a header section over
-// opts.MaxHeaderBytes, a header line over 998 octets, or a header line
-// that is not a field. It stops reading at the first such problem. A
+// opts.MaxHeaderBytes or with more than MaxHeaderFields fields, a header
+// line over 998 octets, or a header line that is not a field. It stops reading at the first such problem. A
 // message over opts.MaxMessageBytes gives an error matching ErrTooLarge,
 // also as soon as the limit is passed. Any other error (reading r, the
 // temporary file, ctx) is not the message's fault: retrying may succeed.
@@ -419,6 +427,9 @@ func (s *spooler) headerLine() error {
 		}
 	}
 	s.endField()
+	if len(s.fields) >= MaxHeaderFields {
+		return refusef("the header section has more than %d fields", MaxHeaderFields)
+	}
 	s.field = append(append(s.field, line...), '\r', '\n')
 	return nil
 }
@@ -475,8 +486,12 @@ func (s *spooler) store(p []byte) error {
 	return nil
 }
 
+// spoolPrefix starts the name of every spool file: os.CreateTemp puts a
+// decimal number after it.
+const spoolPrefix = "dkimgw-spool-"
+
 func (s *spooler) createFile() error {
-	f, err := os.CreateTemp(s.opts.Dir, "dkimgw-spool-*") // mode 0600
+	f, err := os.CreateTemp(s.opts.Dir, spoolPrefix+"*") // mode 0600
 	if err != nil {
 		return fmt.Errorf("signer: create spool file: %w", err)
 	}
@@ -488,6 +503,50 @@ func (s *spooler) createFile() error {
 	}
 	s.w = bufio.NewWriterSize(f, 64<<10)
 	return nil
+}
+
+// CleanSpoolDir removes the spool files a crash left in dir (empty: the
+// default, os.TempDir()) and returns their names. Spool unlinks its file
+// right after creating it, so a leftover is rare (a crash in between, or
+// a system that cannot unlink open files), but it holds a message and is
+// removed at start. Only regular files named as Spool names them are
+// touched: not directories, not symbolic links, nothing else in dir.
+func CleanSpoolDir(dir string) ([]string, error) {
+	if dir == "" {
+		dir = os.TempDir()
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("signer: read spool dir: %w", err)
+	}
+	var removed []string
+	var errs []error
+	for _, e := range ents {
+		if !e.Type().IsRegular() || !isSpoolName(e.Name()) {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("signer: remove spool leftover: %w", err))
+			continue
+		}
+		removed = append(removed, e.Name())
+	}
+	return removed, errors.Join(errs...)
+}
+
+// isSpoolName reports whether name is one os.CreateTemp makes from the
+// spool's pattern: the prefix and a decimal number.
+func isSpoolName(name string) bool {
+	n, ok := strings.CutPrefix(name, spoolPrefix)
+	if !ok || n == "" {
+		return false
+	}
+	for _, c := range n {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 // discard releases the store after a failed Spool.

@@ -44,6 +44,70 @@ var (
 		Message: "Too many authentication failures, closing connection"}
 )
 
+// Replies to an envelope with a control character (CR, LF, NUL, ...) in
+// an address or a parameter: relayed, a CR or LF would end the command
+// early at the upstream and start one of the sender's choosing, and a NUL
+// cuts a string short in MTAs written in C.
+var (
+	errControlInSender = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 1, 7},
+		Message: "Control character in the sender address"}
+	errControlInRecipient = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 1, 3},
+		Message: "Control character in the recipient address"}
+	errControlInParameter = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 4},
+		Message: "Control character in a parameter"}
+)
+
+// hasControl reports whether any of ss has an ASCII control character
+// (UTF-8 in SMTPUTF8 addresses is fine).
+func hasControl(ss ...string) bool {
+	for _, s := range ss {
+		for i := 0; i < len(s); i++ {
+			if s[i] < 0x20 || s[i] == 0x7f {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// mailControl returns the refusal of a MAIL whose address or parameters
+// (as go-smtp decoded them, xtext included) hold a control character.
+func mailControl(from string, o *smtp.MailOptions) *smtp.SMTPError {
+	if hasControl(from) {
+		return errControlInSender
+	}
+	if o == nil {
+		return nil
+	}
+	auth := ""
+	if o.Auth != nil {
+		auth = *o.Auth
+	}
+	if hasControl(string(o.Body), string(o.Return), o.EnvelopeID, auth) {
+		return errControlInParameter
+	}
+	return nil
+}
+
+// rcptControl is mailControl for RCPT.
+func rcptControl(to string, o *smtp.RcptOptions) *smtp.SMTPError {
+	if hasControl(to) {
+		return errControlInRecipient
+	}
+	if o == nil {
+		return nil
+	}
+	if hasControl(string(o.OriginalRecipientType), o.OriginalRecipient) {
+		return errControlInParameter
+	}
+	for _, n := range o.Notify {
+		if hasControl(string(n)) {
+			return errControlInParameter
+		}
+	}
+	return nil
+}
+
 // replyNotAClient closes the connection of an unrecognised client after
 // its 530 (written raw by clientConn, hence the full line).
 const replyNotAClient = "421 4.7.0 Not a client of this relay, closing connection\r\n"

@@ -338,8 +338,21 @@ func (s *Server) Serve(l net.Listener) error {
 	}
 	s.addr = l.Addr()
 	s.mu.Unlock()
+	s.cleanSpool()
 	s.logger.Info("listening", "addr", l.Addr().String())
 	return s.smtp.Serve(&listener{Listener: l, srv: s})
+}
+
+// cleanSpool removes the spool files a crash of an earlier run left
+// behind, before any transaction of this one can make new ones.
+func (s *Server) cleanSpool() {
+	dir := s.state.Load().set.Spool.Dir
+	removed, err := signer.CleanSpoolDir(dir)
+	if err != nil {
+		s.logger.Warn("spool leftovers not all removed", "dir", dir, "removed", len(removed), "error", err)
+	} else if len(removed) > 0 {
+		s.logger.Warn("spool leftovers removed", "dir", dir, "removed", len(removed))
+	}
 }
 
 // Addr is the address Serve listens on, or nil before Serve.

@@ -165,6 +165,10 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 		ss.cc.windDownWith(replyNotAClient)
 		return errAuthRequired
 	}
+	if err := mailControl(from, opts); err != nil {
+		ss.cc.setInTx(false) // endTx ended any earlier transaction
+		return err
+	}
 	tx := &transaction{
 		ss: ss, st: st, client: cl, start: time.Now(), mailFrom: from,
 	}
@@ -189,6 +193,9 @@ func (ss *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	ss.mu.Unlock()
 	if tx == nil {
 		return errNoTransaction
+	}
+	if err := rcptControl(to, opts); err != nil {
+		return err
 	}
 	return tx.rcpt(to, opts)
 }
