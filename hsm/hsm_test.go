@@ -931,3 +931,67 @@ func TestKeysWithOtherUsesAreRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestInterruptedGenerationIsRepaired: a public key object without its
+// private key, as a generation killed half-way leaves it, does not block
+// the selector: GenerateKey removes it, says so, and makes the key.
+func TestInterruptedGenerationIsRepaired(t *testing.T) {
+	t.Parallel()
+	tok, _, logs := openToken(t, "")
+	ctx := t.Context()
+	label := hsm.RecordName("example.com", "half")
+	err := hsm.WithRawSession(tok, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+		_, priv, err := c.GenerateKeyPair(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(hsm.CKMECEdwardsKeyPairGen, nil)},
+			[]*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+				pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, hsm.CKKECEdwards),
+				pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, []byte{0x06, 0x03, 0x2b, 0x65, 0x70}),
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+				pkcs11.NewAttribute(pkcs11.CKA_ID, []byte{7, 7}),
+			},
+			[]*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+				pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+				pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+				pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+				pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, hsm.CKKECEdwards),
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+				pkcs11.NewAttribute(pkcs11.CKA_ID, []byte{7, 7}),
+			})
+		if err != nil {
+			return err
+		}
+		return c.DestroyObject(s, priv)
+	})
+	if err != nil {
+		t.Fatalf("make a lone public key object: %v", err)
+	}
+	k, err := tok.GenerateKey(ctx, "example.com", "half", hsm.Ed25519)
+	if err != nil {
+		t.Fatalf("GenerateKey over a lone public key object: %v", err)
+	}
+	if !strings.Contains(logs.String(), "interrupted generation") {
+		t.Errorf("the removal is not logged:\n%s", logs.String())
+	}
+	var pubs int
+	err = hsm.WithRawSession(tok, func(c *pkcs11.Ctx, s pkcs11.SessionHandle) error {
+		if err := c.FindObjectsInit(s, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		}); err != nil {
+			return err
+		}
+		hs, _, err := c.FindObjects(s, 10)
+		pubs = len(hs)
+		_ = c.FindObjectsFinal(s)
+		return err
+	})
+	if err != nil || pubs != 1 {
+		t.Fatalf("public key objects labelled %s: %d (%v), want 1", label, pubs, err)
+	}
+	digest := sha256.Sum256([]byte("probe"))
+	sig, err := k.Sign(nil, digest[:], crypto.Hash(0))
+	if err != nil || !ed25519.Verify(k.Public().(ed25519.PublicKey), digest[:], sig) {
+		t.Fatalf("the new key does not sign: %v", err)
+	}
+}

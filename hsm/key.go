@@ -166,6 +166,7 @@ func (t *Token) generate(ctx context.Context, domain, selector, label string, al
 		return nil, errorf("random key id: %w", err)
 	}
 	genMech, pubTmpl, privTmpl := keyTemplates(alg, label, id)
+	orphans := 0
 	err := t.do(ctx, "generate "+label, func(c *pkcs11.Ctx, s pkcs11.SessionHandle, _ uint64) error {
 		// Checked inside the operation so that a retry after recovery
 		// finds the pair a first attempt may have created before its
@@ -173,6 +174,19 @@ func (t *Token) generate(ctx context.Context, domain, selector, label string, al
 		privs, pubs, err := findByLabel(c, s, label)
 		if err != nil {
 			return err
+		}
+		if len(privs) == 0 && len(pubs) > 0 {
+			// Public objects without a private key are what a generation
+			// interrupted by a crash leaves (SoftHSM stores the public
+			// half first). They hold no secret and no key can use them;
+			// left in place they would block the selector for good.
+			for _, h := range pubs {
+				if err := c.DestroyObject(s, h); err != nil {
+					return errorf("remove the public key object of %s left by an interrupted generation: %w", label, err)
+				}
+			}
+			orphans += len(pubs)
+			pubs = nil
 		}
 		for _, h := range append(privs, pubs...) {
 			got, err := c.GetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, nil)})
@@ -191,6 +205,9 @@ func (t *Token) generate(ctx context.Context, domain, selector, label string, al
 	}, nil)
 	if err != nil {
 		return nil, err
+	}
+	if orphans > 0 {
+		t.log.Warn("removed public key objects without a private key, left by an interrupted generation", "label", label, "objects", orphans)
 	}
 	t.log.Info("key generated", "label", label, "algorithm", string(alg), "id", hex.EncodeToString(id))
 	return t.loadKey(ctx, domain, selector, label)
