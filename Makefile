@@ -48,11 +48,12 @@ fuzz:
 	  done; \
 	done
 
-# Hostile input, for `make test-faults` too (before the fault suite's
-# recipe above): every fuzz target for FUZZTIME, then the hostile-input tests with DKIMGW_HOSTILE_FULL=1, which
-# sends a whole 1 GB DATA stream where `make test` sends 16 MiB. They run
-# without the race detector here (its cost per byte read makes a gigabyte
-# take minutes); `make test` runs them with it. One alone:
+# `make test-faults` also runs, before the fault suite's recipe above,
+# every fuzz target for FUZZTIME and the hostile-input tests with
+# DKIMGW_HOSTILE_FULL=1, which sends a whole 1 GB DATA stream where
+# `make test` sends 16 MiB. They run without the race detector here (its
+# cost per byte read makes a gigabyte take minutes); `make test` runs
+# them with it. One alone:
 #   DKIMGW_HOSTILE_FULL=1 go test -run TestHugeDataCutAtSizeLimit ./smtpproxy
 test-faults: fuzz test-hostile
 
