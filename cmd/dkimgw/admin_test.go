@@ -290,22 +290,7 @@ func testAdminReadyz(t *testing.T, bin string) {
 	}
 
 	// The token goes away, as in testNoLossTokenUnavailable.
-	dir := st.Dir()
-	if dir == "" {
-		t.Fatal("the token's directory is not found")
-	}
-	away := filepath.Join(filepath.Dir(filepath.Dir(dir)), "away-"+filepath.Base(dir))
-	if err := os.Rename(dir, away); err != nil {
-		t.Fatal(err)
-	}
-	back := func() {
-		if _, err := os.Stat(away); err == nil {
-			if err := os.Rename(away, dir); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	t.Cleanup(back)
+	back := tokenAway(t, st)
 	b = waitReady(t, gw, http.StatusServiceUnavailable, "token away")
 	if b.Status != "unready" || b.Checks["token"] == "ok" || b.Checks["upstream"] != "ok" {
 		t.Errorf("/readyz with the token away: %+v, want unready for the token only", b)

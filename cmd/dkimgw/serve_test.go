@@ -154,6 +154,30 @@ func (r *relay) waitTransaction(mark int) {
 	})
 }
 
+// tokenAway moves st's SoftHSM directory out of the token directory, as
+// a token that vanishes (SoftHSM then fails every call), and returns the
+// function that puts it back; the test's cleanup puts it back too.
+func tokenAway(t *testing.T, st *testenv.SoftHSMToken) (back func()) {
+	t.Helper()
+	dir := st.Dir()
+	if dir == "" {
+		t.Fatal("the token's directory is not found")
+	}
+	away := filepath.Join(filepath.Dir(filepath.Dir(dir)), "away-"+filepath.Base(dir))
+	if err := os.Rename(dir, away); err != nil {
+		t.Fatal(err)
+	}
+	back = func() {
+		if _, err := os.Stat(away); err == nil {
+			if err := os.Rename(away, dir); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	t.Cleanup(back)
+	return back
+}
+
 // submit hands one message to Postfix.
 func (r *relay) submit(t *testing.T, from string, to []string, msg string) {
 	t.Helper()
@@ -300,22 +324,7 @@ func testNoLossTokenUnavailable(t *testing.T, bin string) {
 	r.pf.WaitEmpty(30 * time.Second)
 	r.waitTransaction(0)
 
-	dir := r.st.Dir()
-	if dir == "" {
-		t.Fatal("the token's directory is not found")
-	}
-	away := filepath.Join(filepath.Dir(filepath.Dir(dir)), "away-"+filepath.Base(dir))
-	if err := os.Rename(dir, away); err != nil {
-		t.Fatal(err)
-	}
-	back := func() {
-		if _, err := os.Stat(away); err == nil {
-			if err := os.Rename(away, dir); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	t.Cleanup(back)
+	back := tokenAway(t, r.st)
 
 	mark := r.gw.mark()
 	r.submit(t, "a@example.com", []string{"x@example.net"}, testMessage("a@example.com", "x@example.net", "notoken@e2e.test", "no token", "While the token was away.\r\n"))

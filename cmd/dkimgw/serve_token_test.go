@@ -121,22 +121,7 @@ func testPINChangeSIGHUP(t *testing.T, bin string) {
 		t.Fatalf("pkcs11-tool --change-pin: %v\n%s", err, out)
 	}
 	// The token restarts: away, then back.
-	dir := st.Dir()
-	if dir == "" {
-		t.Fatal("the token's directory is not found")
-	}
-	away := filepath.Join(filepath.Dir(filepath.Dir(dir)), "away-"+filepath.Base(dir))
-	if err := os.Rename(dir, away); err != nil {
-		t.Fatal(err)
-	}
-	back := func() {
-		if _, err := os.Stat(away); err == nil {
-			if err := os.Rename(away, dir); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	t.Cleanup(back)
+	back := tokenAway(t, st)
 	if code, _, _ := smtpCode(send("away@e2e.test").data); code != 451 {
 		t.Fatalf("with the token away: reply %d, want 451", code)
 	}
