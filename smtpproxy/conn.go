@@ -194,7 +194,16 @@ func (c *clientConn) Close() error {
 // 421 and are closed, instead of piling up in the accept queue.
 type listener struct {
 	net.Listener
-	srv *Server
+	srv       *Server
+	closeOnce sync.Once
+}
+
+// Close closes the listener once: Shutdown closes it, then go-smtp's
+// Shutdown does, and only the first may say how it went.
+func (l *listener) Close() error {
+	err := error(nil)
+	l.closeOnce.Do(func() { err = l.Listener.Close() })
+	return err
 }
 
 func (l *listener) Accept() (net.Conn, error) {

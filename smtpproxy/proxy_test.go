@@ -22,6 +22,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -943,5 +944,44 @@ func TestMaxConnections(t *testing.T) {
 	defer h.obs.mu.Unlock()
 	if !slices.Equal(h.obs.refused, []string{RefusedMaxConnections}) {
 		t.Errorf("refusals reported = %q, want [%s]", h.obs.refused, RefusedMaxConnections)
+	}
+}
+
+// TestShutdownRacingServe: a Shutdown that comes while Serve is still
+// starting (a SIGTERM during start-up; every short test's cleanup) stops
+// it. go-smtp registers a listener only inside its own Serve, so a
+// Shutdown in between used to leave Serve accepting forever.
+func TestShutdownRacingServe(t *testing.T) {
+	h := newHarness(t, "")
+	cfg := h.parse(fmt.Sprintf(baseConfig, h.sink.Addr()))
+	for i := range 300 {
+		srv, err := New(Options{Policy: cfg, Settings: settingsOf(cfg), Keys: h.keys, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatalf("New: %v", err)
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- srv.Serve(l) }()
+		for range i % 4 {
+			runtime.Gosched() // vary where Shutdown lands
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err = srv.Shutdown(ctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("iteration %d: Shutdown: %v", i, err)
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("iteration %d: Serve returned %v after Shutdown, want nil", i, err)
+			}
+		case <-time.After(5 * time.Second):
+			l.Close()
+			t.Fatalf("iteration %d: Serve still accepting 5 s after Shutdown returned", i)
+		}
 	}
 }

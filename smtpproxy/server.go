@@ -196,6 +196,10 @@ type Server struct {
 	perSrc   map[netip.Prefix]int // connections by source (sourceOf)
 	draining bool
 	addr     net.Addr
+	// listeners are closed by Shutdown itself: go-smtp knows a listener
+	// only once its Serve has started, and a Shutdown before that would
+	// leave Serve accepting for ever.
+	listeners []net.Listener
 
 	auth *authThrottle
 	// bcrypt bounds the AUTH checks that run at once to the CPUs, so
@@ -334,13 +338,22 @@ func (s *Server) Serve(l net.Listener) error {
 	if s.draining {
 		s.mu.Unlock()
 		_ = l.Close()
-		return smtp.ErrServerClosed
+		return nil
 	}
 	s.addr = l.Addr()
+	ln := &listener{Listener: l, srv: s}
+	s.listeners = append(s.listeners, ln)
 	s.mu.Unlock()
 	s.cleanSpool()
 	s.logger.Info("listening", "addr", l.Addr().String())
-	return s.smtp.Serve(&listener{Listener: l, srv: s})
+	err := s.smtp.Serve(ln)
+	s.mu.Lock()
+	draining := s.draining
+	s.mu.Unlock()
+	if draining {
+		return nil // the listener was closed by Shutdown
+	}
+	return err
 }
 
 // cleanSpool removes the spool files a crash of an earlier run left
@@ -423,6 +436,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	conns := make([]*clientConn, 0, len(s.conns))
 	for cc := range s.conns {
 		conns = append(conns, cc)
+	}
+	for _, l := range s.listeners {
+		_ = l.Close()
 	}
 	s.mu.Unlock()
 	for _, cc := range conns {
