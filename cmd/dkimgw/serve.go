@@ -271,6 +271,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 		if err != nil {
 			ring.restore(old)
 			ring.rot.Store(oldRot)
+			nrot.stop(time.Now(), logger)
 		}
 	}
 	if err != nil {
