@@ -217,3 +217,45 @@ func TestStateMigrateRefusals(t *testing.T) {
 		t.Errorf("source after refusals: %+v, %v", keys, err)
 	}
 }
+
+// TestEtcdStateChecks: config check connects to etcd and says what is
+// wrong (unreachable: 75; TLS: 78), rotate status says the store is
+// unreachable (75), and a password file others can read is refused.
+func TestEtcdStateChecks(t *testing.T) {
+	c := testenv.StartEtcdWith(t, testenv.EtcdOptions{TLS: true})
+	st := testenv.SoftHSM(t)
+	uri := st.URIWithPINFile(t)
+	tlsKeys := fmt.Sprintf("  tls: {ca: %q, cert: %q, key: %q}\n", c.TLS.CAFile, c.TLS.CertFile, c.TLS.KeyFile)
+
+	good := etcdConfig(t, uri, c.Endpoints(), "/checks/", tlsKeys)
+	r := runCLI(t, nil, "", "config", "check", "--config", good)
+	if r.code != exitOK || !strings.Contains(r.stdout, "state: etcd") || !strings.Contains(r.stdout, ": ok") {
+		t.Fatalf("config check, etcd with TLS: exit %d\nstdout: %s\nstderr: %s", r.code, r.stdout, r.stderr)
+	}
+
+	wrongCA := etcdConfig(t, uri, c.Endpoints(), "/checks/", fmt.Sprintf("  tls: {ca: %q, cert: %q, key: %q}\n", c.TLS.OtherCAFile, c.TLS.CertFile, c.TLS.KeyFile))
+	r = runCLI(t, nil, "", "config", "check", "--config", wrongCA)
+	if r.code != exitConfig || !strings.Contains(r.stderr, "TLS") {
+		t.Fatalf("config check, wrong CA: exit %d (want %d)\nstderr: %s", r.code, exitConfig, r.stderr)
+	}
+
+	pw := filepath.Join(t.TempDir(), "etcd-password")
+	if err := os.WriteFile(pw, []byte("secret\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	open := etcdConfig(t, uri, c.Endpoints(), "/checks/", tlsKeys+fmt.Sprintf("  username: dkimgw\n  password_file: %q\n", pw))
+	r = runCLI(t, nil, "", "config", "check", "--config", open)
+	if r.code != exitConfig || !strings.Contains(r.stderr, "readable by group or others") || strings.Contains(r.stderr, "secret") {
+		t.Fatalf("config check, password file mode 644: exit %d (want %d)\nstderr: %s", r.code, exitConfig, r.stderr)
+	}
+
+	c.StopAll()
+	r = runCLI(t, nil, "", "config", "check", "--config", good)
+	if r.code != exitTempFail {
+		t.Fatalf("config check, etcd down: exit %d (want %d)\nstderr: %s", r.code, exitTempFail, r.stderr)
+	}
+	r = runCLI(t, nil, "", "rotate", "status", "--config", good)
+	if r.code != exitTempFail || !strings.Contains(r.stderr, "is unreachable") {
+		t.Fatalf("rotate status, etcd down: exit %d (want %d)\nstderr: %s", r.code, exitTempFail, r.stderr)
+	}
+}
