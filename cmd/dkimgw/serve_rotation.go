@@ -208,6 +208,7 @@ func (r *rotator) start(ring *keyring, logger *slog.Logger) {
 			})
 		})
 		wg.Go(func() { r.watchEtcd(ctx, ring, logger) })
+		wg.Go(func() { r.probeEtcd(ctx, logger) })
 	} else {
 		wg.Go(func() { r.setup.rec.Run(ctx, r.every) })
 		wg.Go(func() { r.watch(ctx, ring, logger) })
@@ -247,6 +248,45 @@ func (r *rotator) leading() bool {
 	return r.election.IsLeader()
 }
 
+// stateProbeEvery is how often serve asks etcd whether it answers: a
+// watch whose members all went away stays silent (the client reconnects
+// for ever), so the watch alone cannot say the store is gone.
+const stateProbeEvery = time.Second
+
+// stateProbeTimeout bounds one probe.
+const stateProbeTimeout = 2 * time.Second
+
+// probeEtcd keeps storeUp true while etcd answers.
+func (r *rotator) probeEtcd(ctx context.Context, logger *slog.Logger) {
+	t := time.NewTicker(stateProbeEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		pctx, cancel := context.WithTimeout(ctx, stateProbeTimeout)
+		err := r.setup.store.etcd.Check(pctx)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		r.setStoreUp(err == nil, err, logger)
+	}
+}
+
+// setStoreUp records whether the store answers, logging each change.
+func (r *rotator) setStoreUp(up bool, err error, logger *slog.Logger) {
+	was := r.storeUp.Swap(up)
+	switch {
+	case was && !up:
+		logger.Warn("the etcd state store is unreachable: signing goes on with the keys last seen active; rotation pauses", "store", r.setup.store.String(), "error", err)
+	case !was && up:
+		logger.Info("the etcd state store answers again", "store", r.setup.store.String(), "revision", r.revision.Load())
+	}
+}
+
 // watchEtcd keeps the keyring on the active keys the etcd store lists,
 // switching within moments of each transaction, whoever made it. While
 // the store cannot be read the keyring keeps the last view: signing goes
@@ -255,13 +295,8 @@ func (r *rotator) watchEtcd(ctx context.Context, ring *keyring, logger *slog.Log
 	view := map[string]map[string]rotation.Key{}
 	for ev := range r.setup.store.etcd.Watch(ctx) {
 		if ev.Err != nil {
-			if r.storeUp.Swap(false) {
-				logger.Warn("the etcd state store is unreachable: signing goes on with the keys last seen active; rotation pauses", "store", r.setup.store.String(), "error", ev.Err)
-			}
+			r.setStoreUp(false, ev.Err, logger)
 			continue
-		}
-		if !r.storeUp.Swap(true) {
-			logger.Info("the etcd state store answers again", "store", r.setup.store.String(), "revision", ev.Revision)
 		}
 		if ev.Full {
 			view = map[string]map[string]rotation.Key{}
