@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"slices"
@@ -23,6 +24,10 @@ import (
 // still sign with it: the watch switches within about a second; the rest
 // is margin for a loaded machine.
 const switchWindow = 3 * time.Second
+
+// takeoverMargin is how long after the dead leader's lease expired the
+// test allows for another gateway to lead and say so in its metrics.
+const takeoverMargin = 4 * time.Second
 
 // fleet is several `dkimgw serve` processes sharing one SoftHSM token,
 // one etcd cluster and one BIND server, with mail relayed through them
@@ -251,7 +256,7 @@ func (f *fleet) allMetric(name string, v float64) bool {
 // leader killed after a publish (another finishes the rotation); a
 // gateway started mid-rotation; an etcd member lost, then the etcd
 // leader; all of etcd down (signing goes on, transitions pause, then
-// resume). Every message verifies against DNS when it arrives, no
+// resume; TestEtcdStateChecks covers rotate status then). Every message verifies against DNS when it arrives, no
 // gateway signs with a retired key for longer than the switch window or
 // with a key before it is active, and each rotation generated exactly
 // one key.
@@ -262,7 +267,7 @@ func TestEtcdFleet(t *testing.T) {
 	f := &fleet{
 		t: t, top: t, bin: bin, etcd: testenv.StartEtcd(t), st: testenv.SoftHSM(t), sink: testenv.NewSMTPSink(t),
 		domain: strings.TrimSuffix(server.Zone, "."),
-		policy: "{algorithms: [ed25519], interval: 6s, grace: 2s, revoke_for: 1s, ttl: 1, publisher: primary}",
+		policy: "{algorithms: [ed25519], interval: 5s, grace: 2s, revoke_for: 1s, ttl: 1, publisher: primary}",
 	}
 	f.dns = &rotServe{t: t, srv: server}
 	s, err := etcdstore.Open(etcdstore.Options{Endpoints: f.etcd.Endpoints(), Prefix: "/e2e/", CallTimeout: 3 * time.Second})
@@ -299,17 +304,25 @@ func TestEtcdFleet(t *testing.T) {
 		})
 		old := f.leader(10 * time.Second)
 		f.kill9(old)
+		killed := time.Now()
 		t.Logf("killed leader gateway %d with %s published", old, sel)
+		// Another leads once the dead one's lease (lease_ttl: 3s) expires.
+		if now := f.leader(15 * time.Second); now == old {
+			t.Errorf("the killed gateway %d still leads", old)
+		}
+		if d := time.Since(killed); d > 3*time.Second+takeoverMargin {
+			t.Errorf("another gateway led %v after the leader was killed, want within the 3s lease (+%v)", d, takeoverMargin)
+		}
 		// A gateway started while the rotation is half done.
 		late := f.start()
+		if keys := f.tryKeys(); slices.ContainsFunc(keys, func(k rotation.Key) bool { return k.Selector == sel && k.State == rotation.StateActive }) {
+			t.Logf("%s was already active when the late gateway started", sel)
+		}
 		f.pump(30*time.Second, sel+" active", func() bool {
 			keys := f.keys()
 			i := slices.IndexFunc(keys, func(k rotation.Key) bool { return k.Selector == sel })
 			return i >= 0 && keys[i].State == rotation.StateActive
 		})
-		if now := f.leader(15 * time.Second); now == old {
-			t.Errorf("the killed gateway %d still leads", old)
-		}
 		f.pump(10*time.Second, "mail through the late gateway", func() bool {
 			return slices.ContainsFunc(f.msgs, func(m fleetMsg) bool { return m.gw == late })
 		})
@@ -345,13 +358,24 @@ func TestEtcdFleet(t *testing.T) {
 		}
 		f.etcd.StopAll()
 		f.pump(30*time.Second, "every gateway seeing the store down", func() bool { return f.allMetric("dkimgw_state_store_up", 0) })
-		sent := len(f.msgs)
-		f.pumpFor(3 * time.Second)
-		if len(f.msgs)-sent < 10 {
-			t.Errorf("only %d messages signed in 3 s with etcd down", len(f.msgs)-sent)
+		// Still ready (it signs), saying the store is unreachable.
+		resp, err := http.Get("http://" + f.gws[f.live[0]].admin + "/readyz")
+		if err != nil {
+			t.Fatal(err)
 		}
-		if r := runCLI(t, nil, "", "rotate", "status", "--config", f.gws[f.live[0]].config); r.code != exitTempFail || !strings.Contains(r.stderr, "unreachable") {
-			t.Errorf("rotate status with etcd down: exit %d, stderr %s", r.code, r.stderr)
+		var ready struct {
+			Status string            `json:"status"`
+			Checks map[string]string `json:"checks"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&ready)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK || !strings.Contains(ready.Checks["state"], "unreachable") {
+			t.Errorf("/readyz with etcd down: %d %+v %v; want 200 and the state check saying unreachable", resp.StatusCode, ready, err)
+		}
+		sent := len(f.msgs)
+		f.pumpFor(2 * time.Second)
+		if len(f.msgs)-sent < 5 {
+			t.Errorf("only %d messages signed in 2 s with etcd down", len(f.msgs)-sent)
 		}
 		for _, i := range f.live {
 			for _, l := range f.gws[i].logLines(marks[i]) {

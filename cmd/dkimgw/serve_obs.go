@@ -83,6 +83,11 @@ func (o *serveObs) state(ctx context.Context) (stateInfo, bool) {
 		return stateInfo{}, false
 	}
 	st := stateInfo{up: rot.storeUp.Load(), leading: rot.leading(), revision: rot.revision.Load()}
+	// Asking who leads takes a call: not while etcd is known to be out
+	// of reach, where it would only wait for its timeout.
+	if !st.up {
+		return st, true
+	}
 	if p, err := rot.setup.store.etcd.NewElection().Leader(ctx); err == nil {
 		st.leader = fmt.Sprintf("%s[%d]@%s", p.Name, p.PID, p.Host)
 	}
@@ -92,15 +97,12 @@ func (o *serveObs) state(ctx context.Context) (stateInfo, bool) {
 // stateCheck is /readyz's report of the shared state store. It never
 // makes the gateway unready: with etcd out of reach it still signs, with
 // the keys last seen active.
-func (o *serveObs) stateCheck(ctx context.Context) error {
-	st, ok := o.state(ctx)
-	if !ok {
+func (o *serveObs) stateCheck(context.Context) error {
+	rot := o.rot.Load()
+	if rot == nil || rot.setup.store.etcd == nil || rot.storeUp.Load() {
 		return nil
 	}
-	if !st.up {
-		return fmt.Errorf("the etcd state store is unreachable: signing with the keys last seen active (revision %d); rotation paused", st.revision)
-	}
-	return nil
+	return fmt.Errorf("the etcd state store is unreachable: signing with the keys last seen active (revision %d); rotation paused", rot.revision.Load())
 }
 
 // readyChecks are /readyz's conditions: the configuration is loaded, the
