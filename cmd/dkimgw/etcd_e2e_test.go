@@ -340,10 +340,23 @@ func TestEtcdFleet(t *testing.T) {
 				victim = (lead + 1) % len(f.etcd.Members)
 			}
 			before := fingerprint(f.keys())
+			revs := map[int]float64{}
+			for _, i := range f.live {
+				revs[i], _ = f.metric(i, "dkimgw_state_revision")
+			}
 			f.etcd.Kill(victim)
 			f.pump(30*time.Second, "a transition with the etcd "+which+" down", func() bool {
 				keys := f.tryKeys()
 				return keys != nil && fingerprint(keys) != before
+			})
+			// Every gateway applied it (its watch moved to another member).
+			f.pump(10*time.Second, "every gateway at a later revision", func() bool {
+				for _, i := range f.live {
+					if v, ok := f.metric(i, "dkimgw_state_revision"); !ok || v <= revs[i] {
+						return false
+					}
+				}
+				return true
 			})
 			f.etcd.Restart(victim)
 		}

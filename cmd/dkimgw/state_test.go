@@ -259,3 +259,27 @@ func TestEtcdStateChecks(t *testing.T) {
 		t.Fatalf("rotate status, etcd down: exit %d (want %d)\nstderr: %s", r.code, exitTempFail, r.stderr)
 	}
 }
+
+// TestActiveIn: the keyring's keys from a watched view are the active
+// records only, in creation order, and a rotating domain without one
+// gets an empty list (its mail then gets 451).
+func TestActiveIn(t *testing.T) {
+	view := map[string]map[string]rotation.Key{
+		"example.com": {
+			"ed2":  {Selector: "ed2", Algorithm: rotation.Ed25519, State: rotation.StateActive, CreatedAt: migT0.Add(time.Hour)},
+			"rsa1": {Selector: "rsa1", Algorithm: rotation.RSA2048, State: rotation.StateActive, CreatedAt: migT0},
+			"ed1":  {Selector: "ed1", Algorithm: rotation.Ed25519, State: rotation.StateRetired, CreatedAt: migT0},
+			"ed3":  {Selector: "ed3", Algorithm: rotation.Ed25519, State: rotation.StateVisible, CreatedAt: migT0.Add(2 * time.Hour)},
+		},
+		"not-rotating.example": {"x": {Selector: "x", State: rotation.StateActive}},
+	}
+	pols := map[string]rotation.Policy{"example.com": {}, "example.org": {}}
+	got := activeIn(view, pols)
+	want := map[string][]rotation.ActiveKey{
+		"example.com": {{Selector: "rsa1", Algorithm: rotation.RSA2048}, {Selector: "ed2", Algorithm: rotation.Ed25519}},
+		"example.org": {},
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) || got["example.org"] == nil {
+		t.Errorf("activeIn = %v, want %v", got, want)
+	}
+}
