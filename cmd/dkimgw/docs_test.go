@@ -226,3 +226,20 @@ func TestREADMEPostfixLines(t *testing.T) {
 		}
 	}
 }
+
+// TestREADMEEximSnippet: the README's Exim router and transport are
+// deploy/exim/dkimgw.conf, the file scripts/check-exim.sh runs Exim with.
+func TestREADMEEximSnippet(t *testing.T) {
+	readme, err := os.ReadFile(readmePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file, err := os.ReadFile(filepath.Join(repoRoot, "deploy", "exim", "dkimgw.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocks := fencedBlocks(string(readme), "exim")
+	if len(blocks) != 1 || blocks[0] != string(file) {
+		t.Errorf("the README's exim block is not deploy/exim/dkimgw.conf:\n%q", blocks)
+	}
+}
