@@ -243,3 +243,73 @@ func TestREADMEEximSnippet(t *testing.T) {
 		t.Errorf("the README's exim block is not deploy/exim/dkimgw.conf:\n%q", blocks)
 	}
 }
+
+// TestREADMETroubleshootingMessages runs the mistakes the README's
+// troubleshooting section describes and checks that it quotes what
+// dkimgw prints, word for word (the token is labelled try and the
+// configuration named dkimgw.yaml, as in the quick start).
+func TestREADMETroubleshootingMessages(t *testing.T) {
+	readme, err := os.ReadFile(readmePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := testenv.SoftHSMLabeled(t, "try")
+	uri := func(pin string) string {
+		return "pkcs11:token=try?module-path=" + st.Module + "&pin-source=" + pin
+	}
+	env := map[string]string{hsmEnv: uri("env:DKIMGW_PIN"), "DKIMGW_PIN": st.PIN}
+	if r := runCLI(t, env, "", "keys", "generate", "--domain", "example.com", "--selector", "try1"); r.code != 0 {
+		t.Fatalf("keys generate: exit %d\n%s", r.code, r.stderr)
+	}
+	dir := t.TempDir()
+	config := filepath.Join(dir, "dkimgw.yaml")
+	minimal, err := os.ReadFile(minimalConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(config, minimal, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	typo := filepath.Join(dir, "typo", "dkimgw.yaml")
+	if err := os.MkdirAll(filepath.Dir(typo), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(typo, bytes.Replace(minimal, []byte("  listen: \"127.0.0.1:2525\""), []byte("  lisen: \"127.0.0.1:2525\""), 1), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	msg := "From: Me <me@example.com>\r\nSubject: hello\r\n\r\nHello.\r\n"
+
+	for _, c := range []struct {
+		name  string
+		env   map[string]string
+		args  []string
+		quote string // as the README has it
+	}{
+		{"wrong PIN", map[string]string{hsmEnv: uri("env:DKIMGW_PIN"), "DKIMGW_PIN": "0000"}, []string{"keys", "list"},
+			`dkimgw: hsm: log in to token "try": PIN incorrect: check the pin-source; dkimgw does not retry, as tokens lock after a few wrong PINs`},
+		{"PIN variable unset", nil, []string{"config", "check", "--config", config},
+			`dkimgw: dkimgw.yaml: hsm.uri: hsm: pin-source env:DKIMGW_PIN: the environment variable is unset or empty`},
+		{"relative PIN file", map[string]string{hsmEnv: uri("file:pin")}, []string{"keys", "list"},
+			`hsm: pin-source "file:pin": want file:/absolute/path or env:NAME`},
+		{"wrong label", map[string]string{hsmEnv: "pkcs11:token=nosuch?module-path=" + st.Module + "&pin-source=env:DKIMGW_PIN", "DKIMGW_PIN": st.PIN}, []string{"keys", "list"},
+			`dkimgw: hsm: no such token matching pkcs11:token=`},
+		{"module not found", map[string]string{hsmEnv: "pkcs11:token=try?module-path=/usr/lib/softhsm/libsofthsm.so&pin-source=env:DKIMGW_PIN", "DKIMGW_PIN": st.PIN}, []string{"keys", "list"},
+			`dkimgw: hsm: PKCS#11 module not found: /usr/lib/softhsm/libsofthsm.so does not exist; install the vendor's PKCS#11 library (SoftHSM: apt-get install softhsm2) or fix module-path`},
+		{"no such key", env, []string{"sign", "--domain", "example.com", "--selector", "try2"},
+			`dkimgw: hsm: key not found: no private key labelled try2._domainkey.example.com in token "try"; generate one with 'dkimgw keys generate'`},
+		{"unknown key", env, []string{"config", "check", "--config", typo},
+			`dkimgw.yaml:6: unknown key "lisen"`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := runCLI(t, c.env, msg, c.args...)
+			got := strings.ReplaceAll(r.stderr, filepath.Dir(typo)+"/", "")
+			got = strings.ReplaceAll(got, dir+"/", "")
+			if r.code == 0 || !strings.Contains(got, c.quote) {
+				t.Errorf("dkimgw %s: exit %d, stderr:\n%s\nwant it to contain %q", strings.Join(c.args, " "), r.code, got, c.quote)
+			}
+			if !strings.Contains(string(readme), c.quote) {
+				t.Errorf("the README does not quote %q", c.quote)
+			}
+		})
+	}
+}
