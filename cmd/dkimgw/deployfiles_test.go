@@ -156,3 +156,29 @@ func TestDockerfile(t *testing.T) {
 		}
 	}
 }
+
+// TestComposePostfixConfig: postconf reads the compose's main.cf without a
+// warning (a misspelt parameter is "unused", and Postfix would ignore it).
+func TestComposePostfixConfig(t *testing.T) {
+	postconf := testenv.Require(t, "/usr/sbin/postconf")[0]
+	dir := t.TempDir()
+	for src, dst := range map[string]string{filepath.Join(repoRoot, "deploy", "postfix", "main.cf"): "main.cf", "/etc/postfix/master.cf": "master.cf"} {
+		data, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, dst), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.CommandContext(t.Context(), postconf, "-c", dir, "-n")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil || stderr.Len() > 0 {
+		t.Fatalf("postconf -n deploy/postfix/main.cf: %v\n%s", err, stderr.String())
+	}
+	if !strings.Contains(string(out), "relayhost = [dkimgw]:10025") {
+		t.Errorf("postconf -n shows no relayhost:\n%s", out)
+	}
+}
