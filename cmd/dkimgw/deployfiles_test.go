@@ -182,3 +182,33 @@ func TestComposePostfixConfig(t *testing.T) {
 		t.Errorf("postconf -n shows no relayhost:\n%s", out)
 	}
 }
+
+// TestMakeInstall: `make install` builds, then installs bin/dkimgw as
+// $(DESTDIR)$(PREFIX)/bin/dkimgw (checked with make -n: nothing is built
+// or installed by the test).
+func TestMakeInstall(t *testing.T) {
+	mk := testenv.Require(t, "make")[0]
+	cmd := exec.CommandContext(t.Context(), mk, "-n", "-C", repoRoot, "install", "DESTDIR=/pkgroot", "PREFIX=/opt/dkimgw")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("make -n install: %v\n%s", err, out)
+	}
+	build := strings.Index(string(out), "build")
+	inst := strings.Index(string(out), "install -m 0755 bin/dkimgw /pkgroot/opt/dkimgw/bin/dkimgw")
+	if build < 0 || inst < 0 || build > inst {
+		t.Errorf("make -n install does not build and then install to $(DESTDIR)$(PREFIX)/bin:\n%s", out)
+	}
+}
+
+// TestLicense: the full Apache-2.0 text, not a pointer to it.
+func TestLicense(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join(repoRoot, "LICENSE"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"Apache License", "Version 2.0, January 2004", "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION", "END OF TERMS AND CONDITIONS", "APPENDIX: How to apply the Apache License to your work."} {
+		if !strings.Contains(string(data), want) {
+			t.Errorf("LICENSE lacks %q", want)
+		}
+	}
+}
