@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -122,6 +123,14 @@ func StartPostfix(t testing.TB, opts PostfixOptions) *Postfix {
 		"maximal_backoff_time": "2s",
 		"smtp_connect_timeout": "5s",
 	}
+	// The lines that relay through dkimgw are the ones the documentation
+	// and docker-compose.yml give people, read from the same file.
+	relay, err := PostfixRelaySettings()
+	if err != nil {
+		t.Fatalf("testenv: postfix: %v", err)
+	}
+	delete(relay, "relayhost") // the test's own, below
+	maps.Copy(settings, relay)
 	if opts.Relayhost != "" {
 		host, port, err := net.SplitHostPort(opts.Relayhost)
 		if err != nil {
@@ -173,6 +182,46 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 		t.Fatalf("testenv: postfix: %v", err)
 	}
 	return p
+}
+
+// postfixRelayFile is the Postfix configuration of docker-compose.yml,
+// whose block between "# BEGIN relay through dkimgw" and "# END relay
+// through dkimgw" holds the main.cf lines that relay through dkimgw.
+const postfixRelayFile = "deploy/postfix/main.cf"
+
+// PostfixRelaySettings returns the main.cf settings that relay through
+// dkimgw, as deploy/postfix/main.cf gives them (relayhost names the
+// compose file's gateway; StartPostfix puts the test's in its place).
+func PostfixRelaySettings() (map[string]string, error) {
+	_, self, _, _ := runtime.Caller(0)
+	path := filepath.Join(filepath.Dir(self), "..", filepath.FromSlash(postfixRelayFile))
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("the relay lines: %w", err)
+	}
+	_, block, ok := strings.Cut(string(data), "# BEGIN relay through dkimgw\n")
+	if ok {
+		block, _, ok = strings.Cut(block, "# END relay through dkimgw")
+	}
+	if !ok {
+		return nil, fmt.Errorf("%s has no BEGIN/END relay through dkimgw block", postfixRelayFile)
+	}
+	settings := map[string]string{}
+	for _, line := range strings.Split(block, "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			return nil, fmt.Errorf("%s: %q is not a main.cf setting", postfixRelayFile, line)
+		}
+		settings[strings.TrimSpace(k)] = strings.TrimSpace(v)
+	}
+	if settings["relayhost"] == "" {
+		return nil, fmt.Errorf("%s: the relay block sets no relayhost", postfixRelayFile)
+	}
+	return settings, nil
 }
 
 // Addr is the host:port of the instance's smtpd.

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/rotation"
 	"github.com/dkimgw/dkimgw/rotation/etcdstore"
 	"github.com/dkimgw/dkimgw/testenv"
@@ -281,5 +282,20 @@ func TestActiveIn(t *testing.T) {
 	}
 	if fmt.Sprint(got) != fmt.Sprint(want) || got["example.org"] == nil {
 		t.Errorf("activeIn = %v, want %v", got, want)
+	}
+}
+
+// TestComposeMultiConfig: the compose profile's two gateways load with
+// the etcd state section as documented.
+func TestComposeMultiConfig(t *testing.T) {
+	cfg, err := policy.Load(filepath.Join(repoRoot, "deploy", "compose", "dkimgw-multi.yaml"))
+	if err != nil {
+		t.Fatalf("deploy/compose/dkimgw-multi.yaml: %v", err)
+	}
+	if cfg.State.Type != policy.StateEtcd || len(cfg.State.Endpoints) == 0 {
+		t.Errorf("deploy/compose/dkimgw-multi.yaml: state %+v, want etcd with endpoints", cfg.State)
+	}
+	if err := checkRotation(cfg); err != nil {
+		t.Errorf("deploy/compose/dkimgw-multi.yaml: rotation: %v", err)
 	}
 }
