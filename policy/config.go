@@ -134,6 +134,9 @@ type Config struct {
 	// DataDir holds the rotation state (rotation.db) and the manual
 	// publisher's files. Default /var/lib/dkimgw.
 	DataDir string `yaml:"data_dir"`
+	// State is where the rotation state lives: bbolt in DataDir (one
+	// gateway, the default) or etcd (several gateways).
+	State State `yaml:"state"`
 	// Admin is the HTTP listener of /metrics, /healthz and /readyz.
 	Admin Admin `yaml:"admin"`
 	// Audit is the audit log.

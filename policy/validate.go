@@ -54,6 +54,7 @@ func (v *validator) validate(c *Config) {
 	v.validateSpool(c)
 	v.validateLog(c)
 	v.validateRotation(c)
+	v.validateState(c)
 	v.validateAdmin(c)
 	v.validateAudit(c)
 	v.validateDomains(c)

@@ -196,6 +196,7 @@ func review(ctx context.Context, cfg *policy.Config, tok *hsm.Token, now time.Ti
 		if err != nil {
 			return nil, err
 		}
+		defer setup.Close()
 		checkers = setup.checkers
 		if statuses, err = setup.rec.Status(ctx); err != nil {
 			return nil, err

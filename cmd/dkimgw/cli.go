@@ -48,7 +48,7 @@ func commands() []*command {
 		keysCommand,
 		signCommand,
 		serveCommand, configCommand,
-		rotateCommand, dnsCommand,
+		rotateCommand, dnsCommand, stateCommand,
 		auditCommand,
 	}
 }

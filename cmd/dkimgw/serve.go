@@ -105,7 +105,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	rot, err := prepareRotator(ctx, cfg, &ring, logger, alog.log)
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, exitConfig, "%s: rotation: %v", *path, err)
+		return failf(c, setupExitCode(err), "%s: rotation: %v", *path, err)
 	}
 	obs := newServeObs(cfg, &ring, rot)
 	obs.driftSink = alog
@@ -271,6 +271,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 		if err != nil {
 			ring.restore(old)
 			ring.rot.Store(oldRot)
+			nrot.stop(time.Now(), logger)
 		}
 	}
 	if err != nil {
