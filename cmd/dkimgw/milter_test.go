@@ -1,0 +1,227 @@
+package main
+
+import (
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/dkimgw/dkimgw/testenv"
+)
+
+// TestMilter runs `dkimgw milter` behind a real Postfix (smtpd_milters):
+// what Postfix delivers to the sink is signed by the token's keys and
+// verifies with every independent verifier.
+func TestMilter(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end to end: builds and runs the binary with Postfix (not in -short)")
+	}
+	bin := buildBinary(t, t.TempDir())
+	t.Run("PostfixSigns", func(t *testing.T) { testMilterPostfixSigns(t, bin) })
+	t.Run("Unauthorized", func(t *testing.T) { testMilterUnauthorized(t, bin) })
+	t.Run("TokenOutage", func(t *testing.T) { testMilterTokenOutage(t, bin) })
+	t.Run("UnixSocket", func(t *testing.T) { testMilterUnixSocket(t, bin) })
+}
+
+// milterChain is Postfix → (milter: dkimgw) → sink.
+type milterChain struct {
+	sink    *testenv.SMTPSink
+	gw      *gateway
+	pf      *testenv.Postfix
+	st      *testenv.SoftHSMToken
+	records map[string]string
+	cfg     gwConfig
+}
+
+// startMilterChain starts a token with the standard keys, `dkimgw
+// milter` with the standard configuration plus extra (which must set
+// milter.listen), and a Postfix that uses it and relays to a sink.
+func startMilterChain(t *testing.T, bin string, networks []string, extra string) *milterChain {
+	t.Helper()
+	st, uri, records := e2eToken(t, standardKeys...)
+	sink := testenv.NewSMTPSink(t)
+	cfg := standardConfig(uri, "")
+	cfg.networks = networks
+	cfg.extra = extra
+	gw := startGatewayAs(t, bin, cfg, "milter")
+	milter := "inet:" + gw.addr
+	if strings.HasPrefix(gw.addr, "/") {
+		milter = "unix:" + gw.addr
+	}
+	pf := testenv.StartPostfix(t, testenv.PostfixOptions{Relayhost: sink.Addr(), Settings: map[string]string{
+		"smtpd_milters":          milter,
+		"non_smtpd_milters":      milter,
+		"milter_default_action":  "tempfail",
+		"milter_protocol":        "6",
+		"milter_connect_timeout": "10s",
+	}})
+	return &milterChain{sink: sink, gw: gw, pf: pf, st: st, records: records, cfg: cfg}
+}
+
+func (c *milterChain) submit(t *testing.T, from, to, msg string) error {
+	t.Helper()
+	return c.pf.Submit(t.Context(), from, []string{to}, []byte(msg))
+}
+
+// waitMessage waits for the gateway's log line of one message after mark.
+func (c *milterChain) waitMessage(mark int) logLine {
+	return c.gw.waitLog(mark, 30*time.Second, "a message's log line", func(l logLine) bool {
+		return l.str("msg") == "message"
+	})
+}
+
+func testMilterPostfixSigns(t *testing.T, bin string) {
+	c := startMilterChain(t, bin, nil, "milter:\n  listen: \"inet:127.0.0.1:0\"\n")
+	msgs := []struct{ from, to, id, text string }{
+		{"news@mail.example.com", "alice@example.net", "plain@milter.test", testMessage(
+			"News <news@mail.example.com>", "alice@example.net", "plain@milter.test",
+			"Weekly news,\r\n folded onto a second line",
+			"Hello Alice.\r\n.A line that starts with a dot.\r\n\r\nTrailing   spaces   \r\n\r\n\r\n")},
+		{"zoe@example.com", "bob@example.net", "eightbit@milter.test", testMessage(
+			"Zoe <zoe@example.com>", "bob@example.net", "eightbit@milter.test",
+			"8bit body",
+			"Grüße aus Köln — ça va? 日本語\r\n")},
+		{"big@example.com", "carol@example.net", "big@milter.test", testMessage(
+			"Big <big@example.com>", "carol@example.net", "big@milter.test",
+			"larger than the milter's 64 KB chunks",
+			strings.Repeat("0123456789 abcdefghij klmnopqrst\r\n", 10000))},
+		// A header field with a tab after its colon and one without a
+		// space: signed as the MTA delivers them.
+		{"tab@example.com", "dave@example.net", "tab@milter.test", strings.Replace(testMessage(
+			"Tab <tab@example.com>", "dave@example.net", "tab@milter.test", "x", "Body.\r\n"),
+			"Subject: x\r\n", "Subject:\tx\r\nTo:dave2@example.net\r\n", 1)},
+	}
+	for _, m := range msgs {
+		if err := c.submit(t, m.from, m.to, m.text); err != nil {
+			t.Fatalf("<%s>: Postfix refused: %v", m.id, err)
+		}
+	}
+	c.sink.WaitMessages(t, len(msgs), 60*time.Second)
+	c.pf.WaitEmpty(30 * time.Second)
+	var delivered [][]byte
+	for _, m := range msgs {
+		got := exactlyOne(t, c.sink, m.id)
+		if want := body([]byte(m.text)); string(body(got.Data)) != string(want) {
+			t.Errorf("<%s>: body changed:\n got %q\nwant %q", m.id, body(got.Data), want)
+		}
+		checkSigned(t, c.records, got.Data, standardSigs)
+		delivered = append(delivered, got.Data)
+	}
+	verifyIndependently(t, c.records, standardSigs, delivered...)
+	if strings.Contains(c.gw.logText(), c.st.PIN) {
+		t.Error("the log contains the token PIN")
+	}
+}
+
+// testMilterUnauthorized: a client that the clients table does not
+// know passes unsigned by default; after a reload with on_unauthorized:
+// reject, Postfix refuses its message with the milter's 550.
+func testMilterUnauthorized(t *testing.T, bin string) {
+	c := startMilterChain(t, bin, []string{"192.0.2.0/24"}, "milter:\n  listen: \"inet:127.0.0.1:0\"\n")
+	msg := testMessage("a@example.com", "x@example.net", "unauth@milter.test", "unauthorized", "Not ours to sign.\r\n")
+	if err := c.submit(t, "a@example.com", "x@example.net", msg); err != nil {
+		t.Fatalf("Postfix refused: %v", err)
+	}
+	c.sink.WaitMessages(t, 1, 60*time.Second)
+	got := exactlyOne(t, c.sink, "unauth@milter.test")
+	if strings.Contains(strings.ToLower(string(got.Data)), "dkim-signature") {
+		t.Errorf("an unauthorized client's message was signed:\n%s", got.Data)
+	}
+
+	cfg := c.cfg
+	cfg.extra = "milter:\n  listen: \"inet:127.0.0.1:0\"\n  on_unauthorized: reject\n"
+	mark := c.gw.mark()
+	c.gw.writeConfig(cfg)
+	c.gw.signal(syscall.SIGHUP)
+	c.gw.waitLog(mark, 30*time.Second, "the reload", func(l logLine) bool { return l.str("msg") == "configuration reloaded" })
+
+	msg = testMessage("a@example.com", "x@example.net", "refused@milter.test", "refused", "Refused.\r\n")
+	err := c.submit(t, "a@example.com", "x@example.net", msg)
+	if code, ec, _ := smtpCode(err); code != 550 || ec[0] != 5 || ec[1] != 7 || ec[2] != 1 {
+		t.Fatalf("submit after on_unauthorized: reject: %v, want 550 5.7.1", err)
+	}
+	if n := len(withID(c.sink.Messages(), "refused@milter.test")); n != 0 {
+		t.Errorf("the refused message reached the sink %d times", n)
+	}
+}
+
+// testMilterTokenOutage: with the token gone, Postfix answers its client
+// 451 (the milter's tempfail) and nothing unsigned reaches the sink.
+func testMilterTokenOutage(t *testing.T, bin string) {
+	c := startMilterChain(t, bin, nil, "milter:\n  listen: \"inet:127.0.0.1:0\"\n")
+	tokenAway(t, c.st)
+	mark := c.gw.mark()
+	msg := testMessage("a@example.com", "x@example.net", "outage@milter.test", "outage", "During the outage.\r\n")
+	err := c.submit(t, "a@example.com", "x@example.net", msg)
+	if code, ec, _ := smtpCode(err); code != 451 || ec[0] != 4 || ec[1] != 7 || ec[2] != 0 {
+		t.Fatalf("submit during a token outage: %v, want 451 4.7.0", err)
+	}
+	l := c.waitMessage(mark)
+	if !strings.HasPrefix(l.str("outcome"), "tempfailed") {
+		t.Errorf("log line: %s", l.raw)
+	}
+	c.pf.Flush()
+	time.Sleep(2 * time.Second) // a message Postfix wrongly kept would be delivered by now
+	if n := len(c.sink.Messages()); n != 0 {
+		t.Errorf("%d messages reached the sink during the token outage", n)
+	}
+}
+
+// testMilterUnixSocket: the milter on a unix socket with mode 0660 and
+// group postfix; Postfix (its smtpd unchrooted, as the test Postfix runs
+// every service) signs through it.
+func testMilterUnixSocket(t *testing.T, bin string) {
+	g, err := user.LookupGroup("postfix")
+	if err != nil {
+		t.Fatalf("the postfix group: %v", err)
+	}
+	// Not t.TempDir: the postfix user must traverse the path.
+	dir, err := os.MkdirTemp("", "dkimgw-milter-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "run", "milter.sock")
+	c := startMilterChain(t, bin, nil, "milter:\n  listen: \"unix:"+sock+"\"\n  socket_mode: \"0660\"\n  socket_group: postfix\n")
+	fi, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o660 {
+		t.Errorf("socket mode %v, want 0660", fi.Mode().Perm())
+	}
+	if gid := fileGID(fi); gid != g.Gid {
+		t.Errorf("socket group %s, want postfix (%s)", gid, g.Gid)
+	}
+	msg := testMessage("a@example.com", "x@example.net", "unix@milter.test", "unix socket", "Through a unix socket.\r\n")
+	if err := c.submit(t, "a@example.com", "x@example.net", msg); err != nil {
+		t.Fatalf("Postfix refused: %v", err)
+	}
+	c.sink.WaitMessages(t, 1, 60*time.Second)
+	got := exactlyOne(t, c.sink, "unix@milter.test")
+	checkSigned(t, c.records, got.Data, standardSigs)
+
+	// SIGTERM removes the socket.
+	c.gw.signal(syscall.SIGTERM)
+	if code := c.gw.waitExit(30 * time.Second); code != 0 {
+		t.Errorf("dkimgw milter exited %d after SIGTERM", code)
+	}
+	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
+		t.Errorf("the socket is left behind after SIGTERM: %v", err)
+	}
+}
+
+// fileGID is the group of a file, as user.Group.Gid spells it.
+func fileGID(fi os.FileInfo) string {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return strconv.Itoa(int(st.Gid))
+	}
+	return ""
+}
