@@ -225,3 +225,99 @@ func fileGID(fi os.FileInfo) string {
 	}
 	return ""
 }
+
+// TestImportOpenDKIM converts a KeyTable and a refile: SigningTable in
+// the format Debian's opendkim documents (README.opendkim, opendkim.conf(5)),
+// generates the replacement keys with the commands it prints, and the
+// configuration it wrote passes 'config check' against the token.
+func TestImportOpenDKIM(t *testing.T) {
+	st := testenv.SoftHSM(t)
+	uri := st.URIWithPINFile(t)
+	dir := t.TempDir()
+	keyDir := filepath.Join(dir, "keys")
+	if err := os.MkdirAll(keyDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	// A key file that exists; its content must never be read.
+	secret := "-----BEGIN PRIVATE KEY-----\nNOT A REAL KEY, AND NEVER TO BE COPIED\n-----END PRIVATE KEY-----\n"
+	if err := os.WriteFile(filepath.Join(keyDir, "excom"), []byte(secret), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	keyTable := filepath.Join(dir, "keytable")
+	signingTable := filepath.Join(dir, "signingtable")
+	writeFile(t, keyTable, `# KeyTable, as README.opendkim writes it
+preskey	example.com:foo:`+keyDir+`/president
+comkey	example.com:bar:`+keyDir+`/excom
+netkey	example.net:baz:`+keyDir+`/exnet
+anykey	%:any:`+keyDir+`/any
+`)
+	writeFile(t, signingTable, `president@example.com	preskey
+*@example.com		comkey
+*@*.example.net		netkey
+*@example.org		comkey
+*			anykey
+`)
+	out := filepath.Join(dir, "dkimgw.yaml")
+	r := runCLI(t, nil, "", "milter", "import-opendkim", "--keytable", keyTable, "--signingtable", "refile:"+signingTable, "--hsm", uri, "--out", out)
+	if r.code != exitOK {
+		t.Fatalf("exit %d, stderr:\n%s", r.code, r.stderr)
+	}
+	for _, want := range []string{
+		keyDir + "/excom  (d=example.com s=bar, present)",
+		keyDir + "/exnet  (d=example.net s=baz, missing)",
+		"*@example.org is signed with d=example.com", // not a parent: left out
+		"signingtable:5: *: a pattern for every From domain",
+	} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, r.stderr)
+		}
+	}
+	conf, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(conf)+r.stderr+r.stdout, "NEVER TO BE COPIED") {
+		t.Fatal("the key file's content was read into the output")
+	}
+
+	// Before the keys exist, config check says which are missing.
+	if r := runCLI(t, nil, "", "config", "check", "--config", out); r.code == exitOK {
+		t.Fatalf("config check passed before the replacement keys were generated:\n%s", r.stdout)
+	}
+	var gens int
+	for _, line := range strings.Split(r.stderr, "\n") {
+		line = strings.TrimSpace(line)
+		if !strings.HasPrefix(line, "dkimgw keys generate ") {
+			continue
+		}
+		gens++
+		args := strings.Fields(strings.TrimPrefix(line, "dkimgw "))
+		for i, a := range args {
+			args[i] = strings.Trim(a, "'")
+		}
+		env := map[string]string{auditEnv: filepath.Join(dir, "audit.log")}
+		if g := runCLI(t, env, "", args...); g.code != exitOK {
+			t.Fatalf("%s: exit %d\n%s", line, g.code, g.stderr)
+		}
+	}
+	// foo and bar for example.com, baz for example.net.
+	if gens != 3 {
+		t.Fatalf("%d generate commands, want 3:\n%s", gens, r.stderr)
+	}
+	c := runCLI(t, nil, "", "config", "check", "--config", out)
+	if c.code != exitOK {
+		t.Fatalf("config check of the imported configuration: exit %d\n%s%s\nconfiguration:\n%s", c.code, c.stdout, c.stderr, conf)
+	}
+	for _, want := range []string{"foo-hsm._domainkey.example.com: ok", "bar-hsm._domainkey.example.com: ok", "baz-hsm._domainkey.example.net: ok"} {
+		if !strings.Contains(c.stdout, want) {
+			t.Errorf("config check does not report %q:\n%s", want, c.stdout)
+		}
+	}
+}
+
+func writeFile(t *testing.T, path, text string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
