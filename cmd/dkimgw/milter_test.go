@@ -25,6 +25,34 @@ func TestMilter(t *testing.T) {
 	t.Run("Unauthorized", func(t *testing.T) { testMilterUnauthorized(t, bin) })
 	t.Run("TokenOutage", func(t *testing.T) { testMilterTokenOutage(t, bin) })
 	t.Run("UnixSocket", func(t *testing.T) { testMilterUnixSocket(t, bin) })
+	t.Run("ServeToo", func(t *testing.T) { testServeRunsTheMilter(t, bin) })
+}
+
+// testServeRunsTheMilter: serve with milter.listen set runs the relay
+// and the milter, with the same keys: one Postfix signs through the
+// milter, a message relayed through serve is signed too.
+func testServeRunsTheMilter(t *testing.T, bin string) {
+	_, uri, records := e2eToken(t, standardKeys...)
+	sink := testenv.NewSMTPSink(t)
+	cfg := standardConfig(uri, sink.Addr())
+	cfg.extra = "milter:\n  listen: \"inet:127.0.0.1:0\"\n"
+	gw := startGateway(t, bin, cfg)
+	l := gw.waitLog(0, 30*time.Second, "the milter listener", func(l logLine) bool { return l.str("msg") == "dkimgw milter serving" })
+	pf := testenv.StartPostfix(t, testenv.PostfixOptions{Relayhost: sink.Addr(), Settings: map[string]string{
+		"smtpd_milters": "inet:" + l.str("milter_listen"), "milter_default_action": "tempfail",
+	}})
+	msg := testMessage("a@example.com", "x@example.net", "viamilter@milter.test", "via the milter", "Signed by the milter of serve.\r\n")
+	if err := pf.Submit(t.Context(), "a@example.com", []string{"x@example.net"}, []byte(msg)); err != nil {
+		t.Fatalf("Postfix refused: %v", err)
+	}
+	msg2 := testMessage("a@example.com", "x@example.net", "viarelay@milter.test", "via the relay", "Signed by the relay.\r\n")
+	if res := sendDirect(t, gw.addr, "a@example.com", []string{"x@example.net"}, msg2); res.data != nil {
+		t.Fatalf("relay refused: %+v", res)
+	}
+	sink.WaitMessages(t, 2, 60*time.Second)
+	for _, id := range []string{"viamilter@milter.test", "viarelay@milter.test"} {
+		checkSigned(t, records, exactlyOne(t, sink, id).Data, standardSigs)
+	}
 }
 
 // milterChain is Postfix → (milter: dkimgw) → sink.
