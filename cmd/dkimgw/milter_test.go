@@ -25,6 +25,7 @@ func TestMilter(t *testing.T) {
 	t.Run("Unauthorized", func(t *testing.T) { testMilterUnauthorized(t, bin) })
 	t.Run("TokenOutage", func(t *testing.T) { testMilterTokenOutage(t, bin) })
 	t.Run("UnixSocket", func(t *testing.T) { testMilterUnixSocket(t, bin) })
+	t.Run("ChrootedSMTPD", func(t *testing.T) { testMilterChrootedSMTPD(t, bin) })
 	t.Run("ServeToo", func(t *testing.T) { testServeRunsTheMilter(t, bin) })
 }
 
@@ -348,4 +349,25 @@ func writeFile(t *testing.T, path, text string) {
 	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// testMilterChrootedSMTPD: Debian runs smtpd chrooted in the queue
+// directory; the milter socket is then made inside it (mode 0660, group
+// postfix) and Postfix names it relative to the chroot.
+func testMilterChrootedSMTPD(t *testing.T, bin string) {
+	_, uri, records := e2eToken(t, standardKeys...)
+	sink := testenv.NewSMTPSink(t)
+	pf := testenv.StartPostfix(t, testenv.PostfixOptions{Relayhost: sink.Addr(), ChrootSMTPD: true, Settings: map[string]string{
+		"smtpd_milters": "unix:/dkimgw/milter.sock", "milter_default_action": "tempfail",
+	}})
+	sock := filepath.Join(pf.QueueDir(), "dkimgw", "milter.sock")
+	cfg := standardConfig(uri, "")
+	cfg.extra = "milter:\n  listen: \"unix:" + sock + "\"\n  socket_group: postfix\n"
+	startGatewayAs(t, bin, cfg, "milter")
+	msg := testMessage("a@example.com", "x@example.net", "chroot@milter.test", "chroot", "Through a chrooted smtpd.\r\n")
+	if err := pf.Submit(t.Context(), "a@example.com", []string{"x@example.net"}, []byte(msg)); err != nil {
+		t.Fatalf("Postfix refused: %v", err)
+	}
+	sink.WaitMessages(t, 1, 60*time.Second)
+	checkSigned(t, records, exactlyOne(t, sink, "chroot@milter.test").Data, standardSigs)
 }
