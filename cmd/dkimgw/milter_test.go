@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -25,6 +26,7 @@ func TestMilter(t *testing.T) {
 	t.Run("Unauthorized", func(t *testing.T) { testMilterUnauthorized(t, bin) })
 	t.Run("TokenOutage", func(t *testing.T) { testMilterTokenOutage(t, bin) })
 	t.Run("UnixSocket", func(t *testing.T) { testMilterUnixSocket(t, bin) })
+	t.Run("NonSMTP", func(t *testing.T) { testMilterNonSMTP(t, bin) })
 	t.Run("ChrootedSMTPD", func(t *testing.T) { testMilterChrootedSMTPD(t, bin) })
 	t.Run("ServeToo", func(t *testing.T) { testServeRunsTheMilter(t, bin) })
 }
@@ -370,4 +372,24 @@ func testMilterChrootedSMTPD(t *testing.T, bin string) {
 	}
 	sink.WaitMessages(t, 1, 60*time.Second)
 	checkSigned(t, records, exactlyOne(t, sink, "chroot@milter.test").Data, standardSigs)
+}
+
+// testMilterNonSMTP: mail that enters Postfix through its sendmail
+// command (pickup, non_smtpd_milters) reaches the milter as a connection
+// from 127.0.0.1, and is signed for a client whose networks hold it.
+func testMilterNonSMTP(t *testing.T, bin string) {
+	testenv.Require(t, "/usr/sbin/sendmail")
+	c := startMilterChain(t, bin, nil, "milter:\n  listen: \"inet:127.0.0.1:0\"\n")
+	mark := c.gw.mark()
+	msg := testMessage("a@example.com", "x@example.net", "nonsmtp@milter.test", "sendmail command", "Through pickup.\r\n")
+	cmd := exec.CommandContext(t.Context(), "/usr/sbin/sendmail", "-C", c.pf.ConfigDir(), "-f", "a@example.com", "x@example.net")
+	cmd.Stdin = strings.NewReader(strings.ReplaceAll(msg, "\r\n", "\n"))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("sendmail: %v\n%s", err, out)
+	}
+	c.sink.WaitMessages(t, 1, 60*time.Second)
+	checkSigned(t, c.records, exactlyOne(t, c.sink, "nonsmtp@milter.test").Data, standardSigs)
+	if l := c.waitMessage(mark); l.str("recognised_by") != "address 127.0.0.1" {
+		t.Errorf("the milter recognised the client by %q, want address 127.0.0.1: %s", l.str("recognised_by"), l.raw)
+	}
 }
