@@ -1,10 +1,18 @@
 package main
 
 import (
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/pem"
+	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -28,6 +36,7 @@ func TestMilter(t *testing.T) {
 	t.Run("UnixSocket", func(t *testing.T) { testMilterUnixSocket(t, bin) })
 	t.Run("NonSMTP", func(t *testing.T) { testMilterNonSMTP(t, bin) })
 	t.Run("ChrootedSMTPD", func(t *testing.T) { testMilterChrootedSMTPD(t, bin) })
+	t.Run("BesideOpenDKIM", func(t *testing.T) { testMilterBesideOpenDKIM(t, bin) })
 	t.Run("ServeToo", func(t *testing.T) { testServeRunsTheMilter(t, bin) })
 }
 
@@ -392,4 +401,86 @@ func testMilterNonSMTP(t *testing.T, bin string) {
 	if l := c.waitMessage(mark); l.str("recognised_by") != "address 127.0.0.1" {
 		t.Errorf("the milter recognised the client by %q, want address 127.0.0.1: %s", l.str("recognised_by"), l.raw)
 	}
+}
+
+// testMilterBesideOpenDKIM: during a switch (docs/milter.md), Postfix runs
+// the OpenDKIM milter and then dkimgw's; each message carries both
+// signatures and every verifier passes all three (OpenDKIM's file key,
+// dkimgw's RSA and Ed25519).
+func testMilterBesideOpenDKIM(t *testing.T, bin string) {
+	testenv.Require(t, "/usr/sbin/opendkim")
+	dir := t.TempDir()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(dir, "odk.private"), string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})))
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	odkAddr := l.Addr().(*net.TCPAddr)
+	l.Close()
+	writeFile(t, filepath.Join(dir, "opendkim.conf"), fmt.Sprintf(`Mode s
+Domain example.com
+Selector odk
+KeyFile %s/odk.private
+Canonicalization relaxed/relaxed
+Socket inet:%d@127.0.0.1
+PidFile %s/opendkim.pid
+InternalHosts 127.0.0.1
+Syslog no
+RequireSafeKeys false
+Background no
+`, dir, odkAddr.Port, dir))
+	odk := exec.Command("/usr/sbin/opendkim", "-f", "-x", filepath.Join(dir, "opendkim.conf"))
+	odk.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	var odkOut strings.Builder
+	odk.Stdout, odk.Stderr = &odkOut, &odkOut
+	if err := odk.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = odk.Process.Kill()
+		_ = odk.Wait()
+		if t.Failed() {
+			t.Logf("opendkim:\n%s", odkOut.String())
+		}
+	})
+	for i := 0; ; i++ {
+		if c, err := net.DialTimeout("tcp", odkAddr.String(), time.Second); err == nil {
+			c.Close()
+			break
+		}
+		if i == 100 {
+			t.Fatal("opendkim does not listen after 10s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	_, uri, records := e2eToken(t, standardKeys...)
+	pub, err := x509.MarshalPKIXPublicKey(key.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	records["odk._domainkey.example.com"] = "v=DKIM1; k=rsa; p=" + base64.StdEncoding.EncodeToString(pub)
+	sink := testenv.NewSMTPSink(t)
+	cfg := standardConfig(uri, "")
+	cfg.extra = "milter:\n  listen: \"inet:127.0.0.1:0\"\n"
+	gw := startGatewayAs(t, bin, cfg, "milter")
+	pf := testenv.StartPostfix(t, testenv.PostfixOptions{Relayhost: sink.Addr(), Settings: map[string]string{
+		"smtpd_milters": "inet:" + odkAddr.String() + ", inet:" + gw.addr, "milter_default_action": "tempfail",
+	}})
+	msg := testMessage("News <news@example.com>", "x@example.net", "both@milter.test", "both milters", "Signed twice.\r\n")
+	if err := pf.Submit(t.Context(), "news@example.com", []string{"x@example.net"}, []byte(msg)); err != nil {
+		t.Fatalf("Postfix refused: %v", err)
+	}
+	sink.WaitMessages(t, 1, 60*time.Second)
+	got := exactlyOne(t, sink, "both@milter.test")
+	want := append(slices.Clone(standardSigs), wantSig{"example.com", "odk", "rsa-sha256"})
+	verifyIndependently(t, records, want, got.Data)
 }
