@@ -3,6 +3,8 @@ package milter
 import (
 	"context"
 	"crypto"
+	"crypto/ed25519"
+	"crypto/rsa"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -41,6 +43,46 @@ type Options struct {
 	Logger *slog.Logger
 	// Now is the signing time (t=). Nil: time.Now.
 	Now func() time.Time
+	// Observer is told what became of each message the milter read to
+	// its end, for metrics. Nil: nobody is told.
+	Observer Observer
+}
+
+// Observer is told of every message the milter decided on at its end.
+// Messages let go at MAIL FROM (an unknown client with on_unauthorized:
+// accept) are not reported.
+type Observer interface {
+	Message(Report)
+}
+
+// Outcome is what became of a message. The values are the relay's, so
+// that one metric can count both.
+type Outcome string
+
+const (
+	OutcomeSigned   Outcome = "signed"           // accepted with signatures
+	OutcomeUnsigned Outcome = "relayed-unsigned" // accepted unchanged
+	OutcomeTempfail Outcome = "tempfailed"       // 4xx through the MTA
+	OutcomeRefused  Outcome = "refused"          // 5xx through the MTA
+)
+
+// Report is one message's outcome. Its names come from the
+// configuration, never from the message.
+type Report struct {
+	// Client is the configured name of the client; "" for none.
+	Client string
+	// Domain is the signing domain the policy picked; "" when the From
+	// domain has none or could not be read.
+	Domain     string
+	Outcome    Outcome
+	Signatures []Signature
+}
+
+// Signature is one DKIM signature made.
+type Signature struct {
+	Domain, Selector string
+	// Algorithm is the a= tag: "rsa-sha256" or "ed25519-sha256".
+	Algorithm string
 }
 
 // Server is a milter server. Its configuration can be replaced while it
@@ -51,6 +93,7 @@ type Server struct {
 	keys Keys
 	log  *slog.Logger
 	now  func() time.Time
+	obs  Observer
 	srv  *gomilter.Server
 }
 
@@ -68,7 +111,7 @@ func New(opts Options) (*Server, error) {
 	if opts.Config == nil || opts.Keys == nil {
 		return nil, errors.New("milter: Config and Keys are required")
 	}
-	s := &Server{keys: opts.Keys, log: opts.Logger, now: opts.Now}
+	s := &Server{keys: opts.Keys, log: opts.Logger, now: opts.Now, obs: opts.Observer}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -214,7 +257,8 @@ func (m *session) EndOfMessage(mod gomilter.Modifier) (*gomilter.Response, error
 	if id := mod.Get(gomilter.MacroQueueId); id != "" {
 		m.queueID = id
 	}
-	resp, fields, outcome, err := m.decide(mod)
+	rep := Report{Client: m.clientName()}
+	resp, fields, outcome, err := m.decide(&rep)
 	attrs := []any{"queue_id", m.queueID, "client", m.clientName(), "recognised_by", m.who, "outcome", outcome, "duration_s", time.Since(m.started).Seconds()}
 	if err != nil {
 		attrs = append(attrs, "error", err)
@@ -238,50 +282,88 @@ func (m *session) EndOfMessage(mod gomilter.Modifier) (*gomilter.Response, error
 		level = slog.LevelWarn
 	}
 	m.srv.log.Log(context.Background(), level, "message", attrs...)
+	if m.srv.obs != nil {
+		m.srv.obs.Message(rep)
+	}
 	return resp, nil
 }
 
 // decide returns the answer to a whole message, the DKIM-Signature
 // fields to insert, the outcome for the log, and the error behind an
 // unsigned outcome.
-func (m *session) decide(_ gomilter.Modifier) (*gomilter.Response, []string, string, error) {
+func (m *session) decide(rep *Report) (*gomilter.Response, []string, string, error) {
 	cfg := m.cfg
+	rep.Outcome = OutcomeUnsigned
 	msg, err := m.stream.Finish()
 	if err != nil {
 		if ref, ok := errors.AsType[*signer.RefusedError](err); ok && m.client != nil {
 			// One of the clients sent it: like the relay, refuse what
 			// cannot carry a meaningful signature.
+			rep.Outcome = OutcomeRefused
 			return reply(550, "5.6.0 Message not signed: "+ref.Reason), nil, "refused: malformed", err
 		}
 		// Not ours to judge.
 		return gomilter.RespAccept, nil, "passed unsigned: malformed, not from a client", err
 	}
-	if _, ok := cfg.SigningDomain(msg.FromDomain()); !ok {
+	d, ok := cfg.SigningDomain(msg.FromDomain())
+	if !ok {
 		return gomilter.RespAccept, nil, "passed unsigned: From domain has no keys", nil
 	}
+	rep.Domain = d
 	signing, err := cfg.Sign(m.client, msg.FromDomain())
 	if err != nil {
 		switch cfg.Milter.OnUnauthorized {
 		case policy.MilterReject:
+			rep.Outcome = OutcomeRefused
 			return reply(550, "5.7.1 Not authorized to send mail From domain "+msg.FromDomain()), nil, "refused: unauthorized", err
 		case policy.MilterTempfail:
+			rep.Outcome = OutcomeTempfail
 			return reply(451, "4.7.1 Not authorized to send mail From domain "+msg.FromDomain()+" now"), nil, "tempfailed: unauthorized", err
 		}
 		return gomilter.RespAccept, nil, "passed unsigned: unauthorized (milter.on_unauthorized: accept)", err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.Milter.SignTimeout)
 	defer cancel()
-	fields, err := m.sign(ctx, msg, signing)
+	fields, sigs, err := m.sign(ctx, msg, signing)
 	if err != nil {
 		if cfg.Milter.OnTokenError == policy.MilterAccept {
 			return gomilter.RespAccept, nil, "passed unsigned: signing failed (milter.on_token_error: accept)", err
 		}
+		rep.Outcome = OutcomeTempfail
 		return reply(451, "4.7.0 Cannot sign the message now, try again later"), nil, "tempfailed: signing failed", err
 	}
+	rep.Outcome, rep.Signatures = OutcomeSigned, sigs
 	return gomilter.RespAccept, fields, "signed d=" + signing.Domain, nil
 }
 
-func (m *session) sign(ctx context.Context, msg *signer.Message, signing policy.Signing) ([]string, error) {
+func (m *session) sign(ctx context.Context, msg *signer.Message, signing policy.Signing) ([]string, []Signature, error) {
+	ids, err := m.signers(ctx, signing)
+	if err != nil {
+		return nil, nil, err
+	}
+	fields, err := signer.Sign(ctx, msg, ids, signer.Options{Expire: signing.Expire, Now: m.srv.now})
+	if err != nil {
+		return nil, nil, err
+	}
+	sigs := make([]Signature, len(ids))
+	for i, id := range ids {
+		sigs[i] = Signature{Domain: id.Domain, Selector: id.Selector, Algorithm: algorithmOf(id.Key)}
+	}
+	return fields, sigs, nil
+}
+
+// algorithmOf is the a= tag a key signs with.
+func algorithmOf(k crypto.Signer) string {
+	switch k.Public().(type) {
+	case *rsa.PublicKey:
+		return "rsa-sha256"
+	case ed25519.PublicKey:
+		return "ed25519-sha256"
+	}
+	return "unknown"
+}
+
+func (m *session) signers(ctx context.Context, signing policy.Signing) ([]signer.Identity, error) {
 	var ids []signer.Identity
 	if signing.Rotating {
 		var err error
@@ -300,7 +382,7 @@ func (m *session) sign(ctx context.Context, msg *signer.Message, signing policy.
 			ids = append(ids, signer.Identity{Domain: signing.Domain, Selector: sel, Key: key})
 		}
 	}
-	return signer.Sign(ctx, msg, ids, signer.Options{Expire: signing.Expire, Now: m.srv.now})
+	return ids, nil
 }
 
 func (m *session) clientName() string {

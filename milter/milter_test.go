@@ -12,7 +12,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -38,10 +40,31 @@ milter:
 `
 
 // testKeys is a Keys of in-memory RSA keys; down makes every call fail
-// as a lost token does.
+// as a lost token does. It is the test server's Observer too.
 type testKeys struct {
 	key  *rsa.PrivateKey
 	down atomic.Bool
+
+	mu      sync.Mutex
+	reports []Report
+}
+
+func (k *testKeys) Message(r Report) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.reports = append(k.reports, r)
+}
+
+// report returns the one report made, failing the test when there is
+// not exactly one.
+func (k *testKeys) report(t *testing.T) Report {
+	t.Helper()
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if len(k.reports) != 1 {
+		t.Fatalf("%d reports %+v, want 1", len(k.reports), k.reports)
+	}
+	return k.reports[0]
 }
 
 type tokenDown struct{}
@@ -86,7 +109,7 @@ func serveMilter(t *testing.T, cfg *policy.Config) (*Server, *testKeys, string) 
 		t.Fatal(err)
 	}
 	keys := &testKeys{key: k}
-	s, err := New(Options{Config: cfg, Keys: keys, Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
+	s, err := New(Options{Config: cfg, Keys: keys, Observer: keys, Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,6 +228,11 @@ func TestSignsForAClient(t *testing.T) {
 	if len(vs) != 2 || !strings.Contains(out, "s=s1;") || strings.Index(out, "s=s1;") > strings.Index(out, "s=s2;") {
 		t.Fatalf("want two signatures, s1 first:\n%s", out)
 	}
+	r := keys.report(t)
+	want := []Signature{{"example.com", "s1", "rsa-sha256"}, {"example.com", "s2", "rsa-sha256"}}
+	if r.Outcome != OutcomeSigned || r.Domain != "example.com" || r.Client != "campaigns" || !slices.Equal(r.Signatures, want) {
+		t.Errorf("report %+v", r)
+	}
 }
 
 func TestUnauthorized(t *testing.T) {
@@ -212,16 +240,17 @@ func TestUnauthorized(t *testing.T) {
 		name, extra, ip, from string
 		want                  gomilter.ActionType
 		code                  uint16
+		outcome               Outcome // "": not reported (let go at MAIL FROM)
 	}{
 		{name: "unknown client, default accept", ip: "198.51.100.1", from: "example.com", want: gomilter.ActionAccept},
-		{name: "unknown client, reject", extra: "  on_unauthorized: reject\n", ip: "198.51.100.1", from: "example.com", want: gomilter.ActionRejectWithCode, code: 550},
-		{name: "unknown client, tempfail", extra: "  on_unauthorized: tempfail\n", ip: "198.51.100.1", from: "example.com", want: gomilter.ActionRejectWithCode, code: 451},
-		{name: "client, domain not its own", extra: "  on_unauthorized: reject\n", ip: "192.0.2.7", from: "example.org", want: gomilter.ActionRejectWithCode, code: 550},
+		{name: "unknown client, reject", extra: "  on_unauthorized: reject\n", ip: "198.51.100.1", from: "example.com", want: gomilter.ActionRejectWithCode, code: 550, outcome: OutcomeRefused},
+		{name: "unknown client, tempfail", extra: "  on_unauthorized: tempfail\n", ip: "198.51.100.1", from: "example.com", want: gomilter.ActionRejectWithCode, code: 451, outcome: OutcomeTempfail},
+		{name: "client, domain not its own", extra: "  on_unauthorized: reject\n", ip: "192.0.2.7", from: "example.org", want: gomilter.ActionRejectWithCode, code: 550, outcome: OutcomeRefused},
 		// A domain without keys is none of the milter's business.
-		{name: "unknown client, domain without keys", extra: "  on_unauthorized: reject\n", ip: "198.51.100.1", from: "example.net", want: gomilter.ActionAccept},
+		{name: "unknown client, domain without keys", extra: "  on_unauthorized: reject\n", ip: "198.51.100.1", from: "example.net", want: gomilter.ActionAccept, outcome: OutcomeUnsigned},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, _, addr := startMilter(t, tc.extra)
+			_, keys, addr := startMilter(t, tc.extra)
 			msg := strings.Replace(testMessage, "joe@example.com", "joe@"+tc.from, 1)
 			out, act := mta(t, addr, tc.ip, "", msg)
 			if act.Type != tc.want || (tc.code != 0 && act.SMTPCode != tc.code) {
@@ -229,6 +258,15 @@ func TestUnauthorized(t *testing.T) {
 			}
 			if out != msg {
 				t.Errorf("an unsigned message was changed:\n%s", out)
+			}
+			if tc.outcome == "" {
+				keys.mu.Lock()
+				if len(keys.reports) != 0 {
+					t.Errorf("reports %+v for a message let go at MAIL FROM", keys.reports)
+				}
+				keys.mu.Unlock()
+			} else if r := keys.report(t); r.Outcome != tc.outcome || len(r.Signatures) != 0 {
+				t.Errorf("report %+v, want outcome %s", r, tc.outcome)
 			}
 		})
 	}
@@ -286,6 +324,13 @@ func TestTokenError(t *testing.T) {
 			}
 			if out != testMessage {
 				t.Errorf("message changed:\n%s", out)
+			}
+			want := OutcomeTempfail
+			if tc.want == gomilter.ActionAccept {
+				want = OutcomeUnsigned
+			}
+			if r := keys.report(t); r.Outcome != want || r.Domain != "example.com" {
+				t.Errorf("report %+v, want %s for example.com", r, want)
 			}
 		})
 	}

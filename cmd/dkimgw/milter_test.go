@@ -152,6 +152,9 @@ func testMilterPostfixSigns(t *testing.T, bin string) {
 		delivered = append(delivered, got.Data)
 	}
 	verifyIndependently(t, c.records, standardSigs, delivered...)
+	// The relay's metrics count the milter's messages and signatures.
+	waitMetric(t, c.gw, "", "dkimgw_messages_total", []string{"client", "mta", "domain", "example.com", "outcome", "signed"}, float64(len(msgs)))
+	waitMetric(t, c.gw, "", "dkimgw_signatures_total", []string{"algorithm", "ed25519-sha256", "domain", "example.com", "selector", "ed1"}, float64(len(msgs)))
 	if strings.Contains(c.gw.logText(), c.st.PIN) {
 		t.Error("the log contains the token PIN")
 	}

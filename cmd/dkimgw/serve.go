@@ -139,7 +139,7 @@ func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
 		}
 		obs.srv.Store(srv)
 	}
-	ms, err := startMilter(cfg, &ring, logger)
+	ms, err := startMilter(cfg, &ring, obs.m, logger)
 	if err != nil {
 		if l != nil {
 			l.Close()
