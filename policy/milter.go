@@ -26,6 +26,11 @@ const (
 	// and a client may be silent for smtpd_timeout (300s) between two, so
 	// the milter waits longer than that before it gives up on the MTA.
 	DefaultMilterReadTimeout = 10 * time.Minute
+	// DefaultMilterMaxConnections bounds the MTA connections served at
+	// once, and so the milter's memory (each holds at most a header
+	// section, spool.max_header_bytes, and one body chunk). Postfix opens
+	// one per smtpd process (default_process_limit 100).
+	DefaultMilterMaxConnections = 1000
 	// DefaultMilterSocketMode lets the socket's owner and group (the
 	// MTA's, with socket_group) connect, nobody else.
 	DefaultMilterSocketMode = "0660"
@@ -64,6 +69,10 @@ type Milter struct {
 	ReadTimeout time.Duration `yaml:"read_timeout"`
 	// WriteTimeout bounds writing one reply to the MTA. Default 10s.
 	WriteTimeout time.Duration `yaml:"write_timeout"`
+	// MaxConnections is the most MTA connections served at once; more
+	// wait to be accepted (the MTA's connect timeout, then its
+	// milter_default_action, applies). Default 1000.
+	MaxConnections int `yaml:"max_connections"`
 
 	mode uint32
 }
@@ -101,6 +110,7 @@ func (c *Config) applyMilterDefaults() {
 	setDefault(&m.SignTimeout, DefaultMilterSignTimeout)
 	setDefault(&m.ReadTimeout, DefaultMilterReadTimeout)
 	setDefault(&m.WriteTimeout, DefaultMilterWriteTimeout)
+	setDefault(&m.MaxConnections, DefaultMilterMaxConnections)
 }
 
 func (v *validator) validateMilter(c *Config) {
@@ -137,6 +147,9 @@ func (v *validator) validateMilter(c *Config) {
 	v.positive(at("milter", "sign_timeout"), "milter.sign_timeout", m.SignTimeout)
 	v.positive(at("milter", "read_timeout"), "milter.read_timeout", m.ReadTimeout)
 	v.positive(at("milter", "write_timeout"), "milter.write_timeout", m.WriteTimeout)
+	if m.MaxConnections < 1 {
+		v.errorf(at("milter", "max_connections"), "milter.max_connections must be at least 1, not %d", m.MaxConnections)
+	}
 	if m.SignTimeout >= 30*time.Second {
 		v.warnf(at("milter", "sign_timeout"), "milter.sign_timeout %s is not below Postfix's milter_command_timeout default (30s): Postfix may give up first and apply milter_default_action", m.SignTimeout)
 	}

@@ -35,6 +35,9 @@ func TestMilterConfig(t *testing.T) {
 			if m.SignTimeout != DefaultMilterSignTimeout || m.SignTimeout >= 30*time.Second {
 				t.Errorf("sign_timeout %s: want the default, below Postfix's 30s milter_command_timeout", m.SignTimeout)
 			}
+			if m.MaxConnections != DefaultMilterMaxConnections {
+				t.Errorf("max_connections %d, want the default", m.MaxConnections)
+			}
 			if m.ReadTimeout <= 300*time.Second {
 				t.Errorf("read_timeout %s: want more than Postfix's smtpd_timeout (300s)", m.ReadTimeout)
 			}
@@ -49,6 +52,7 @@ func TestMilterConfig(t *testing.T) {
 		{"bad on_token_error", minimal + "milter: {on_token_error: reject}\n", "want tempfail or accept"},
 		{"no upstream, no milter", strings.Replace(minimal, "upstream:\n  address: \"127.0.0.1:10026\"\n", "", 1), "upstream.address is required"},
 		{"unknown key", minimal + "milter: {socket: x}\n", `unknown key "socket"`},
+		{"max_connections", minimal + "milter: {max_connections: -1}\n", "milter.max_connections must be at least 1"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := Parse("/etc/dkimgw/dkimgw.yaml", []byte(tt.yaml), testFiles(t))

@@ -12,6 +12,7 @@ import (
 	"sync"
 
 	gomilter "github.com/d--j/go-milter"
+	"golang.org/x/net/netutil"
 
 	"github.com/dkimgw/dkimgw/milter"
 	"github.com/dkimgw/dkimgw/policy"
@@ -93,7 +94,9 @@ func startMilter(cfg *policy.Config, ring *keyring, obs milter.Observer, logger 
 	if err != nil {
 		return nil, err
 	}
-	return &milterListener{srv: srv, l: l}, nil
+	// Past max_connections, connections wait in the listen queue: the
+	// milter's memory stays bounded however many the MTA opens.
+	return &milterListener{srv: srv, l: netutil.LimitListener(l, cfg.Milter.MaxConnections)}, nil
 }
 
 func (m *milterListener) serve(errs chan<- error) {
@@ -142,7 +145,7 @@ func (m *milterListener) close() {
 func sameMilterListener(a, b *policy.Config) bool {
 	x, y := a.Milter, b.Milter
 	return x.Listen == y.Listen && x.Mode() == y.Mode() && x.SocketGroup == y.SocketGroup &&
-		x.ReadTimeout == y.ReadTimeout && x.WriteTimeout == y.WriteTimeout
+		x.ReadTimeout == y.ReadTimeout && x.WriteTimeout == y.WriteTimeout && x.MaxConnections == y.MaxConnections
 }
 
 // listenMilter opens the milter socket. A unix socket left by a previous

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -19,6 +21,9 @@ import (
 	"testing"
 	"time"
 
+	gomilter "github.com/d--j/go-milter"
+
+	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/testenv"
 )
 
@@ -486,4 +491,47 @@ Background no
 	got := exactlyOne(t, sink, "both@milter.test")
 	want := append(slices.Clone(standardSigs), wantSig{"example.com", "odk", "rsa-sha256"})
 	verifyIndependently(t, records, want, got.Data)
+}
+
+// TestMilterMaxConnections: past milter.max_connections a connection
+// waits to be accepted, and is served once another one closes.
+func TestMilterMaxConnections(t *testing.T) {
+	cfg, err := policy.Parse(filepath.Join(t.TempDir(), "dkimgw.yaml"), []byte(`hsm: {uri: "pkcs11:token=x"}
+clients: [{name: mta, networks: ["127.0.0.1/32"], domains: [example.com]}]
+domains: {example.com: {selectors: [s1]}}
+milter: {listen: "inet:127.0.0.1:0", max_connections: 1}
+`), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms, err := startMilter(cfg, &keyring{}, nil, slog.New(slog.NewTextHandler(t.Output(), nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 1)
+	ms.serve(errs)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := ms.shutdown(ctx); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+	})
+	session := func(timeout time.Duration) (*gomilter.ClientSession, error) {
+		return gomilter.NewClient("tcp", ms.addr(), gomilter.WithReadTimeout(timeout)).Session(nil)
+	}
+	first, err := session(10 * time.Second)
+	if err != nil {
+		t.Fatalf("first connection: %v", err)
+	}
+	if s, err := session(time.Second); err == nil {
+		s.Close()
+		t.Fatal("a second connection was served while max_connections (1) was in use")
+	}
+	first.Close()
+	third, err := session(10 * time.Second)
+	if err != nil {
+		t.Fatalf("a connection after the first closed: %v", err)
+	}
+	third.Close()
 }
