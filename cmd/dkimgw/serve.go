@@ -37,7 +37,9 @@ state; a rotating domain without an active key gets 451 4.7.0.
 Every rotation.drift_every it checks that DNS serves the records of the
 active and retired keys as published (rotation.on_drift says what a
 drift does). On admin.listen (default 127.0.0.1:9465) it serves /metrics
-(Prometheus), /healthz and /readyz (see the README).
+(Prometheus), /healthz and /readyz (see the README). With milter.listen
+set, serve also runs the milter for Postfix and Sendmail, with the same
+keys (see 'dkimgw milter --help').
 SIGTERM or SIGINT: stop accepting, finish the transactions in flight
 (at most shutdown_grace), exit 0, within shutdown_grace even when a
 token call hangs. SIGHUP: reload the configuration and read the token's
