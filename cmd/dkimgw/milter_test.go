@@ -35,14 +35,25 @@ func TestMilter(t *testing.T) {
 		t.Skip("end to end: builds and runs the binary with Postfix (not in -short)")
 	}
 	bin := buildBinary(t, t.TempDir())
-	t.Run("PostfixSigns", func(t *testing.T) { testMilterPostfixSigns(t, bin) })
-	t.Run("Unauthorized", func(t *testing.T) { testMilterUnauthorized(t, bin) })
-	t.Run("TokenOutage", func(t *testing.T) { testMilterTokenOutage(t, bin) })
-	t.Run("UnixSocket", func(t *testing.T) { testMilterUnixSocket(t, bin) })
-	t.Run("NonSMTP", func(t *testing.T) { testMilterNonSMTP(t, bin) })
-	t.Run("ChrootedSMTPD", func(t *testing.T) { testMilterChrootedSMTPD(t, bin) })
-	t.Run("BesideOpenDKIM", func(t *testing.T) { testMilterBesideOpenDKIM(t, bin) })
-	t.Run("ServeToo", func(t *testing.T) { testServeRunsTheMilter(t, bin) })
+	// The subtests wait on Postfix far more than they compute: two at a
+	// time (go test's -parallel is GOMAXPROCS) keep the whole under a
+	// minute on a 2-core machine.
+	for _, st := range []struct {
+		name string
+		run  func(*testing.T, string)
+	}{
+		{"PostfixSigns", testMilterPostfixSigns},
+		{"Unauthorized", testMilterUnauthorized},
+		{"TokenOutage", testMilterTokenOutage},
+		{"ChrootedUnixSocket", testMilterChrootedUnixSocket},
+		{"BesideOpenDKIM", testMilterBesideOpenDKIM},
+		{"ServeToo", testServeRunsTheMilter},
+	} {
+		t.Run(st.name, func(t *testing.T) {
+			t.Parallel()
+			st.run(t, bin)
+		})
+	}
 }
 
 // testServeRunsTheMilter: serve with milter.listen set runs the relay
@@ -163,6 +174,27 @@ func testMilterPostfixSigns(t *testing.T, bin string) {
 	if strings.Contains(c.gw.logText(), c.st.PIN) {
 		t.Error("the log contains the token PIN")
 	}
+	testMilterNonSMTP(t, c)
+}
+
+// testMilterNonSMTP: mail that enters Postfix through its sendmail
+// command (pickup, non_smtpd_milters) reaches the milter as a connection
+// from 127.0.0.1, and is signed for a client whose networks hold it.
+func testMilterNonSMTP(t *testing.T, c *milterChain) {
+	testenv.Require(t, "/usr/sbin/sendmail")
+	mark := c.gw.mark()
+	before := len(c.sink.Messages())
+	msg := testMessage("a@example.com", "x@example.net", "nonsmtp@milter.test", "sendmail command", "Through pickup.\r\n")
+	cmd := exec.CommandContext(t.Context(), "/usr/sbin/sendmail", "-C", c.pf.ConfigDir(), "-f", "a@example.com", "x@example.net")
+	cmd.Stdin = strings.NewReader(strings.ReplaceAll(msg, "\r\n", "\n"))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("sendmail: %v\n%s", err, out)
+	}
+	c.sink.WaitMessages(t, before+1, 60*time.Second)
+	checkSigned(t, c.records, exactlyOne(t, c.sink, "nonsmtp@milter.test").Data, standardSigs)
+	if l := c.waitMessage(mark); l.str("recognised_by") != "address 127.0.0.1" {
+		t.Errorf("the milter recognised the client by %q, want address 127.0.0.1: %s", l.str("recognised_by"), l.raw)
+	}
 }
 
 // testMilterUnauthorized: a client that the clients table does not
@@ -212,57 +244,12 @@ func testMilterTokenOutage(t *testing.T, bin string) {
 	if !strings.HasPrefix(l.str("outcome"), "tempfailed") {
 		t.Errorf("log line: %s", l.raw)
 	}
-	c.pf.Flush()
-	time.Sleep(2 * time.Second) // a message Postfix wrongly kept would be delivered by now
+	// Postfix refused the message: it is not in its queue either.
+	if q := c.pf.Queue(); len(q) != 0 {
+		t.Errorf("Postfix queued the message it refused: %+v", q)
+	}
 	if n := len(c.sink.Messages()); n != 0 {
 		t.Errorf("%d messages reached the sink during the token outage", n)
-	}
-}
-
-// testMilterUnixSocket: the milter on a unix socket with mode 0660 and
-// group postfix; Postfix (its smtpd unchrooted, as the test Postfix runs
-// every service) signs through it.
-func testMilterUnixSocket(t *testing.T, bin string) {
-	g, err := user.LookupGroup("postfix")
-	if err != nil {
-		t.Fatalf("the postfix group: %v", err)
-	}
-	// Not t.TempDir: the postfix user must traverse the path.
-	dir, err := os.MkdirTemp("", "dkimgw-milter-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "run", "milter.sock")
-	c := startMilterChain(t, bin, nil, "milter:\n  listen: \"unix:"+sock+"\"\n  socket_mode: \"0660\"\n  socket_group: postfix\n")
-	fi, err := os.Stat(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if fi.Mode().Perm() != 0o660 {
-		t.Errorf("socket mode %v, want 0660", fi.Mode().Perm())
-	}
-	if gid := fileGID(fi); gid != g.Gid {
-		t.Errorf("socket group %s, want postfix (%s)", gid, g.Gid)
-	}
-	msg := testMessage("a@example.com", "x@example.net", "unix@milter.test", "unix socket", "Through a unix socket.\r\n")
-	if err := c.submit(t, "a@example.com", "x@example.net", msg); err != nil {
-		t.Fatalf("Postfix refused: %v", err)
-	}
-	c.sink.WaitMessages(t, 1, 60*time.Second)
-	got := exactlyOne(t, c.sink, "unix@milter.test")
-	checkSigned(t, c.records, got.Data, standardSigs)
-
-	// SIGTERM removes the socket.
-	c.gw.signal(syscall.SIGTERM)
-	if code := c.gw.waitExit(30 * time.Second); code != 0 {
-		t.Errorf("dkimgw milter exited %d after SIGTERM", code)
-	}
-	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
-		t.Errorf("the socket is left behind after SIGTERM: %v", err)
 	}
 }
 
@@ -370,10 +357,17 @@ func writeFile(t *testing.T, path, text string) {
 	}
 }
 
-// testMilterChrootedSMTPD: Debian runs smtpd chrooted in the queue
-// directory; the milter socket is then made inside it (mode 0660, group
-// postfix) and Postfix names it relative to the chroot.
-func testMilterChrootedSMTPD(t *testing.T, bin string) {
+// testMilterChrootedUnixSocket: Debian runs smtpd chrooted in the queue
+// directory; the milter socket is then made inside it, with mode 0660
+// and group postfix (smtpd runs as postfix), and Postfix names it
+// relative to the chroot. SIGTERM removes the socket. (An unchrooted
+// smtpd with the socket anywhere it can traverse works too: measured
+// while this test was written, not kept, as it adds nothing.)
+func testMilterChrootedUnixSocket(t *testing.T, bin string) {
+	g, err := user.LookupGroup("postfix")
+	if err != nil {
+		t.Fatalf("the postfix group: %v", err)
+	}
 	_, uri, records := e2eToken(t, standardKeys...)
 	sink := testenv.NewSMTPSink(t)
 	pf := testenv.StartPostfix(t, testenv.PostfixOptions{Relayhost: sink.Addr(), ChrootSMTPD: true, Settings: map[string]string{
@@ -381,33 +375,31 @@ func testMilterChrootedSMTPD(t *testing.T, bin string) {
 	}})
 	sock := filepath.Join(pf.QueueDir(), "dkimgw", "milter.sock")
 	cfg := standardConfig(uri, "")
-	cfg.extra = "milter:\n  listen: \"unix:" + sock + "\"\n  socket_group: postfix\n"
-	startGatewayAs(t, bin, cfg, "milter")
+	cfg.extra = "milter:\n  listen: \"unix:" + sock + "\"\n  socket_mode: \"0660\"\n  socket_group: postfix\n"
+	gw := startGatewayAs(t, bin, cfg, "milter")
+	fi, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o660 {
+		t.Errorf("socket mode %v, want 0660", fi.Mode().Perm())
+	}
+	if gid := fileGID(fi); gid != g.Gid {
+		t.Errorf("socket group %s, want postfix (%s)", gid, g.Gid)
+	}
 	msg := testMessage("a@example.com", "x@example.net", "chroot@milter.test", "chroot", "Through a chrooted smtpd.\r\n")
 	if err := pf.Submit(t.Context(), "a@example.com", []string{"x@example.net"}, []byte(msg)); err != nil {
 		t.Fatalf("Postfix refused: %v", err)
 	}
 	sink.WaitMessages(t, 1, 60*time.Second)
 	checkSigned(t, records, exactlyOne(t, sink, "chroot@milter.test").Data, standardSigs)
-}
 
-// testMilterNonSMTP: mail that enters Postfix through its sendmail
-// command (pickup, non_smtpd_milters) reaches the milter as a connection
-// from 127.0.0.1, and is signed for a client whose networks hold it.
-func testMilterNonSMTP(t *testing.T, bin string) {
-	testenv.Require(t, "/usr/sbin/sendmail")
-	c := startMilterChain(t, bin, nil, "milter:\n  listen: \"inet:127.0.0.1:0\"\n")
-	mark := c.gw.mark()
-	msg := testMessage("a@example.com", "x@example.net", "nonsmtp@milter.test", "sendmail command", "Through pickup.\r\n")
-	cmd := exec.CommandContext(t.Context(), "/usr/sbin/sendmail", "-C", c.pf.ConfigDir(), "-f", "a@example.com", "x@example.net")
-	cmd.Stdin = strings.NewReader(strings.ReplaceAll(msg, "\r\n", "\n"))
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("sendmail: %v\n%s", err, out)
+	gw.signal(syscall.SIGTERM)
+	if code := gw.waitExit(30 * time.Second); code != 0 {
+		t.Errorf("dkimgw milter exited %d after SIGTERM", code)
 	}
-	c.sink.WaitMessages(t, 1, 60*time.Second)
-	checkSigned(t, c.records, exactlyOne(t, c.sink, "nonsmtp@milter.test").Data, standardSigs)
-	if l := c.waitMessage(mark); l.str("recognised_by") != "address 127.0.0.1" {
-		t.Errorf("the milter recognised the client by %q, want address 127.0.0.1: %s", l.str("recognised_by"), l.raw)
+	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
+		t.Errorf("the socket is left behind after SIGTERM: %v", err)
 	}
 }
 
