@@ -168,6 +168,10 @@ func testMilterPostfixSigns(t *testing.T, bin string) {
 		delivered = append(delivered, got.Data)
 	}
 	verifyIndependently(t, c.records, standardSigs, delivered...)
+	// A milter-only gateway has no upstream: it is ready with its token.
+	if code, b := readyz(t, c.gw); code != 200 {
+		t.Errorf("/readyz of dkimgw milter = %d %+v, want 200", code, b)
+	}
 	// The relay's metrics count the milter's messages and signatures.
 	waitMetric(t, c.gw, "", "dkimgw_messages_total", []string{"client", "mta", "domain", "example.com", "outcome", "signed"}, float64(len(msgs)))
 	waitMetric(t, c.gw, "", "dkimgw_signatures_total", []string{"algorithm", "ed25519-sha256", "domain", "example.com", "selector", "ed1"}, float64(len(msgs)))

@@ -149,7 +149,7 @@ func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitUnavailable, "%v", err)
 	}
-	admin, err := startAdmin(cfg, obs.m, obs.readyChecks(), logger)
+	admin, err := startAdmin(cfg, obs.m, obs.readyChecks(relay), logger)
 	if err != nil {
 		if l != nil {
 			l.Close()

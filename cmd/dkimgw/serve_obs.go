@@ -75,9 +75,9 @@ func (o *serveObs) keys(ctx context.Context) ([]rotation.Status, map[string]time
 
 // readyChecks are /readyz's conditions: the configuration is loaded, the
 // token gives a free, logged-in session, the upstream accepts a TCP
-// connection.
-func (o *serveObs) readyChecks() []readyCheck {
-	return []readyCheck{
+// connection (for the relay; a milter-only gateway has no upstream).
+func (o *serveObs) readyChecks(relay bool) []readyCheck {
+	checks := []readyCheck{
 		{"config", func(context.Context) error {
 			if o.cfg.Load() == nil {
 				return errors.New("no configuration loaded")
@@ -87,8 +87,12 @@ func (o *serveObs) readyChecks() []readyCheck {
 		{"token", func(ctx context.Context) error {
 			return o.ring.token().Check(ctx)
 		}},
-		{"upstream", dialCheck(func() string { return o.cfg.Load().Upstream.Address })},
 	}
+	// A milter hands nothing on: its MTA delivers.
+	if relay {
+		checks = append(checks, readyCheck{"upstream", dialCheck(func() string { return o.cfg.Load().Upstream.Address })})
+	}
+	return checks
 }
 
 // sameAdminListener reports whether the admin listener of next is the
