@@ -531,3 +531,56 @@ milter: {listen: "inet:127.0.0.1:0", max_connections: 1}
 	}
 	third.Close()
 }
+
+// TestListenMilterUnixSocket: a stale socket left by a crash is
+// replaced; a socket another process serves, or a path that is not a
+// socket, is refused and left alone.
+func TestListenMilterUnixSocket(t *testing.T) {
+	dir := t.TempDir()
+	m := func(path string) policy.Milter {
+		cfg, err := policy.Parse(filepath.Join(dir, "dkimgw.yaml"), []byte(`hsm: {uri: "pkcs11:token=x"}
+clients: [{name: mta, networks: ["127.0.0.1/32"], domains: [example.com]}]
+domains: {example.com: {selectors: [s1]}}
+milter: {listen: "unix:`+path+`", socket_mode: "0600"}
+`), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg.Milter
+	}
+
+	// Stale: a socket file nobody listens on.
+	stale := filepath.Join(dir, "stale.sock")
+	l, err := net.Listen("unix", stale)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	nl, err := listenMilter(m(stale))
+	if err != nil {
+		t.Fatalf("over a stale socket: %v", err)
+	}
+	if fi, err := os.Stat(stale); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("new socket: %v, mode %v; want 0600", err, fi.Mode().Perm())
+	}
+
+	// Live: the socket just made is served.
+	if _, err := listenMilter(m(stale)); err == nil || !strings.Contains(err.Error(), "another process serves") {
+		t.Errorf("over a live socket: %v", err)
+	}
+	nl.Close()
+	if _, err := os.Lstat(stale); !os.IsNotExist(err) {
+		t.Errorf("closing the listener left the socket: %v", err)
+	}
+
+	// Not a socket: refused, untouched.
+	file := filepath.Join(dir, "file")
+	writeFile(t, file, "keep me")
+	if _, err := listenMilter(m(file)); err == nil || !strings.Contains(err.Error(), "is not a socket") {
+		t.Errorf("over a regular file: %v", err)
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "keep me" {
+		t.Errorf("the regular file was touched: %q, %v", b, err)
+	}
+}
