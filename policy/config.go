@@ -141,6 +141,8 @@ type Config struct {
 	Admin Admin `yaml:"admin"`
 	// Audit is the audit log.
 	Audit Audit `yaml:"audit"`
+	// Milter is the milter listener (docs/milter.md).
+	Milter Milter `yaml:"milter"`
 
 	// Path is the file the configuration was read from (the name given
 	// to Parse).
@@ -470,6 +472,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&c.ShutdownGrace, DefaultShutdownGrace)
 	c.applyRotationDefaults()
 	c.applyAdminDefaults()
+	c.applyMilterDefaults()
 }
 
 func setDefault[T comparable](p *T, v T) {

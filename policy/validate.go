@@ -57,6 +57,7 @@ func (v *validator) validate(c *Config) {
 	v.validateState(c)
 	v.validateAdmin(c)
 	v.validateAudit(c)
+	v.validateMilter(c)
 	v.validateDomains(c)
 	v.validateClients(c)
 
@@ -147,7 +148,10 @@ func (v *validator) validateTLS(t *TLS, section string) {
 func (v *validator) validateUpstream(c *Config) {
 	u := &c.Upstream
 	if u.Address == "" {
-		v.errorf(at("upstream"), "upstream.address is required (host:port of the MTA that delivers signed mail)")
+		// A milter-only gateway hands nothing on: its MTA delivers.
+		if c.Milter.Listen == "" {
+			v.errorf(at("upstream"), "upstream.address is required (host:port of the MTA that delivers signed mail)")
+		}
 	} else {
 		v.hostPort(at("upstream", "address"), "upstream.address", u.Address, false)
 	}

@@ -90,6 +90,7 @@ type Message struct {
 	fromDomain string
 	bodyHash   []byte // SHA-256 of the relaxed-canonical body (RFC 6376 §3.4.4)
 	size       int64
+	hashOnly   bool // made by a Stream: the message itself was not kept
 
 	mu     sync.Mutex
 	closed bool
@@ -129,6 +130,8 @@ func (m *Message) Open() (io.ReadCloser, error) {
 	switch {
 	case m.closed:
 		return nil, errors.New("signer: message already closed")
+	case m.hashOnly:
+		return nil, errors.New("signer: message was streamed, not kept: only Sign can use it")
 	case m.file != nil:
 		// ReadAt does not move the file offset, so readers do not
 		// interfere with one another.
@@ -227,6 +230,10 @@ type spooler struct {
 	field       []byte // the current field's raw text, until the next field starts
 
 	body *relaxedBody
+
+	// hashOnly keeps the header section and the body hash, not the
+	// message (a Stream).
+	hashOnly bool
 
 	// Store.
 	mem     [][]byte
@@ -449,6 +456,9 @@ func (s *spooler) endField() {
 
 // store keeps p in memory or, past the memory limit, in the spool file.
 func (s *spooler) store(p []byte) error {
+	if s.hashOnly {
+		return nil
+	}
 	if s.w == nil {
 		if s.memSize+int64(len(p)) <= s.opts.MemoryLimit {
 			s.memSize += int64(len(p))
@@ -592,6 +602,7 @@ func (s *spooler) finish() (*Message, error) {
 		fromDomain: domain,
 		bodyHash:   s.body.Sum(),
 		size:       s.size,
+		hashOnly:   s.hashOnly,
 		mem:        s.mem,
 		file:       s.file,
 		path:       s.path,

@@ -40,6 +40,10 @@ type PostfixOptions struct {
 	Relayhost string
 	// Settings are extra main.cf lines (name = value), applied last.
 	Settings map[string]string
+	// ChrootSMTPD runs the smtpd in a chroot at the queue directory, as
+	// Debian's master.cf does: a milter socket it connects to must then
+	// be inside the queue directory (see QueueDir), named relative to it.
+	ChrootSMTPD bool
 }
 
 // StartPostfix starts an instance and stops it when the test ends. It
@@ -149,7 +153,11 @@ func StartPostfix(t testing.TB, opts PostfixOptions) *Postfix {
 		t.Fatalf("testenv: postfix: %v", err)
 	}
 	// Every service unchrooted: a chroot would lack the temp paths.
-	master := fmt.Sprintf(`%s inet n - n - - smtpd
+	chroot := "n"
+	if opts.ChrootSMTPD {
+		chroot = "y"
+	}
+	master := fmt.Sprintf(`%s inet n - %s - - smtpd
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -169,7 +177,7 @@ discard   unix  -       -       n       -       -       discard
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
-`, p.addr)
+`, p.addr, chroot)
 	if err := os.WriteFile(filepath.Join(p.dir, "master.cf"), []byte(master), 0o644); err != nil {
 		t.Fatalf("testenv: postfix: %v", err)
 	}
@@ -223,6 +231,9 @@ func PostfixRelaySettings() (map[string]string, error) {
 	}
 	return settings, nil
 }
+
+// QueueDir is the instance's queue_directory (a chrooted smtpd's root).
+func (p *Postfix) QueueDir() string { return p.queue }
 
 // Addr is the host:port of the instance's smtpd.
 func (p *Postfix) Addr() string { return p.addr }

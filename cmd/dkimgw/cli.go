@@ -47,7 +47,7 @@ func commands() []*command {
 	return []*command{
 		keysCommand,
 		signCommand,
-		serveCommand, configCommand,
+		serveCommand, milterCommand, configCommand,
 		rotateCommand, dnsCommand, stateCommand,
 		auditCommand,
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/dkimgw/dkimgw/hsm"
+	"github.com/dkimgw/dkimgw/milter"
 	"github.com/dkimgw/dkimgw/rotation"
 	"github.com/dkimgw/dkimgw/smtpproxy"
 )
@@ -334,4 +335,16 @@ func b2f(b bool) float64 {
 		return 1
 	}
 	return 0
+}
+
+var _ milter.Observer = (*metrics)(nil)
+
+// Message counts a message the milter decided on, in the relay's
+// dkimgw_messages_total and dkimgw_signatures_total: the outcomes have
+// the same names, and there is no upstream reply.
+func (m *metrics) Message(r milter.Report) {
+	m.messages.WithLabelValues(string(r.Outcome), r.Domain, r.Client).Inc()
+	for _, s := range r.Signatures {
+		m.signatures.WithLabelValues(s.Domain, s.Selector, s.Algorithm).Inc()
+	}
 }

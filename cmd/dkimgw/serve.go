@@ -37,7 +37,9 @@ state; a rotating domain without an active key gets 451 4.7.0.
 Every rotation.drift_every it checks that DNS serves the records of the
 active and retired keys as published (rotation.on_drift says what a
 drift does). On admin.listen (default 127.0.0.1:9465) it serves /metrics
-(Prometheus), /healthz and /readyz (see the README).
+(Prometheus), /healthz and /readyz (see the README). With milter.listen
+set, serve also runs the milter for Postfix and Sendmail, with the same
+keys (see 'dkimgw milter --help').
 SIGTERM or SIGINT: stop accepting, finish the transactions in flight
 (at most shutdown_grace), exit 0, within shutdown_grace even when a
 token call hangs. SIGHUP: reload the configuration and read the token's
@@ -71,16 +73,31 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	if code, ok := parseFlags(c, fs, serveUsage, serveLong, args); !ok {
 		return code
 	}
-	cfg, err := policy.Load(*path)
+	return runGateway(ctx, c, *path, true)
+}
+
+// runGateway runs what the configuration at path asks for: the relay
+// when relay is set (serve), and the milter listener when milter.listen
+// is set (always, for 'dkimgw milter'). Both share the token, the
+// keyring, the reconciler, the drift watch, the admin listener and the
+// audit log, and SIGHUP reloads both.
+func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
+	cfg, err := policy.Load(path)
 	if err != nil {
 		return failf(c, exitConfig, "invalid configuration:\n%v", err)
+	}
+	if relay && cfg.Upstream.Address == "" {
+		return failf(c, exitConfig, "%s: upstream.address is required for serve (only 'dkimgw milter' runs without one)", path)
+	}
+	if !relay && cfg.Milter.Listen == "" {
+		return failf(c, exitConfig, "%s: milter.listen is required for 'dkimgw milter' (inet:HOST:PORT or unix:/path)", path)
 	}
 	level := new(slog.LevelVar)
 	logger := newLogger(c.stderr, cfg.Log, level)
 	logWarnings(logger, cfg)
 	alog, err := openServeAudit(cfg, logger)
 	if err != nil {
-		return failf(c, exitCantCreate, "%s: audit.path: %v", *path, err)
+		return failf(c, exitCantCreate, "%s: audit.path: %v", path, err)
 	}
 
 	openCtx, cancel := context.WithTimeout(ctx, tokenTimeout)
@@ -105,38 +122,61 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	rot, err := prepareRotator(ctx, cfg, &ring, logger, alog.log)
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, setupExitCode(err), "%s: rotation: %v", *path, err)
+		return failf(c, setupExitCode(err), "%s: rotation: %v", path, err)
 	}
 	obs := newServeObs(cfg, &ring, rot)
 	obs.driftSink = alog
-	srv, err := smtpproxy.New(smtpproxy.Options{Policy: alog.policy(cfg), Settings: relaySettings(cfg), Keys: &ring, Logger: logger, Observer: obs.m})
-	if err != nil {
-		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, exitConfig, "%v", err)
+	var srv *smtpproxy.Server
+	var l net.Listener
+	if relay {
+		srv, err = smtpproxy.New(smtpproxy.Options{Policy: alog.policy(cfg), Settings: relaySettings(cfg), Keys: &ring, Logger: logger, Observer: obs.m})
+		if err != nil {
+			closeToken(ring.token(), time.Now().Add(shortClose), logger)
+			return failf(c, exitConfig, "%v", err)
+		}
+		l, err = net.Listen("tcp", cfg.SMTP.Listen)
+		if err != nil {
+			closeToken(ring.token(), time.Now().Add(shortClose), logger)
+			return failf(c, exitUnavailable, "smtp.listen: %v", err)
+		}
+		obs.srv.Store(srv)
 	}
-	l, err := net.Listen("tcp", cfg.SMTP.Listen)
+	ms, err := startMilter(cfg, &ring, obs.m, logger)
 	if err != nil {
+		if l != nil {
+			l.Close()
+		}
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, exitUnavailable, "smtp.listen: %v", err)
+		return failf(c, exitUnavailable, "%v", err)
 	}
-	obs.srv.Store(srv)
-	admin, err := startAdmin(cfg, obs.m, obs.readyChecks(), logger)
+	admin, err := startAdmin(cfg, obs.m, obs.readyChecks(relay), logger)
 	if err != nil {
-		l.Close()
+		if l != nil {
+			l.Close()
+		}
+		ms.close()
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitUnavailable, "%v", err)
 	}
 	if admin != nil {
 		logger.Info("admin listener serving /metrics, /healthz, /readyz", "admin_listen", admin.Addr(), "tls", cfg.Admin.TLS != nil, "bearer_token", len(cfg.Admin.BearerToken()) > 0)
 	}
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(l) }()
+	serveErr := make(chan error, 2)
+	if relay {
+		go func() { serveErr <- srv.Serve(l) }()
+	}
+	ms.serve(serveErr)
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	alog.record(ctx, configEvent(audit.EventConfigLoaded, cfg, nil))
-	logger.Info("dkimgw serving", "version", version(), "listen", l.Addr().String(), "config", *path)
+	if relay {
+		logger.Info("dkimgw serving", "version", version(), "listen", l.Addr().String(), "config", path)
+	}
+	if ms != nil {
+		logger.Info("dkimgw milter serving", "version", version(), "milter_listen", ms.addr(), "config", path)
+	}
 	alog.start(cfg.Audit.CheckpointEvery.D(), func() error { return ring.token().PINError() })
 	if rot != nil {
 		rot.start(&ring, logger)
@@ -148,7 +188,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	for {
 		select {
 		case <-hup:
-			next, nrot := reload(ctx, srv, cfg, &ring, rot, *path, logger, level, c.getenv, alog)
+			next, nrot := reload(ctx, srv, ms, cfg, &ring, rot, path, logger, level, c.getenv, alog)
 			obs.m.reloaded(next != nil)
 			if next != nil {
 				cfg, rot = next, nrot
@@ -160,6 +200,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 				drift.start()
 			}
 		case err := <-serveErr:
+			ms.close()
 			drift.stop(time.Now().Add(shortClose))
 			admin.shutdown(time.Now().Add(shortClose))
 			rot.stop(time.Now().Add(shortClose), logger)
@@ -173,9 +214,15 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 			sctx, cancel := context.WithDeadline(context.Background(), deadline)
 			drift.stop(deadline)
 			rot.stop(deadline, logger)
-			err := srv.Shutdown(sctx)
+			var err error
+			if srv != nil {
+				err = srv.Shutdown(sctx)
+				<-serveErr
+			}
+			if merr := ms.shutdown(sctx); merr != nil && err == nil {
+				err = merr
+			}
 			cancel()
-			<-serveErr
 			// The admin listener goes last: /metrics and /readyz answer
 			// (unready is not reported; the relay is draining) while
 			// transactions finish.
@@ -231,7 +278,7 @@ func closeToken(tok *hsm.Token, deadline time.Time, logger *slog.Logger) {
 // replaces the old one once everything else checked out; the active keys
 // are read from the state again, so the keyring stays as it was for the
 // domains whose policy did not change.
-func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring *keyring, rot *rotator, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string, alog *serveAudit) (*policy.Config, *rotator) {
+func reload(ctx context.Context, srv *smtpproxy.Server, ms *milterListener, cur *policy.Config, ring *keyring, rot *rotator, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string, alog *serveAudit) (*policy.Config, *rotator) {
 	cfg, err := policy.Load(path)
 	if err == nil && cfg.HSM.URI != cur.HSM.URI {
 		err = errors.New("hsm.uri changed, which needs a restart")
@@ -244,6 +291,12 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 	}
 	if err == nil && !sameAdminListener(cfg, cur) {
 		err = errors.New("admin.listen or admin.tls changed, which needs a restart")
+	}
+	if err == nil && !sameMilterListener(cfg, cur) {
+		err = errors.New("milter.listen, its socket or timeouts changed, which needs a restart")
+	}
+	if err == nil && srv != nil && cfg.Upstream.Address == "" {
+		err = errors.New("upstream.address is required for serve")
 	}
 	kctx, cancel := context.WithTimeout(ctx, tokenTimeout)
 	defer cancel()
@@ -265,7 +318,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 		nrot, err = prepareRotator(kctx, cfg, ring, logger, alog.log)
 		if err != nil {
 			err = fmt.Errorf("rotation: %w", err)
-		} else {
+		} else if srv != nil {
 			err = srv.Reload(alog.policy(cfg), relaySettings(cfg))
 		}
 		if err != nil {
@@ -283,6 +336,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 		alog.record(ctx, audit.Event{Event: audit.EventReloadRefused, Details: map[string]any{"config": path, "error": err.Error()}})
 		return nil, nil
 	}
+	ms.reload(cfg)
 	rot.stop(time.Now().Add(rotatorStopWait), logger)
 	if nrot != nil {
 		nrot.start(ring, logger)

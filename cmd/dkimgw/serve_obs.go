@@ -107,9 +107,9 @@ func (o *serveObs) stateCheck(context.Context) error {
 
 // readyChecks are /readyz's conditions: the configuration is loaded, the
 // token gives a free, logged-in session, the upstream accepts a TCP
-// connection.
-func (o *serveObs) readyChecks() []readyCheck {
-	return []readyCheck{
+// connection (for the relay; a milter-only gateway has no upstream).
+func (o *serveObs) readyChecks(relay bool) []readyCheck {
+	checks := []readyCheck{
 		{name: "config", check: func(context.Context) error {
 			if o.cfg.Load() == nil {
 				return errors.New("no configuration loaded")
@@ -119,9 +119,13 @@ func (o *serveObs) readyChecks() []readyCheck {
 		{name: "token", check: func(ctx context.Context) error {
 			return o.ring.token().Check(ctx)
 		}},
-		{name: "upstream", check: dialCheck(func() string { return o.cfg.Load().Upstream.Address })},
 		{name: "state", check: o.stateCheck, advisory: true},
 	}
+	// A milter hands nothing on: its MTA delivers.
+	if relay {
+		checks = append(checks, readyCheck{name: "upstream", check: dialCheck(func() string { return o.cfg.Load().Upstream.Address })})
+	}
+	return checks
 }
 
 // sameAdminListener reports whether the admin listener of next is the
