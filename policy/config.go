@@ -378,6 +378,19 @@ const (
 // problem found is reported, each as an *[Error] naming path and line,
 // joined with errors.Join.
 func Load(path string) (*Config, error) {
+	return LoadWith(path, LoadOptions{})
+}
+
+// LoadOptions are what a configuration file may leave to its caller.
+type LoadOptions struct {
+	// HSMURI is the token URI used when the file has no hsm.uri (dkimgw
+	// takes it from $DKIMGW_HSM, as its other commands do). Empty: hsm.uri
+	// is required.
+	HSMURI string
+}
+
+// LoadWith is [Load] with options.
+func LoadWith(path string, opts LoadOptions) (*Config, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("policy: read config: %w", err)
@@ -390,7 +403,7 @@ func Load(path string) (*Config, error) {
 	if len(data) > maxConfigBytes {
 		return nil, fmt.Errorf("policy: config %s is larger than %d bytes", path, maxConfigBytes)
 	}
-	return Parse(path, data, nil)
+	return parse(path, data, nil, opts)
 }
 
 // Parse decodes, defaults and validates a configuration read from the
@@ -398,6 +411,10 @@ func Load(path string) (*Config, error) {
 // (password, TLS and CA files), relative names being joined to name's
 // directory first; nil means os.ReadFile.
 func Parse(name string, data []byte, readFile func(name string) ([]byte, error)) (*Config, error) {
+	return parse(name, data, readFile, LoadOptions{})
+}
+
+func parse(name string, data []byte, readFile func(name string) ([]byte, error), opts LoadOptions) (*Config, error) {
 	if readFile == nil {
 		readFile = os.ReadFile
 	}
@@ -425,6 +442,9 @@ func Parse(name string, data []byte, readFile func(name string) ([]byte, error))
 	}
 
 	cfg.Path = name
+	if cfg.HSM.URI == "" {
+		cfg.HSM.URI = opts.HSMURI
+	}
 	cfg.applyDefaults()
 	v := &validator{file: name, loc: locator{root: root.Content[0]}, dir: filepath.Dir(name), readFile: readFile}
 	v.validate(cfg)
@@ -493,7 +513,7 @@ func (e *Error) Error() string {
 
 var (
 	yamlLineRe    = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
-	yamlUnknownRe = regexp.MustCompile(`^field (\S+) not found in type \S+$`)
+	yamlUnknownRe = regexp.MustCompile(`^field (\S+) not found in type (\S+)$`)
 )
 
 // yamlErrors turns the decoder's errors into *Error values, one per
@@ -516,6 +536,9 @@ func yamlErrors(file string, err error) error {
 		}
 		if sm := yamlUnknownRe.FindStringSubmatch(e.Msg); sm != nil {
 			e.Msg = fmt.Sprintf("unknown key %q", sm[1])
+			if near := nearestKey(sm[1], sm[2]); near != "" {
+				e.Msg += fmt.Sprintf(" (did you mean %s?)", near)
+			}
 		}
 		e.Msg = strings.NewReplacer(
 			"into time.Duration", "into a duration (write it like 90s, 5m or 120h)",

@@ -75,7 +75,7 @@ func (v *validator) validate(c *Config) {
 func (v *validator) validateHSM(c *Config) {
 	switch {
 	case c.HSM.URI == "":
-		v.errorf(at("hsm"), "hsm.uri is required (an RFC 7512 pkcs11: URI naming the token)")
+		v.errorf(at("hsm"), "hsm.uri is required (an RFC 7512 pkcs11: URI naming the token); dkimgw serve and config check also take it from $DKIMGW_HSM")
 	case !strings.HasPrefix(strings.ToLower(c.HSM.URI), "pkcs11:"):
 		// Do not echo the value: it may hold a PIN.
 		v.errorf(at("hsm", "uri"), "hsm.uri must be an RFC 7512 URI starting with \"pkcs11:\"")

@@ -106,12 +106,12 @@ func (s *auditKeySource) public(ctx context.Context, c *cli, cfg *policy.Config)
 	defer cancel()
 	tok, err := hsm.Open(ctx, uri, hsm.Options{Logger: errorLogger(c), Getenv: c.getenv})
 	if err != nil {
-		return nil, failf(c, tokenExitCode(err), "%v", err)
+		return nil, failToken(c, err, "%v", err)
 	}
 	defer tok.Close()
 	key, err := tok.AuditKey(ctx)
 	if err != nil {
-		return nil, failf(c, tokenExitCode(err), "%v", err)
+		return nil, failToken(c, err, "%v", err)
 	}
 	return key.Public(), exitOK
 }
@@ -124,7 +124,7 @@ func loadOptional(c *cli, path string, named bool) (*policy.Config, int, bool) {
 			return nil, exitOK, true
 		}
 	}
-	cfg, err := policy.Load(path)
+	cfg, err := loadConfig(c.getenv, path)
 	if err != nil {
 		return nil, failf(c, exitConfig, "invalid configuration:\n%v", err), false
 	}

@@ -18,8 +18,13 @@ const (
 	exitDataErr     = 65 // EX_DATAERR: the input (a message) was refused
 	exitUnavailable = 69 // EX_UNAVAILABLE: a needed service or object is missing
 	exitSoftware    = 70 // EX_SOFTWARE: internal error
+	exitOSErr       = 71 // EX_OSERR: the system refused a resource (serve cannot bind its address)
 	exitTempFail    = 75 // EX_TEMPFAIL: try again later (token unavailable, ...)
 	exitConfig      = 78 // EX_CONFIG: the configuration is invalid
+	// exitKeyUnusable is for a key that exists but that dkimgw refuses to
+	// sign with (too weak, extractable, imported): like a missing key, the
+	// object the command needs is not available.
+	exitKeyUnusable = exitUnavailable
 )
 
 // cli is the process environment a command runs in. Tests build one with
@@ -68,8 +73,11 @@ func run(ctx context.Context, args []string, c *cli) int {
 		}
 		printHelp(c.stdout)
 		return exitOK
-	case "version", "--version":
-		fmt.Fprintln(c.stdout, "dkimgw", version())
+	case "version", "--version", "-version":
+		if len(args) > 1 {
+			return failf(c, exitUsage, "version: unexpected argument %q", args[1])
+		}
+		printVersion(c.stdout)
 		return exitOK
 	}
 	cmd := findCommand(args[0])
@@ -94,7 +102,9 @@ func printHelp(w io.Writer) {
 	for _, cmd := range commands() {
 		fmt.Fprintf(w, "  %-10s %s\n", cmd.name, cmd.short)
 	}
-	fmt.Fprint(w, "\nRun 'dkimgw <command> --help' for a command's flags.\n")
+	fmt.Fprintf(w, "  %-10s %s\n", "version", "print the version, VCS commit and date, and Go version (also --version)")
+	fmt.Fprintf(w, "  %-10s %s\n", "help", "this list; 'dkimgw help <command>' for one command")
+	fmt.Fprint(w, "\nRun 'dkimgw <command> --help' for a command's flags and exit statuses.\n")
 }
 
 // newFlagSet returns a flag set for one command. A bad flag prints the

@@ -62,7 +62,7 @@ func runConfig(ctx context.Context, c *cli, args []string) int {
 	if code, ok := parseFlags(c, fs, configUsage, configLong, args[1:]); !ok {
 		return code
 	}
-	cfg, err := policy.Load(*path)
+	cfg, err := loadConfig(c.getenv, *path)
 	if err != nil {
 		return failf(c, exitConfig, "invalid configuration:\n%v", err)
 	}
@@ -76,11 +76,11 @@ func runConfig(ctx context.Context, c *cli, args []string) int {
 	defer cancel()
 	tok, err := hsm.Open(ctx, cfg.HSM.URI, hsm.Options{Logger: errorLogger(c), Getenv: c.getenv})
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%s: hsm.uri: %v", *path, err)
+		return failToken(c, err, "%s: hsm.uri: %v", *path, err)
 	}
 	defer tok.Close()
 	if _, err := checkKeys(ctx, tok, cfg, c.stdout); err != nil {
-		return failf(c, tokenExitCode(err), "%s: %v", *path, err)
+		return failToken(c, err, "%s: %v", *path, err)
 	}
 	fmt.Fprintf(c.stdout, "%s: OK (%d clients, %d domains, %d keys, %d rotating domains, %d warnings)\n", *path, len(cfg.Clients), len(cfg.Domains), len(cfg.Selectors()), len(cfg.Rotating()), len(cfg.Warnings))
 	return exitOK

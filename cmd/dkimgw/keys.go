@@ -124,7 +124,7 @@ signing with the key.`
 	}
 	al.seal(ctx, c, tok)
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	info := key.Info()
 	line, err := hsm.ZoneLine(info.Domain, info.Selector, ttl, key.Public())
@@ -181,7 +181,7 @@ with the reason: dkimgw refuses to sign with it.`
 	defer release()
 	infos, err := tok.Keys(ctx)
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	list := make([]keyJSON, 0, len(infos))
 	for _, i := range infos {
@@ -256,7 +256,7 @@ BIND zone file accepts it.`
 	defer release()
 	key, err := tok.Key(ctx, kf.domain, kf.selector)
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	line, err := hsm.ZoneLine(key.Info().Domain, key.Info().Selector, ttl, key.Public())
 	if err != nil {
@@ -319,7 +319,7 @@ selector from signing and wait out the grace period first.`
 	}
 	al.seal(ctx, c, tok)
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	fmt.Fprintf(c.stderr, "destroyed %s in token %q\n", hsm.RecordName(kf.domain, strings.ToLower(kf.selector)), tok.Info().Label)
 	return exitOK

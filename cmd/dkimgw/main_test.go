@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -29,4 +30,24 @@ func runCLI(t *testing.T, env map[string]string, stdin string, args ...string) r
 		getenv: func(k string) string { return env[k] },
 	})
 	return result{code, stdout.String(), stderr.String()}
+}
+
+// TestVersion checks that `dkimgw version` and `--version` print the
+// version, the commit lines and the Go version, and that the top-level
+// help lists --version.
+func TestVersion(t *testing.T) {
+	for _, arg := range []string{"version", "--version"} {
+		r := runCLI(t, nil, "", arg)
+		if r.code != exitOK {
+			t.Fatalf("%s: exit %d: %s", arg, r.code, r.stderr)
+		}
+		for _, want := range []string{"dkimgw ", "\ncommit: ", "\ncommit date: ", "\ngo: " + runtime.Version() + "\n"} {
+			if !strings.Contains(r.stdout, want) {
+				t.Errorf("%s: output %q lacks %q", arg, r.stdout, want)
+			}
+		}
+	}
+	if r := runCLI(t, nil, "", "help"); !strings.Contains(r.stdout, "--version") {
+		t.Errorf("help does not list --version:\n%s", r.stdout)
+	}
 }

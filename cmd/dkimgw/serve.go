@@ -71,7 +71,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	if code, ok := parseFlags(c, fs, serveUsage, serveLong, args); !ok {
 		return code
 	}
-	cfg, err := policy.Load(*path)
+	cfg, err := loadConfig(c.getenv, *path)
 	if err != nil {
 		return failf(c, exitConfig, "invalid configuration:\n%v", err)
 	}
@@ -97,7 +97,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	cancel()
 	if err != nil {
 		alog.recordTokenError(ctx, err)
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	alog.useToken(ctx, tok)
 
@@ -117,14 +117,14 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	l, err := net.Listen("tcp", cfg.SMTP.Listen)
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, exitUnavailable, "smtp.listen: %v", err)
+		return failf(c, exitOSErr, "smtp.listen: %v", err)
 	}
 	obs.srv.Store(srv)
 	admin, err := startAdmin(cfg, obs.m, obs.readyChecks(), logger)
 	if err != nil {
 		l.Close()
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, exitUnavailable, "%v", err)
+		return failf(c, exitOSErr, "%v", err)
 	}
 	if admin != nil {
 		logger.Info("admin listener serving /metrics, /healthz, /readyz", "admin_listen", admin.Addr(), "tls", cfg.Admin.TLS != nil, "bearer_token", len(cfg.Admin.BearerToken()) > 0)
@@ -232,7 +232,7 @@ func closeToken(tok *hsm.Token, deadline time.Time, logger *slog.Logger) {
 // are read from the state again, so the keyring stays as it was for the
 // domains whose policy did not change.
 func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring *keyring, rot *rotator, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string, alog *serveAudit) (*policy.Config, *rotator) {
-	cfg, err := policy.Load(path)
+	cfg, err := loadConfig(getenv, path)
 	if err == nil && cfg.HSM.URI != cur.HSM.URI {
 		err = errors.New("hsm.uri changed, which needs a restart")
 	}
