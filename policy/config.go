@@ -218,7 +218,10 @@ func (t *TLS) Certificate() *tls.Certificate { return t.cert }
 
 // Upstream is the MTA that receives signed mail.
 type Upstream struct {
-	// Address is the upstream's host:port. Required.
+	// Address is the upstream's host:port. Required. "capture:DIR"
+	// instead stores each signed message as a file in the directory DIR
+	// (relative to the configuration's directory) and delivers nothing:
+	// for staging and demonstrations. Validation makes DIR absolute.
 	Address string `yaml:"address"`
 	// TLS is none (default), opportunistic (STARTTLS when offered, the
 	// certificate not checked, as RFC 7435 allows) or required (STARTTLS
@@ -253,6 +256,20 @@ type Upstream struct {
 	MaxIdle int `yaml:"max_idle"`
 
 	roots *x509.CertPool
+}
+
+// CapturePrefix starts an upstream.address that captures messages into a
+// directory instead of relaying them.
+const CapturePrefix = "capture:"
+
+// CaptureDir returns the absolute directory of a capture: upstream, or ""
+// for a real one.
+func (u *Upstream) CaptureDir() string {
+	dir, _ := strings.CutPrefix(u.Address, CapturePrefix)
+	if dir == u.Address {
+		return ""
+	}
+	return dir
 }
 
 // RootCAs returns the CA pool read from TLSCAFile, or nil for the system

@@ -418,3 +418,45 @@ domains:
 		t.Errorf("Load(missing) = %v", err)
 	}
 }
+
+// TestCaptureUpstream checks upstream.address capture:DIR: the directory
+// is made absolute against the configuration's, and must exist as a
+// directory; a group-readable one is a warning.
+func TestCaptureUpstream(t *testing.T) {
+	dir := t.TempDir()
+	os.Mkdir(filepath.Join(dir, "cap"), 0o700)
+	os.Mkdir(filepath.Join(dir, "open"), 0o700)
+	os.Chmod(filepath.Join(dir, "open"), 0o755)
+	os.WriteFile(filepath.Join(dir, "file"), nil, 0o600)
+	load := func(addr string) (*Config, error) {
+		t.Helper()
+		path := filepath.Join(dir, "dkimgw.yaml")
+		os.WriteFile(path, []byte(strings.Replace(minimal, `"127.0.0.1:10026"`, `"`+addr+`"`, 1)), 0o600)
+		return Load(path)
+	}
+	cfg, err := load("capture:cap")
+	if err != nil {
+		t.Fatalf("capture:cap: %v", err)
+	}
+	if got, want := cfg.Upstream.CaptureDir(), filepath.Join(dir, "cap"); got != want || cfg.Upstream.Address != "capture:"+want {
+		t.Errorf("CaptureDir() = %q, address %q; want %q", got, cfg.Upstream.Address, want)
+	}
+	if w := strings.Join(cfg.Warnings, "\n"); strings.Contains(w, "capture") {
+		t.Errorf("warning for a 0700 directory: %v", w)
+	}
+	if cfg, err := load("capture:open"); err != nil || !strings.Contains(strings.Join(cfg.Warnings, "\n"), "(mode 0755): captured messages are readable there; chmod 700") {
+		t.Errorf("capture:open: %v; want a warning saying chmod 700", err)
+	}
+	for addr, want := range map[string]string{
+		"capture:":        "needs a directory",
+		"capture:missing": "mkdir -m 700 " + filepath.Join(dir, "missing"),
+		"capture:file":    "is not a directory",
+	} {
+		if _, err := load(addr); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v; want an error saying %q", addr, err, want)
+		}
+	}
+	if cfg, err := load("127.0.0.1:25"); err != nil || cfg.Upstream.CaptureDir() != "" {
+		t.Errorf("a host:port upstream: %v, capture dir %q", err, cfg.Upstream.CaptureDir())
+	}
+}

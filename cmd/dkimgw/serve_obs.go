@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -87,7 +89,17 @@ func (o *serveObs) readyChecks() []readyCheck {
 		{"token", func(ctx context.Context) error {
 			return o.ring.token().Check(ctx)
 		}},
-		{"upstream", dialCheck(func() string { return o.cfg.Load().Upstream.Address })},
+		{"upstream", func(ctx context.Context) error {
+			u := o.cfg.Load().Upstream
+			if dir := u.CaptureDir(); dir != "" {
+				// Nothing to dial: the directory must still be there.
+				if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+					return fmt.Errorf("capture directory %s is gone", dir)
+				}
+				return nil
+			}
+			return dialCheck(func() string { return u.Address })(ctx)
+		}},
 	}
 }
 
