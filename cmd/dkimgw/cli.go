@@ -50,6 +50,7 @@ type command struct {
 // commands is the command table; `dkimgw help` lists it in this order.
 func commands() []*command {
 	return []*command{
+		initCommand,
 		keysCommand,
 		signCommand,
 		serveCommand, configCommand,
