@@ -128,3 +128,18 @@ func TestCaptureUnwritableIs451(t *testing.T) {
 		t.Errorf("capture directory holds %v, want one message", entries)
 	}
 }
+
+// TestDataReplyIsTheUpstreamsOwn checks that the 250 to DATA is the
+// upstream's reply, enhanced code and text (its queue ID) unchanged: a
+// backend's Data returning a *smtp.SMTPError with code 250 is written as
+// the reply by go-smtp.
+func TestDataReplyIsTheUpstreamsOwn(t *testing.T) {
+	h := newHarness(t, "")
+	resp, err := send(h.dial(), "bounce@mail.example.com", []string{"a@example.net"}, testMsg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusText != "2.0.0 Ok: queued as SINK1" {
+		t.Errorf("reply to DATA = 250 %q, want the sink's 250 2.0.0 Ok: queued as SINK1", resp.StatusText)
+	}
+}

@@ -132,8 +132,7 @@ func parseFlags(c *cli, fs *flag.FlagSet, usage, long string, args []string) (co
 			fmt.Fprintf(c.stdout, "%s\n\n", long)
 		}
 		fmt.Fprintln(c.stdout, "flags:")
-		fs.SetOutput(c.stdout)
-		fs.PrintDefaults()
+		printFlags(c.stdout, fs)
 		return exitOK, false
 	}
 	if err != nil {
@@ -145,6 +144,30 @@ func parseFlags(c *cli, fs *flag.FlagSet, usage, long string, args []string) (co
 		return exitUsage, false
 	}
 	return exitOK, true
+}
+
+// printFlags lists fs's flags as flag.PrintDefaults does, but spelt
+// --name, as the usage lines and the documentation spell them.
+func printFlags(w io.Writer, fs *flag.FlagSet) {
+	fs.VisitAll(func(f *flag.Flag) {
+		name, usage := flag.UnquoteUsage(f)
+		line := "  --" + f.Name
+		if name != "" {
+			line += " " + name
+		}
+		usage = strings.ReplaceAll(usage, "\n", "\n    \t")
+		fmt.Fprintf(w, "%s\n    \t%s", line, usage)
+		if d := f.DefValue; d != "" && d != "false" && d != "0" && d != "[]" {
+			if g, ok := f.Value.(flag.Getter); ok {
+				switch g.Get().(type) {
+				case string:
+					d = fmt.Sprintf("%q", d) // strings, paths and addresses
+				}
+			}
+			fmt.Fprintf(w, " (default %s)", d)
+		}
+		fmt.Fprintln(w)
+	})
 }
 
 // failf prints a one-line error to stderr and returns code.

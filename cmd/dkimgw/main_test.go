@@ -51,3 +51,25 @@ func TestVersion(t *testing.T) {
 		t.Errorf("help does not list --version:\n%s", r.stdout)
 	}
 }
+
+// TestHelpSpellsFlagsOneWay checks that every flag list in --help spells
+// flags --name, as the usage lines and docs/cli.md do.
+func TestHelpSpellsFlagsOneWay(t *testing.T) {
+	for _, args := range [][]string{
+		{"init"}, {"keys", "generate"}, {"keys", "list"}, {"keys", "dns"}, {"keys", "destroy"}, {"sign"},
+		{"serve"}, {"config", "check"}, {"rotate"}, {"dns", "pending"}, {"dns", "check"},
+		{"audit"}, {"audit", "verify-log"}, {"audit", "export-key"},
+	} {
+		r := runCLI(t, nil, "", append(args, "--help")...)
+		_, flags, ok := strings.Cut(r.stdout, "\nflags:\n")
+		if r.code != exitOK || !ok {
+			t.Errorf("%v --help: exit %d, no flag list:\n%s", args, r.code, r.stdout)
+			continue
+		}
+		for line := range strings.SplitSeq(flags, "\n") {
+			if strings.HasPrefix(line, "  -") && !strings.HasPrefix(line, "  --") {
+				t.Errorf("%v --help lists a flag as %q", args, line)
+			}
+		}
+	}
+}
