@@ -170,6 +170,33 @@ dns:
   check_servers: ["127.0.0.1:1"]
   timeout: 1s
 `)
+	// The same on a fresh state, where dns check has nothing to ask.
+	rotatingFresh := config("rotating-fresh", uri, `domains:
+  example.com: {selectors: [rsa]}
+  rot.example.com: {rotation: {publisher: byhand}}
+dns:
+  publishers: {byhand: {type: manual}}
+  check_servers: ["127.0.0.1:1"]
+  timeout: 1s
+`)
+	rotatingWrongPIN := strings.Replace(mustRead(t, rotating), uri, wrongPINFile, 1)
+	rotatingWrongPINConf := write("rotating-wrong-pin.yaml", rotatingWrongPIN, 0o600)
+	// The audit review of a token with nothing wrong in it: only a
+	// rotating domain, no key yet, so no DNS to ask.
+	cleanAudit := write("clean-audit.yaml", fmt.Sprintf(`hsm: {uri: %q}
+upstream: {address: "capture:%s"}
+clients: [{name: local, networks: ["127.0.0.0/8"], domains: [rot.example.com]}]
+data_dir: %q
+admin: {listen: ""}
+domains:
+  rot.example.com: {rotation: {publisher: byhand}}
+dns:
+  publishers: {byhand: {type: manual}}
+  check_servers: ["127.0.0.1:1"]
+  timeout: 1s
+`, st3.URI(), capture, filepath.Join(dir, "clean-audit-data")), 0o600)
+	os.Mkdir(filepath.Join(dir, "clean-audit-data"), 0o700)
+
 	// An audit log: records from keys generate, sealed by nobody
 	// (verify-log with the token's key checks the chain), and a copy
 	// with one record changed.
@@ -266,22 +293,36 @@ dns:
 			{args: []string{"config", "check", "--config", openPINConf}, want: "chmod 600"},
 		},
 
-		"rotate 0":        {{args: []string{"rotate", "--config", rotating, "--dry-run"}}},
+		"rotate 0":        {{args: []string{"rotate", "--config", rotating, "--dry-run"}}, {args: []string{"rotate", "--config", rotating}, want: "generated the key"}},
 		"rotate 64":       {{args: []string{"rotate", "--config", rotating, "--emergency"}, want: "--emergency needs --domain"}},
 		"rotate 75":       {{args: []string{"rotate", "--config", rotating, "--timeout", timeout1ns}}},
+		"rotate 77":       {{args: []string{"rotate", "--config", rotatingWrongPINConf}, want: "PIN incorrect"}},
 		"rotate 78":       {{args: []string{"rotate", "--config", good}, want: "no domain has a rotation policy"}},
 		"rotate status 0": {{args: []string{"rotate", "status", "--config", rotating}}},
 
 		"dns pending 0":  {{args: []string{"dns", "pending", "--config", rotating}}},
 		"dns pending 64": {{args: []string{"dns", "pending", "--config", rotating, "--format", "bind"}, want: "--format"}},
 		"dns pending 78": {{args: []string{"dns", "pending", "--config", unknownKey}, want: "did you mean"}},
+		"dns check 0":    {{args: []string{"dns", "check", "--config", rotatingFresh}, want: "0 records checked"}},
+		"dns check 1":    {{args: []string{"dns", "check", "--config", rotating}, want: "MISMATCH"}}, // after rotate 0 generated a key
 		"dns check 64":   {{args: []string{"dns", "check", "--config", rotating, "extra"}, want: "unexpected argument"}},
+		"dns check 75":   {{args: []string{"dns", "check", "--config", rotating, "--timeout", timeout1ns}}},
+		"dns check 77":   {{args: []string{"dns", "check", "--config", rotatingWrongPINConf}, want: "PIN incorrect"}},
 		"dns check 78":   {{args: []string{"dns", "check", "--config", unknownKey}, want: "did you mean"}},
+
+		"audit 0":  {{args: []string{"audit", "--config", cleanAudit}, want: "KEY"}},
+		"audit 1":  {{args: []string{"audit", "--config", rotatingFresh}, want: "ERROR: weak._domainkey.example.com"}},
+		"audit 64": {{args: []string{"audit", "--config", cleanAudit, "extra"}, want: "unexpected argument"}},
+		"audit 75": {{args: []string{"audit", "--config", cleanAudit, "--timeout", timeout1ns}}},
+		"audit 77": {{args: []string{"audit", "--config", rotatingWrongPINConf}, want: "PIN incorrect"}},
+		"audit 78": {{args: []string{"audit", "--config", unknownKey}, want: "did you mean"}},
 
 		"audit verify-log 0":  {{args: []string{"audit", "verify-log", "--path", auditLog, "--hsm", st2.URI()}, want: "verify"}},
 		"audit verify-log 65": {{args: []string{"audit", "verify-log", "--path", brokenLog, "--hsm", st2.URI()}, want: "BROKEN"}},
 		"audit verify-log 66": {{args: []string{"audit", "verify-log", "--path", filepath.Join(dir, "none.log"), "--hsm", st2.URI()}, want: "no such file"}},
 		"audit verify-log 69": {{args: []string{"audit", "verify-log", "--path", auditLog, "--hsm", st3.URI()}, want: hsm.AuditKeyLabel}},
+		"audit verify-log 75": {{args: []string{"audit", "verify-log", "--path", auditLog, "--hsm", st2.URI(), "--timeout", timeout1ns}}},
+		"audit verify-log 77": {{args: []string{"audit", "verify-log", "--path", auditLog, "--hsm", strings.Replace(st2.URI(), st2.PIN, "x"+st2.PIN, 1)}, want: "PIN incorrect"}},
 		"audit export-key 0":  {{args: []string{"audit", "export-key", "--hsm", st2.URI()}, want: "BEGIN PUBLIC KEY"}},
 		"audit export-key 69": {{args: []string{"audit", "export-key", "--hsm", st3.URI()}, want: hsm.AuditKeyLabel}},
 
@@ -331,6 +372,9 @@ func runStatusCase(t *testing.T, bin string, tc statusCase) (int, string) {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, tc.args...)
 	cmd.Env = slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, hsmEnv+"=") })
+	// The race detector waits 1s at exit for late reports by default;
+	// a tenth of that keeps the walk fast and still reports them.
+	cmd.Env = append(cmd.Env, "GORACE=atexit_sleep_ms=100")
 	for k, v := range tc.env {
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
