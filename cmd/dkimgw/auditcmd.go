@@ -47,7 +47,9 @@ configuration.
 Exit status of verify-log: 0 the chain and every checkpoint verify
 (records after the last checkpoint are reported as not sealed yet, a
 warning); 65 a record is broken (the first one is named); 66 no log
-file; 69 no audit key to verify with; 75 token unavailable; 77 wrong PIN.`
+file; 69 no audit key to verify with; 75 token unavailable; 77 wrong PIN.
+Exit status of export-key: 0 printed; 69 the token has no audit key yet
+(serve generates it); 75 token unavailable; 77 wrong PIN; 78 bad token URI.`
 
 func runAudit(ctx context.Context, c *cli, args []string) int {
 	if len(args) > 0 {

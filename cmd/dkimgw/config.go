@@ -34,8 +34,14 @@ contacting DNS or writing the rotation state. It serves nothing. Warnings (thing
 that are valid but risky, such as a client network wider than /16) go
 to stderr and do not change the exit status.
 
-Exit status: 0 valid; 78 the file is invalid; 69 a key is missing or
-unusable; 75 the token is unreachable (try again); 77 wrong PIN.`
+Without hsm.uri, the token URI comes from $DKIMGW_HSM. An unknown key is
+reported with the nearest known one ("did you mean max_idle?").
+
+Exit status: 0 valid; 64 bad arguments; 69 a key is missing, or one
+dkimgw refuses to sign with (RSA below 2048 bits, extractable, imported:
+the same status as from 'sign' and 'keys dns'); 75 the token is
+unreachable (try again); 77 wrong or locked PIN; 78 the file is invalid,
+or a bad pin-source, or no such token.`
 )
 
 var configCommand = &command{

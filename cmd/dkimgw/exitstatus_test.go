@@ -414,3 +414,35 @@ func runStatusCase(t *testing.T, bin string, tc statusCase) (int, string) {
 	}
 	return cmd.ProcessState.ExitCode(), stdout.String() + log.String()
 }
+
+// TestHelpNamesDocumentedStatuses checks that each command's --help
+// names, in its exit-status paragraph, every status docs/cli.md
+// documents for it.
+func TestHelpNamesDocumentedStatuses(t *testing.T) {
+	for _, r := range readStatusTable(t) {
+		if r.command == "help" || r.command == "version" || r.command == "rotate status" {
+			continue // no --help of their own (rotate status: rotate's)
+		}
+		words := strings.Fields(r.command)
+		res := runCLI(t, nil, "", append(words, "--help")...)
+		_, statuses, ok := strings.Cut(res.stdout, "Exit status")
+		if !ok && len(words) == 2 {
+			// A subcommand's statuses are in its command's help.
+			res = runCLI(t, nil, "", words[0], "--help")
+			_, statuses, ok = strings.Cut(res.stdout, "Exit status")
+		}
+		if res.code != exitOK || !ok {
+			t.Errorf("%s --help: exit %d, no exit-status paragraph", r.command, res.code)
+			continue
+		}
+		switch r.command {
+		case "audit":
+			statuses, _, _ = strings.Cut(statuses, "Exit status of verify-log")
+		case "audit verify-log", "audit export-key":
+			_, statuses, _ = strings.Cut(res.stdout, "Exit status of "+words[1])
+		}
+		if !regexp.MustCompile(`\b` + strconv.Itoa(r.status) + `\b`).MatchString(statuses) {
+			t.Errorf("%s --help does not name exit status %d, which docs/cli.md documents", r.command, r.status)
+		}
+	}
+}

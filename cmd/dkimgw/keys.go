@@ -39,10 +39,12 @@ The token comes from --hsm or $DKIMGW_HSM. generate and destroy record
 what they did, with the Unix user, in the audit log (--audit-log, else
 $DKIMGW_AUDIT_LOG, else audit.path of /etc/dkimgw/dkimgw.yaml), fsynced
 before they report success, and seal it when the token has the audit key.
-Exit status: 0 done; 64 bad arguments; 69 no such key, or the token lacks
-a needed mechanism; 73 the key exists already, or the audit log cannot be
+Exit status: 0 done; 64 bad arguments; 69 no such key, a key dkimgw
+refuses to sign with (RSA below 2048 bits, extractable, imported: the
+same status as from 'sign' and 'config check'), or the token lacks a
+needed mechanism; 73 the key exists already, or the audit log cannot be
 written; 75 token unavailable, try again; 77 wrong or locked PIN; 78 bad
-token URI or module path.`
+token URI, module path or pin-source, or no such token.`
 
 func runKeys(ctx context.Context, c *cli, args []string) int {
 	if len(args) == 0 {

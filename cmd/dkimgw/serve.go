@@ -54,7 +54,15 @@ refuses, every rotation transition and a summary of refused messages in
 the audit log (audit.path), and seals it with a checkpoint signed by the
 token's audit key every audit.checkpoint_every and at shutdown; it
 generates the audit key (label dkimgw-audit) in the token on its first
-start. See 'dkimgw audit --help'.`
+start. See 'dkimgw audit --help'.
+
+Without hsm.uri, the token URI comes from $DKIMGW_HSM.
+
+Exit status: 0 stopped by SIGTERM or SIGINT; 64 bad arguments; 69 a
+configured key is missing or unusable; 71 the SMTP or admin listen
+address cannot be bound (in use, no permission); 73 the audit log
+cannot be written; 75 token unavailable; 77 wrong or locked PIN; 78
+invalid configuration, bad pin-source, or no such token.`
 )
 
 var serveCommand = &command{

@@ -31,10 +31,14 @@ if it has no From or several, a From without a parseable domain, control
 characters in its header, or a header line over 998 octets. Nothing is
 written on stdout unless the message was signed.
 
-The token comes from --hsm or $DKIMGW_HSM. Exit status: 0 signed; 64 bad
-arguments; 65 message refused (the reason is on stderr); 69 no such key;
-75 token unavailable, try again; 77 wrong or locked PIN; 78 bad token URI
-or module path.`
+Each selector may be given once. The token comes from --hsm or
+$DKIMGW_HSM. Exit status: 0 signed; 64 bad arguments (a repeated
+--selector, a bad --expire); 65 message refused (the reason is on
+stderr); 69 no such key, or a key dkimgw refuses to sign with (RSA below
+2048 bits, extractable, imported: the same status as from 'keys dns' and
+'config check'); 75 token unavailable, try again; 77 wrong or locked PIN;
+78 bad token URI, module path or pin-source (missing file or variable,
+relative path, a PIN file others may read), or no such token.`
 
 // stringsFlag collects the values of a repeatable flag.
 type stringsFlag []string
