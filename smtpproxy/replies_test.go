@@ -94,4 +94,3 @@ func TestGoSMTPRcpt250IsNotAcceptance(t *testing.T) {
 		t.Fatalf("DATA after a 250 *SMTPError from Rcpt: %v; go-smtp changed: the upstream's RCPT text could now be relayed", err)
 	}
 }
-
