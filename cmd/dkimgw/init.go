@@ -133,8 +133,13 @@ func runInit(ctx context.Context, c *cli, args []string) int {
 
 	confPath := filepath.Join(in.dir, "dkimgw.yaml")
 	pinPath := filepath.Join(in.dir, "pin")
+	// A pin-source that is DIR/pin already is kept as it is.
+	keepPIN := pinSourcePath(uri) == pinPath
 	if !force {
 		for _, p := range []string{confPath, pinPath} {
+			if p == pinPath && keepPIN {
+				continue
+			}
 			if _, err := os.Lstat(p); err == nil {
 				return failf(c, exitCantCreate, "init: %s exists; keep it, or give --force to replace it", p)
 			}
@@ -229,8 +234,10 @@ func runInit(ctx context.Context, c *cli, args []string) int {
 	// all; the configuration is checked before it replaces anything.
 	cfgURI := *uri
 	cfgURI.PINValue, cfgURI.PINSource = "", "file:"+pinPath
-	if err := writeFileAtomic(pinPath, []byte(pin+"\n"), 0o600); err != nil {
-		return failf(c, exitCantCreate, "init: PIN file: %v", err)
+	if !keepPIN {
+		if err := writeFileAtomic(pinPath, []byte(pin+"\n"), 0o600); err != nil {
+			return failf(c, exitCantCreate, "init: PIN file: %v", err)
+		}
 	}
 	conf := initConfig(in, cfgURI.String(), selectors)
 	tmp := confPath + ".new"
@@ -278,6 +285,18 @@ func openWithPIN(ctx context.Context, c *cli, uri *hsm.URI, pin string) (*hsm.To
 		}
 		return c.getenv(k)
 	}})
+}
+
+// pinSourcePath is the file of a pin-source=file: URI, or "".
+func pinSourcePath(u *hsm.URI) string {
+	p, ok := strings.CutPrefix(u.PINSource, "file://")
+	if !ok {
+		p, _ = strings.CutPrefix(u.PINSource, "file:")
+	}
+	if !filepath.IsAbs(p) {
+		return ""
+	}
+	return filepath.Clean(p)
 }
 
 // check validates the input before anything is touched.

@@ -66,6 +66,27 @@ func TestInitThenConfigCheck(t *testing.T) {
 	}
 }
 
+// TestInitKeepsItsOwnPINSource checks that a URI whose pin-source is
+// DIR/pin already is taken as it is: the file is neither refused as in
+// the way nor rewritten.
+func TestInitKeepsItsOwnPINSource(t *testing.T) {
+	st := testenv.SoftHSM(t)
+	uri := st.URIWithPINFile(t)
+	_, pinPath, _ := strings.Cut(uri, "pin-source=file:")
+	dir := filepath.Dir(pinPath)
+	before, _ := os.Stat(pinPath)
+	r := runCLI(t, nil, "", "init", "--yes", "--hsm", uri, "--domain", "example.com", "--upstream", "127.0.0.1:25", "--dir", dir, "--data-dir", filepath.Join(dir, "data"))
+	if r.code != exitOK {
+		t.Fatalf("init: exit %d\n%s", r.code, r.stderr)
+	}
+	if after, _ := os.Stat(pinPath); !os.SameFile(before, after) || !after.ModTime().Equal(before.ModTime()) {
+		t.Errorf("init rewrote the PIN file it was pointed at")
+	}
+	if r := runCLI(t, nil, "", "config", "check", "--config", filepath.Join(dir, "dkimgw.yaml")); r.code != exitOK {
+		t.Fatalf("config check after init: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+}
+
 // TestInitInteractive answers init's questions on stdin.
 func TestInitInteractive(t *testing.T) {
 	st := testenv.SoftHSM(t)
