@@ -149,6 +149,8 @@ admin: {listen: ""}
 %s`, uri, capture, data, extra), 0o600)
 	}
 	good := config("good", uri, "domains: {example.com: {selectors: [rsa]}}\n")
+	// hsm.uri left out: serve and config check take $DKIMGW_HSM.
+	noURI := write("no-uri.yaml", regexp.MustCompile(`(?m)^hsm: .*\n`).ReplaceAllString(mustRead(t, good), ""), 0o600)
 	missingKey := config("missing-key", uri, "domains: {example.com: {selectors: [nokey]}}\n")
 	weakKey := config("weak-key", uri, "domains: {example.com: {selectors: [weak]}}\n")
 	wrongPINConf := config("wrong-pin", wrongPINFile, "domains: {example.com: {selectors: [rsa]}}\n")
@@ -270,7 +272,10 @@ dns:
 			{args: []string{"sign", "--hsm", "pkcs11:token=x?module-path=" + st.Module + "&pin-source=env:NO_SUCH_PIN", "--domain", "example.com", "--selector", "rsa"}, stdin: msg, want: "env:NO_SUCH_PIN"},
 		},
 
-		"serve 0":  {{args: []string{"serve", "--config", good}, serveUntilReady: true, want: "stopped"}},
+		"serve 0": {
+			{args: []string{"serve", "--config", good}, serveUntilReady: true, want: "stopped"},
+			{args: []string{"serve", "--config", noURI}, env: env, serveUntilReady: true, want: "stopped"},
+		},
 		"serve 64": {{args: []string{"serve", "--config", good, "extra"}, want: "unexpected argument"}},
 		"serve 69": {{args: []string{"serve", "--config", missingKey}, want: "not found"}, {args: []string{"serve", "--config", weakKey}, want: "too weak"}},
 		"serve 71": {{args: []string{"serve", "--config", portInUse}, want: "address already in use"}},
@@ -282,7 +287,7 @@ dns:
 			{args: []string{"serve", "--config", openPINConf}, want: "chmod 600"},
 		},
 
-		"config check 0":  {{args: []string{"config", "check", "--config", good}, want: "OK"}},
+		"config check 0":  {{args: []string{"config", "check", "--config", good}, want: "OK"}, {args: []string{"config", "check", "--config", noURI}, env: env, want: "OK"}},
 		"config check 64": {{args: []string{"config", "check", "--config", good, "extra"}, want: "unexpected argument"}},
 		"config check 69": {{args: []string{"config", "check", "--config", missingKey}, want: "not found"}, {args: []string{"config", "check", "--config", weakKey}, want: "too weak"}},
 		"config check 75": {{args: []string{"config", "check", "--config", good, "--timeout", timeout1ns}}},
