@@ -153,7 +153,7 @@ func (u *URI) PIN(getenv func(string) string) (string, error) {
 	case u.PINValue != "":
 		return u.PINValue, nil
 	case u.PINSource == "":
-		return "", errorf("%w: no PIN: add pin-source=file:/path/to/pin or pin-source=env:NAME to the PKCS#11 URI", ErrPINSource)
+		return "", pinSourceError(errorf("no PIN: add pin-source=file:/path/to/pin or pin-source=env:NAME to the PKCS#11 URI"))
 	}
 	src := u.PINSource
 	if name, ok := strings.CutPrefix(src, "env:"); ok {
@@ -162,7 +162,7 @@ func (u *URI) PIN(getenv func(string) string) (string, error) {
 		}
 		pin := getenv(name)
 		if pin == "" {
-			return "", errorf("%w: pin-source env:%s: the environment variable is unset or empty", ErrPINSource, name)
+			return "", pinSourceError(errorf("pin-source env:%s: the environment variable is unset or empty", name))
 		}
 		return pin, nil
 	}
@@ -173,31 +173,41 @@ func (u *URI) PIN(getenv func(string) string) (string, error) {
 		path = p
 	}
 	if !strings.HasPrefix(path, "/") {
-		return "", errorf("%w: pin-source %q: want file:/absolute/path or env:NAME", ErrPINSource, src)
+		return "", pinSourceError(errorf("pin-source %q: want file:/absolute/path or env:NAME", src))
 	}
 	f, err := os.Open(path)
 	if err != nil {
-		return "", errorf("%w: read PIN from pin-source: %w", ErrPINSource, err)
+		return "", pinSourceError(errorf("read PIN from pin-source: %w", err))
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return "", errorf("%w: read PIN from pin-source: %w", ErrPINSource, err)
+		return "", pinSourceError(errorf("read PIN from pin-source: %w", err))
 	}
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return "", errorf("%w: pin-source %s is accessible by group or others (mode %04o); run chmod 600 %s", ErrPINSource, path, perm, path)
+		return "", pinSourceError(errorf("pin-source %s is accessible by group or others (mode %04o); run chmod 600 %s", path, perm, path))
 	}
 	data, err := io.ReadAll(io.LimitReader(f, maxPINFileBytes))
 	if err != nil {
-		return "", errorf("%w: read PIN from pin-source: %w", ErrPINSource, err)
+		return "", pinSourceError(errorf("read PIN from pin-source: %w", err))
 	}
 	pin, _, _ := strings.Cut(string(data), "\n")
 	pin = strings.TrimRight(pin, "\r")
 	if pin == "" {
-		return "", errorf("%w: pin-source %s: the file's first line is empty", ErrPINSource, path)
+		return "", pinSourceError(errorf("pin-source %s: the file's first line is empty", path))
 	}
 	return pin, nil
 }
+
+// pinSourceError marks err as a pin-source problem (errors.Is
+// ErrPINSource) without changing its text.
+func pinSourceError(err error) error { return pinSourceErr{err} }
+
+type pinSourceErr struct{ err error }
+
+func (e pinSourceErr) Error() string        { return e.err.Error() }
+func (e pinSourceErr) Unwrap() error        { return e.err }
+func (e pinSourceErr) Is(target error) bool { return target == ErrPINSource }
 
 // maxPINFileBytes bounds what is read of a pin-source: a PIN is short, and
 // a pin-source pointing at a huge file is a mistake.
