@@ -36,10 +36,15 @@ and write under state.prefix. It serves nothing. Warnings (things
 that are valid but risky, such as a client network wider than /16) go
 to stderr and do not change the exit status.
 
-Exit status: 0 valid; 78 the file is invalid; 69 a key is missing or
-unusable; 75 the token or the etcd state store is unreachable (try
-again); 77 wrong PIN. TLS, credentials or permissions etcd refuses are
-78, with what to fix.`
+Without hsm.uri, the token URI comes from $DKIMGW_HSM. An unknown key is
+reported with the nearest known one ("did you mean max_idle?").
+
+Exit status: 0 valid; 64 bad arguments; 69 a key is missing, or one
+dkimgw refuses to sign with (RSA below 2048 bits, extractable, imported:
+the same status as from 'sign' and 'keys dns'); 75 the token or the etcd state store is
+unreachable (try again); 77 wrong or locked PIN; 78 the file is invalid,
+or a bad pin-source, or no such token, or etcd refuses TLS, credentials
+or permissions (with what to fix).`
 )
 
 var configCommand = &command{
@@ -66,7 +71,7 @@ func runConfig(ctx context.Context, c *cli, args []string) int {
 	if code, ok := parseFlags(c, fs, configUsage, configLong, args[1:]); !ok {
 		return code
 	}
-	cfg, err := policy.Load(*path)
+	cfg, err := loadConfig(c.getenv, *path)
 	if err != nil {
 		return failf(c, exitConfig, "invalid configuration:\n%v", err)
 	}
@@ -83,11 +88,11 @@ func runConfig(ctx context.Context, c *cli, args []string) int {
 	}
 	tok, err := hsm.Open(ctx, cfg.HSM.URI, hsm.Options{Logger: errorLogger(c), Getenv: c.getenv})
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%s: hsm.uri: %v", *path, err)
+		return failToken(c, err, "%s: hsm.uri: %v", *path, err)
 	}
 	defer tok.Close()
 	if _, err := checkKeys(ctx, tok, cfg, c.stdout); err != nil {
-		return failf(c, tokenExitCode(err), "%s: %v", *path, err)
+		return failToken(c, err, "%s: %v", *path, err)
 	}
 	fmt.Fprintf(c.stdout, "%s: OK (%d clients, %d domains, %d keys, %d rotating domains, %d warnings)\n", *path, len(cfg.Clients), len(cfg.Domains), len(cfg.Selectors()), len(cfg.Rotating()), len(cfg.Warnings))
 	return exitOK

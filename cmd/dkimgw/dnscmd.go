@@ -178,7 +178,7 @@ func dnsCheck(ctx context.Context, c *cli, args []string) int {
 	defer cancel()
 	tok, err := hsm.Open(ctx, cfg.HSM.URI, hsm.Options{Logger: errorLogger(c), Getenv: c.getenv})
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%s: hsm.uri: %v", *path, err)
+		return failToken(c, err, "%s: hsm.uri: %v", *path, err)
 	}
 	defer tok.Close()
 	setup, err := newRotation(cfg, tok, slog.New(slog.DiscardHandler), nil, defaultLockWait)

@@ -100,7 +100,7 @@ func runRotate(ctx context.Context, c *cli, args []string) int {
 	logger := errorLogger(c)
 	tok, err := hsm.Open(ctx, cfg.HSM.URI, hsm.Options{Logger: logger, Getenv: c.getenv})
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%s: hsm.uri: %v", *path, err)
+		return failToken(c, err, "%s: hsm.uri: %v", *path, err)
 	}
 	defer tok.Close()
 	alog, err := audit.Open(cfg.Audit.Path, audit.Options{Actor: unixUser()})
@@ -192,7 +192,7 @@ func printReport(w io.Writer, rep rotation.Report, dry bool) {
 // loadRotating loads the configuration and checks that it has rotating
 // domains; on failure it returns nil and the exit status.
 func loadRotating(c *cli, path string) (*policy.Config, int) {
-	cfg, err := policy.Load(path)
+	cfg, err := loadConfig(c.getenv, path)
 	if err != nil {
 		return nil, failf(c, exitConfig, "invalid configuration:\n%v", err)
 	}

@@ -56,7 +56,15 @@ refuses, every rotation transition and a summary of refused messages in
 the audit log (audit.path), and seals it with a checkpoint signed by the
 token's audit key every audit.checkpoint_every and at shutdown; it
 generates the audit key (label dkimgw-audit) in the token on its first
-start. See 'dkimgw audit --help'.`
+start. See 'dkimgw audit --help'.
+
+Without hsm.uri, the token URI comes from $DKIMGW_HSM.
+
+Exit status: 0 stopped by SIGTERM or SIGINT; 64 bad arguments; 69 a
+configured key is missing or unusable; 71 the SMTP or admin listen
+address cannot be bound (in use, no permission); 73 the audit log
+cannot be written; 75 token unavailable; 77 wrong or locked PIN; 78
+invalid configuration, bad pin-source, or no such token.`
 )
 
 var serveCommand = &command{
@@ -82,7 +90,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 // keyring, the reconciler, the drift watch, the admin listener and the
 // audit log, and SIGHUP reloads both.
 func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
-	cfg, err := policy.Load(path)
+	cfg, err := loadConfig(c.getenv, path)
 	if err != nil {
 		return failf(c, exitConfig, "invalid configuration:\n%v", err)
 	}
@@ -114,7 +122,7 @@ func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
 	cancel()
 	if err != nil {
 		alog.recordTokenError(ctx, err)
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	alog.useToken(ctx, tok)
 
@@ -137,7 +145,7 @@ func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
 		l, err = net.Listen("tcp", cfg.SMTP.Listen)
 		if err != nil {
 			closeToken(ring.token(), time.Now().Add(shortClose), logger)
-			return failf(c, exitUnavailable, "smtp.listen: %v", err)
+			return failf(c, exitOSErr, "smtp.listen: %v", err)
 		}
 		obs.srv.Store(srv)
 	}
@@ -147,7 +155,7 @@ func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
 			l.Close()
 		}
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, exitUnavailable, "%v", err)
+		return failf(c, exitOSErr, "%v", err)
 	}
 	admin, err := startAdmin(cfg, obs.m, obs.readyChecks(relay), logger)
 	if err != nil {
@@ -156,7 +164,7 @@ func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
 		}
 		ms.close()
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, exitUnavailable, "%v", err)
+		return failf(c, exitOSErr, "%v", err)
 	}
 	if admin != nil {
 		logger.Info("admin listener serving /metrics, /healthz, /readyz", "admin_listen", admin.Addr(), "tls", cfg.Admin.TLS != nil, "bearer_token", len(cfg.Admin.BearerToken()) > 0)
@@ -279,7 +287,7 @@ func closeToken(tok *hsm.Token, deadline time.Time, logger *slog.Logger) {
 // are read from the state again, so the keyring stays as it was for the
 // domains whose policy did not change.
 func reload(ctx context.Context, srv *smtpproxy.Server, ms *milterListener, cur *policy.Config, ring *keyring, rot *rotator, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string, alog *serveAudit) (*policy.Config, *rotator) {
-	cfg, err := policy.Load(path)
+	cfg, err := loadConfig(getenv, path)
 	if err == nil && cfg.HSM.URI != cur.HSM.URI {
 		err = errors.New("hsm.uri changed, which needs a restart")
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -123,7 +124,17 @@ func (o *serveObs) readyChecks(relay bool) []readyCheck {
 	}
 	// A milter hands nothing on: its MTA delivers.
 	if relay {
-		checks = append(checks, readyCheck{name: "upstream", check: dialCheck(func() string { return o.cfg.Load().Upstream.Address })})
+		checks = append(checks, readyCheck{name: "upstream", check: func(ctx context.Context) error {
+			u := o.cfg.Load().Upstream
+			if dir := u.CaptureDir(); dir != "" {
+				// Nothing to dial: the directory must still be there.
+				if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+					return fmt.Errorf("capture directory %s is gone", dir)
+				}
+				return nil
+			}
+			return dialCheck(func() string { return u.Address })(ctx)
+		}})
 	}
 	return checks
 }

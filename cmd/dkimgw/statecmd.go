@@ -77,7 +77,7 @@ func runState(ctx context.Context, c *cli, args []string) int {
 	if !(fromOK && *to == "etcd") && !(*from == "etcd" && toOK) {
 		return failf(c, exitUsage, "state migrate: want --from bbolt:PATH --to etcd, or --from etcd --to bbolt:PATH (got --from %q --to %q)", *from, *to)
 	}
-	cfg, err := policy.Load(*path)
+	cfg, err := loadConfig(c.getenv, *path)
 	if err != nil {
 		return failf(c, exitConfig, "invalid configuration:\n%v", err)
 	}
