@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // Defaults for SpoolOptions.
@@ -80,6 +81,56 @@ type SpoolOptions struct {
 	// MaxMessageBytes bounds the normalised message. Zero or less means no
 	// limit.
 	MaxMessageBytes int64
+	// Budget, if not nil, bounds the memory all messages spooled with it
+	// hold together: a message whose next piece would take the budget
+	// past its limit goes to its temporary file at once (and gives back
+	// what it held in memory).
+	Budget *MemoryBudget
+}
+
+// MemoryBudget is a bound on the spool memory many messages hold at
+// once (the spool.memory_total setting): without one, 1,000 connections
+// could each hold spool.memory_limit. It counts the capacity of the
+// pieces a message is kept in, which is what they cost. Safe for
+// concurrent use.
+type MemoryBudget struct {
+	limit atomic.Int64
+	used  atomic.Int64
+}
+
+// NewMemoryBudget returns a budget of limit bytes; zero or less means no
+// bound (the bytes are still counted).
+func NewMemoryBudget(limit int64) *MemoryBudget {
+	b := &MemoryBudget{}
+	b.limit.Store(limit)
+	return b
+}
+
+// SetLimit changes the bound; memory held beyond a lowered one is given
+// back as its messages end.
+func (b *MemoryBudget) SetLimit(limit int64) { b.limit.Store(limit) }
+
+// Used returns the bytes of spool memory held now, messages still being
+// received included.
+func (b *MemoryBudget) Used() int64 { return b.used.Load() }
+
+// take reserves n bytes, or reports false if that would pass the limit.
+func (b *MemoryBudget) take(n int64) bool {
+	if b == nil {
+		return true
+	}
+	if b.used.Add(n) > b.limit.Load() && b.limit.Load() > 0 {
+		b.used.Add(-n)
+		return false
+	}
+	return true
+}
+
+// give returns n bytes taken before.
+func (b *MemoryBudget) give(n int64) {
+	if b != nil && n != 0 {
+		b.used.Add(-n)
+	}
 }
 
 // Message is a spooled, normalised message ready to be signed. Its bytes
@@ -93,6 +144,8 @@ type Message struct {
 
 	mu     sync.Mutex
 	closed bool
+	budget *MemoryBudget
+	held   int64    // bytes of budget the pieces in mem hold
 	mem    [][]byte // the whole message in memChunk pieces, when it fits in memory
 	file   *os.File // the whole message, when it does not
 	path   string   // the file's name, if it could not be unlinked at once
@@ -152,6 +205,8 @@ func (m *Message) Close() error {
 	}
 	m.closed = true
 	m.mem = nil
+	m.budget.give(m.held)
+	m.held = 0
 	var errs []error
 	if m.file != nil {
 		if err := m.file.Close(); err != nil {
@@ -231,6 +286,7 @@ type spooler struct {
 	// Store.
 	mem     [][]byte
 	memSize int64
+	held    int64 // bytes of opts.Budget the pieces in mem hold
 	file    *os.File
 	path    string
 	w       *bufio.Writer
@@ -447,27 +503,11 @@ func (s *spooler) endField() {
 	s.field = s.field[:0]
 }
 
-// store keeps p in memory or, past the memory limit, in the spool file.
+// store keeps p in memory or, past the memory limit or the budget, in
+// the spool file.
 func (s *spooler) store(p []byte) error {
 	if s.w == nil {
-		if s.memSize+int64(len(p)) <= s.opts.MemoryLimit {
-			s.memSize += int64(len(p))
-			// Fixed-size pieces: growing one slice would copy the
-			// message again and again and overshoot the limit.
-			for len(p) > 0 {
-				if n := len(s.mem); n == 0 || len(s.mem[n-1]) == cap(s.mem[n-1]) {
-					// Small first, as most messages are.
-					size := 8 << 10
-					if n > 0 {
-						size = min(memChunk, 2*cap(s.mem[n-1]))
-					}
-					s.mem = append(s.mem, make([]byte, 0, size))
-				}
-				last := &s.mem[len(s.mem)-1]
-				k := min(len(p), cap(*last)-len(*last))
-				*last = append(*last, p[:k]...)
-				p = p[k:]
-			}
+		if s.memSize+int64(len(p)) <= s.opts.MemoryLimit && s.memStore(p) {
 			return nil
 		}
 		if err := s.createFile(); err != nil {
@@ -479,11 +519,59 @@ func (s *spooler) store(p []byte) error {
 			}
 		}
 		s.mem = nil
+		s.opts.Budget.give(s.held)
+		s.held = 0
 	}
 	if _, err := s.w.Write(p); err != nil {
 		return fmt.Errorf("signer: write spool file: %w", err)
 	}
 	return nil
+}
+
+// memStore appends p to the pieces in memory, or reports false, having
+// stored nothing, when the budget cannot take the pieces it needs.
+func (s *spooler) memStore(p []byte) bool {
+	// Fixed-size pieces: growing one slice would copy the message again
+	// and again and overshoot the limit. Small first, as most messages
+	// are.
+	free := 0
+	if n := len(s.mem); n > 0 {
+		free = cap(s.mem[n-1]) - len(s.mem[n-1])
+	}
+	var sizes [8]int // the new pieces p needs: a few 64 KiB ones at most per read
+	need, k, last := int64(0), 0, 0
+	if n := len(s.mem); n > 0 {
+		last = cap(s.mem[n-1])
+	}
+	for rest := len(p) - free; rest > 0; k++ {
+		size := 8 << 10
+		if last > 0 {
+			size = min(memChunk, 2*last)
+		}
+		if k == len(sizes) {
+			return false // cannot happen with reads of readChunk; be safe
+		}
+		sizes[k], last = size, size
+		need += int64(size)
+		rest -= size
+	}
+	if !s.opts.Budget.take(need) {
+		return false
+	}
+	s.held += need
+	s.memSize += int64(len(p))
+	next := 0
+	for len(p) > 0 {
+		if n := len(s.mem); n == 0 || len(s.mem[n-1]) == cap(s.mem[n-1]) {
+			s.mem = append(s.mem, make([]byte, 0, sizes[next]))
+			next++
+		}
+		last := &s.mem[len(s.mem)-1]
+		c := min(len(p), cap(*last)-len(*last))
+		*last = append(*last, p[:c]...)
+		p = p[c:]
+	}
+	return true
 }
 
 // spoolPrefix starts the name of every spool file: os.CreateTemp puts a
@@ -552,6 +640,8 @@ func isSpoolName(name string) bool {
 // discard releases the store after a failed Spool.
 func (s *spooler) discard() {
 	s.mem = nil
+	s.opts.Budget.give(s.held)
+	s.held = 0
 	if s.file != nil {
 		_ = s.file.Close() // the message is abandoned; its bytes do not matter
 	}
@@ -592,6 +682,8 @@ func (s *spooler) finish() (*Message, error) {
 		fromDomain: domain,
 		bodyHash:   s.body.Sum(),
 		size:       s.size,
+		budget:     s.opts.Budget,
+		held:       s.held,
 		mem:        s.mem,
 		file:       s.file,
 		path:       s.path,

@@ -165,6 +165,7 @@ func (tx *transaction) data(r io.Reader) error {
 	msg, err := signer.Spool(tx.ctx, dr, signer.SpoolOptions{
 		Dir:             set.Spool.Dir,
 		MemoryLimit:     set.Spool.MemoryLimit,
+		Budget:          tx.ss.srv.spoolBudget,
 		MaxHeaderBytes:  set.Spool.MaxHeaderBytes,
 		MaxMessageBytes: set.MaxMessageBytes,
 	})

@@ -332,6 +332,7 @@ func relaySettings(cfg *policy.Config) smtpproxy.Settings {
 		Spool: smtpproxy.SpoolSettings{
 			Dir:            sp.Dir,
 			MemoryLimit:    sp.MemoryLimit,
+			MemoryTotal:    sp.MemoryTotal,
 			MaxHeaderBytes: sp.MaxHeaderBytes,
 		},
 	}
