@@ -119,6 +119,13 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitUnavailable, "smtp.listen: %v", err)
 	}
+	_, stopPprof, err := startPprof(c.getenv(pprofEnv), logger)
+	if err != nil {
+		l.Close()
+		closeToken(ring.token(), time.Now().Add(shortClose), logger)
+		return failf(c, exitConfig, "%v", err)
+	}
+	defer stopPprof()
 	obs.srv.Store(srv)
 	admin, err := startAdmin(cfg, obs.m, obs.readyChecks(), logger)
 	if err != nil {
