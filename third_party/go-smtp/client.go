@@ -5,6 +5,7 @@
 package smtp
 
 import (
+	"bufio"
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
@@ -174,7 +175,14 @@ func (c *Client) setConn(conn net.Conn) {
 		Closer: conn,
 	}
 	c.text = textproto.NewConn(rwc)
+	// Messages are written through this buffer: 64 KiB instead of
+	// bufio's 4 KiB makes a sixteenth of the write system calls for
+	// large messages; a client has few connections.
+	c.text.W = bufio.NewWriterSize(rwc, clientWriteBuffer)
 }
+
+// clientWriteBuffer is the size of a client connection's write buffer.
+const clientWriteBuffer = 64 << 10
 
 // Close closes the connection.
 func (c *Client) Close() error {

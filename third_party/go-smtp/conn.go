@@ -1,6 +1,7 @@
 package smtp
 
 import (
+	"bufio"
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
@@ -84,7 +85,14 @@ func (c *Conn) init() {
 	}
 
 	c.text = textproto.NewConn(rwc)
+	// DATA is read through this buffer: 16 KiB instead of bufio's 4 KiB
+	// makes a quarter of the read system calls for large messages, at
+	// 12 KiB more per connection.
+	c.text.R = bufio.NewReaderSize(rwc, serverReadBuffer)
 }
+
+// serverReadBuffer is the size of a server connection's read buffer.
+const serverReadBuffer = 16 << 10
 
 // Commands are dispatched to the appropriate handler functions.
 func (c *Conn) handle(cmd string, arg string) {

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"net"
 	"net/textproto"
 	"strings"
 	"testing"
@@ -443,5 +444,22 @@ func TestDataReaderReturnsWhatArrived(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		pw.CloseWithError(errors.New("test over"))
 		t.Fatal("Read still waiting for more than what arrived after 10 s")
+	}
+}
+
+// Large messages cross the server's read buffer and the client's write
+// buffer: each fill or flush is a system call, so both are larger than
+// bufio's 4 KiB default.
+func TestDataBufferSizes(t *testing.T) {
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	sc := newConn(a, NewServer(nil))
+	if got := sc.text.R.Size(); got != serverReadBuffer || got < 16<<10 {
+		t.Errorf("server read buffer %d bytes, want %d", got, serverReadBuffer)
+	}
+	cl := NewClient(b)
+	if got := cl.text.W.Size(); got != clientWriteBuffer || got < 64<<10 {
+		t.Errorf("client write buffer %d bytes, want %d", got, clientWriteBuffer)
 	}
 }
