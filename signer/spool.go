@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash"
@@ -269,9 +270,10 @@ func Spool(ctx context.Context, r io.Reader, opts SpoolOptions) (*Message, error
 type spooler struct {
 	opts SpoolOptions
 
-	pendingCR bool  // the last input byte was a CR whose fate the next byte decides
-	size      int64 // normalised bytes so far
-	lastLF    bool  // the last normalised byte was LF (or nothing was written yet)
+	pendingCR bool   // the last input byte was a CR whose fate the next byte decides
+	norm      []byte // write's buffer for input it must normalise
+	size      int64  // normalised bytes so far
+	lastLF    bool   // the last normalised byte was LF (or nothing was written yet)
 
 	// Header section state.
 	inBody      bool
@@ -325,55 +327,81 @@ func (s *spooler) run(ctx context.Context, r io.Reader) (*Message, error) {
 	return s.finish()
 }
 
-// write normalises p's line endings and passes the result on to emit in
-// runs as long as possible: input that already uses CRLF passes through
-// in one piece.
+// write normalises p's line endings and passes the result on to emit:
+// input that already uses CRLF passes through in one piece, other input
+// is normalised into one buffer and passed on in one piece too, so that
+// the body hash sees whole lines.
 func (s *spooler) write(p []byte) error {
-	for len(p) > 0 {
-		if s.pendingCR {
-			// CRLF, or a lone CR: either way one CRLF.
-			s.pendingCR = false
-			if err := s.emit(crlf); err != nil {
-				return err
-			}
-			if p[0] == '\n' {
-				p = p[1:]
-			}
-			continue
+	if s.pendingCR {
+		// CRLF, or a lone CR: either way one CRLF.
+		s.pendingCR = false
+		if len(p) > 0 && p[0] == '\n' {
+			p = p[1:]
 		}
-		// Find the first line ending that is not a complete CRLF.
-		i := 0
-		for {
-			j := bytes.IndexAny(p[i:], "\r\n")
-			if j < 0 {
-				i = len(p)
-				break
-			}
-			i += j
-			if p[i] == '\r' && i+1 < len(p) && p[i+1] == '\n' {
-				i += 2
-				continue
-			}
-			break
+		if err := s.emit(crlf); err != nil {
+			return err
 		}
-		if i > 0 {
-			if err := s.emit(p[:i]); err != nil {
-				return err
-			}
-		}
-		if i == len(p) {
+	}
+	i := cleanPrefix(p)
+	if i == len(p) {
+		if i == 0 {
 			return nil
 		}
-		if p[i] == '\n' { // bare LF
-			if err := s.emit(crlf); err != nil {
-				return err
+		return s.emit(p)
+	}
+	out := append(s.norm[:0], p[:i]...)
+	for rest := p[i:]; len(rest) > 0; {
+		j := bytes.IndexByte(rest, '\n')
+		var seg []byte
+		if j >= 0 {
+			seg, rest = rest[:j], rest[j+1:]
+		} else {
+			seg, rest = rest, nil
+		}
+		endCR := len(seg) > 0 && seg[len(seg)-1] == '\r'
+		if endCR {
+			seg = seg[:len(seg)-1] // the CR of a CRLF, or one the next write decides
+		}
+		for { // the CRs left are lone ones
+			k := bytes.IndexByte(seg, '\r')
+			if k < 0 {
+				break
 			}
-		} else { // CR at the end of p, or a lone CR
+			out = append(append(out, seg[:k]...), '\r', '\n')
+			seg = seg[k+1:]
+		}
+		out = append(out, seg...)
+		if j >= 0 {
+			out = append(out, '\r', '\n')
+		} else if endCR {
 			s.pendingCR = true
 		}
-		p = p[i+1:]
 	}
-	return nil
+	s.norm = out
+	if len(out) == 0 {
+		return nil
+	}
+	return s.emit(out)
+}
+
+// cleanPrefix returns how many bytes at the start of p need no
+// normalisation: lines that end in CRLF and hold no other CR, and a last
+// line without a line ending or CR.
+func cleanPrefix(p []byte) int {
+	i := 0
+	for {
+		j := bytes.IndexByte(p[i:], '\n')
+		if j < 0 {
+			if bytes.IndexByte(p[i:], '\r') < 0 {
+				return len(p)
+			}
+			return i
+		}
+		if j == 0 || p[i+j-1] != '\r' || bytes.IndexByte(p[i:i+j-1], '\r') >= 0 {
+			return i
+		}
+		i += j + 1
+	}
 }
 
 // emit takes normalised bytes: every CR in p is followed by LF in p.
@@ -709,6 +737,97 @@ func newRelaxedBody(h hash.Hash) *relaxedBody {
 
 // Write takes normalised bytes (CR occurs only before LF) and never fails.
 func (b *relaxedBody) Write(p []byte) {
+	for len(p) > 0 {
+		if !b.content && !b.wsp {
+			// At the start of a line: the lines canonicalisation leaves
+			// as they are go to the hash straight from p.
+			if n := b.plainLines(p); n > 0 {
+				p = p[n:]
+				continue
+			}
+		}
+		// Up to the end of this line, byte by byte.
+		n := bytes.IndexByte(p, '\n') + 1
+		if n == 0 {
+			n = len(p)
+		}
+		b.write(p[:n])
+		p = p[n:]
+	}
+}
+
+// plainLines hashes the whole lines at the start of p that relaxed
+// canonicalisation leaves unchanged (not empty, no tab, no run of
+// spaces, no space at the end), after the empty lines pending before
+// them, and returns their length.
+func (b *relaxedBody) plainLines(p []byte) int {
+	n := 0
+	for {
+		j := bytes.IndexByte(p[n:], '\n')
+		if j < 2 || p[n+j-1] != '\r' {
+			break
+		}
+		if line := p[n : n+j-1]; line[len(line)-1] == ' ' || !plainLine(line) {
+			break
+		}
+		n += j + 1
+	}
+	if n == 0 {
+		return 0
+	}
+	for ; b.blankLines > 0; b.blankLines-- {
+		b.out = append(b.out, '\r', '\n')
+		b.flushIfFull()
+	}
+	if len(b.out) > 0 {
+		b.h.Write(b.out) // hash.Hash.Write never fails
+		b.out = b.out[:0]
+	}
+	b.h.Write(p[:n])
+	return n
+}
+
+// plainLine reports whether line has no tab and no two spaces in a row.
+// It looks at 8 bytes at a time: in running text spaces are too frequent
+// for bytes.Index(line, "  ") to skip ahead.
+func plainLine(line []byte) bool {
+	const (
+		ones   = 0x0101010101010101
+		low7   = 0x7f7f7f7f7f7f7f7f
+		spaces = ' ' * ones
+		tabs   = '\t' * ones
+	)
+	// zeros has the high bit of each byte of x that is zero, and only
+	// those (no borrow between bytes).
+	zeros := func(x uint64) uint64 { return ^((x&low7 + low7) | x | low7) }
+	var prev uint64 // the last word's space mask
+	i := 0
+	for ; i+8 <= len(line); i += 8 {
+		w := binary.LittleEndian.Uint64(line[i:])
+		if zeros(w^tabs) != 0 {
+			return false
+		}
+		sp := zeros(w ^ spaces)
+		// Byte k and k+1 both spaces; or the last word's last byte and
+		// this word's first.
+		if sp&(sp>>8) != 0 || prev>>63&sp != 0 {
+			return false
+		}
+		prev = sp
+	}
+	lastSpace := prev>>63 != 0
+	for ; i < len(line); i++ {
+		c := line[i]
+		if c == '\t' || c == ' ' && lastSpace {
+			return false
+		}
+		lastSpace = c == ' '
+	}
+	return true
+}
+
+// write canonicalises p byte by byte.
+func (b *relaxedBody) write(p []byte) {
 	for i := 0; i < len(p); {
 		switch p[i] {
 		case ' ', '\t':
