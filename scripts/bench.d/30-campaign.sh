@@ -157,6 +157,20 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+# Latency at half the peak rate: (b) rsa, 4 KB, 20 sessions, paced at
+# half its median rate above.
+if [[ " $SIZES " == *" 4096 "* ]] && [[ " $SESSIONS " == *" 20 "* ]]; then
+  half=$("$PY" -c 'import sys, statistics
+rates = [int(l.split()[4]) / float(l.split()[5]) for l in open(sys.argv[1]) if l.split()[:3] == ["rsa", "4096", "20"]]
+print("%.0f" % (statistics.median(rates) / 2))' "$results")
+  echo
+  echo "command: smtpload -addr 127.0.0.1:${PORT[rsa]} -sessions 20 -size 4096 -duration ${SECS}s -rate $half   (half the median peak rate of (b) rsa 4 KB x 20)"
+  out=$(load "${PORT[rsa]}" 20 4096 -duration "${SECS}s" -rate "$half")
+  echo "half rate: $out"
+  awk -v out="$out" 'BEGIN { split(out, kv, " "); for (i in kv) { split(kv[i], p, "="); v[p[1]] = p[2] }
+    printf "half rate: p99 / p50 = %.2f (target <= 3)\n", v["p99_ms"] / v["p50_ms"] }'
+fi
+
 # Profiles of (b), 20 sessions, each size: CPU over the middle of a run;
 # then allocations since dkimgw started (pprof's allocs is cumulative).
 echo
