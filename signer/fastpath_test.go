@@ -116,3 +116,29 @@ func TestPlainLine(t *testing.T) {
 		}
 	}
 }
+
+// WriteSigned writes a message held in memory as its pieces are, without
+// a copy buffer of its own: io.Copy through io.MultiReader allocated 32 KiB
+// per message.
+func TestWriteSignedFromMemoryAllocatesLittle(t *testing.T) {
+	body := strings.Repeat(strings.Repeat("w", 70)+"\r\n", 3000) // 216 KB: several pieces
+	m := spoolString(t, hdr+body, SpoolOptions{})
+	if m.OnDisk() {
+		t.Fatal("the message went to disk")
+	}
+	var out bytes.Buffer
+	out.Grow(len(hdr) + len(body) + 1024)
+	fields := []string{"DKIM-Signature: v=1; test\r\n"}
+	allocs := testing.AllocsPerRun(20, func() {
+		out.Reset()
+		if _, err := WriteSigned(&out, fields, m); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if out.String() != fields[0]+hdr+body {
+		t.Fatal("WriteSigned wrote something else")
+	}
+	if allocs > 3 {
+		t.Errorf("WriteSigned of a message in memory: %.0f allocations, want at most 3", allocs)
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -188,13 +189,42 @@ func (m *Message) Open() (io.ReadCloser, error) {
 		// interfere with one another.
 		return io.NopCloser(io.NewSectionReader(m.file, 0, m.size)), nil
 	default:
-		rs := make([]io.Reader, len(m.mem))
-		for i, c := range m.mem {
-			rs[i] = bytes.NewReader(c)
-		}
-		return io.NopCloser(io.MultiReader(rs...)), nil
+		return &memReader{chunks: slices.Clone(m.mem)}, nil
 	}
 }
+
+// memReader reads the pieces of a message in memory. Its WriteTo writes
+// them as they are: io.Copy through io.MultiReader would allocate a
+// 32 KiB buffer per message and copy every byte once more.
+type memReader struct{ chunks [][]byte }
+
+func (r *memReader) Read(p []byte) (int, error) {
+	for len(r.chunks) > 0 && len(r.chunks[0]) == 0 {
+		r.chunks = r.chunks[1:]
+	}
+	if len(r.chunks) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, r.chunks[0])
+	r.chunks[0] = r.chunks[0][n:]
+	return n, nil
+}
+
+func (r *memReader) WriteTo(w io.Writer) (int64, error) {
+	var n int64
+	for len(r.chunks) > 0 {
+		k, err := w.Write(r.chunks[0])
+		n += int64(k)
+		r.chunks[0] = r.chunks[0][k:]
+		if err != nil {
+			return n, err
+		}
+		r.chunks = r.chunks[1:]
+	}
+	return n, nil
+}
+
+func (r *memReader) Close() error { return nil }
 
 // Close releases the message's memory and its temporary file. It is
 // idempotent. Readers from Open fail after Close.
