@@ -9,12 +9,20 @@ GO      ?= go
 BIN     := bin/dkimgw
 GOFLAGS ?=
 
-.PHONY: all build deps test test-short test-faults test-hostile fuzz bench demo clean
+.PHONY: all build install deps test test-short test-faults test-hostile fuzz bench demo clean
 
 all: build
 
 build:
 	$(GO) build $(GOFLAGS) -o $(BIN) ./cmd/dkimgw
+
+# Puts bin/dkimgw on PATH: $(DESTDIR)$(PREFIX)/bin/dkimgw (DESTDIR for
+# packagers). It builds first, so an installed binary is never stale.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/dkimgw
 
 # Debian packages: SoftHSM, the independent verifiers, Postfix, BIND, ...
 deps:

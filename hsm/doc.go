@@ -104,6 +104,9 @@
 //   - ErrPINIncorrect, ErrPINLocked: not temporary and never retried; fix
 //     the pin-source (or have the security officer unlock the PIN) and
 //     open the token again.
+//   - ErrPINSource: the pin-source gave no PIN (missing file or variable,
+//     relative path, a file its group or others may read, no source at
+//     all); nothing was tried with the token. Fix the URI or the file.
 //   - ErrKeyNotFound: no such key, or it is gone. ErrUnsafeKey, ErrWeakKey:
 //     the key exists but dkimgw refuses to sign with it ([UnsafeReason]).
 //   - ErrTokenNotFound is temporary: a token that comes back (an HSM

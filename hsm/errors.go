@@ -15,6 +15,7 @@ var (
 	ErrTokenNotFound      = errors.New("no such token")
 	ErrPINIncorrect       = errors.New("PIN incorrect")
 	ErrPINLocked          = errors.New("PIN locked")
+	ErrPINSource          = errors.New("no PIN from the pin-source")
 	ErrMechanismMissing   = errors.New("token lacks a needed mechanism")
 	ErrKeyNotFound        = errors.New("key not found")
 	ErrKeyExists          = errors.New("key already exists")

@@ -3,6 +3,7 @@ package hsm
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/url"
 	"os"
 	"strconv"
@@ -144,12 +145,15 @@ func splitAttr(attr string, seen map[string]bool) (name, value string, err error
 // of the pin-source file, or the pin-source environment variable. A missing
 // or empty source is an error, never an empty PIN, so that a typo in a path
 // does not turn into a failed login that counts towards locking the token.
+// A pin-source file that its group or others may access is refused, as ssh
+// refuses such a private key file: the PIN is the key's only guard. Every
+// error wraps ErrPINSource.
 func (u *URI) PIN(getenv func(string) string) (string, error) {
 	switch {
 	case u.PINValue != "":
 		return u.PINValue, nil
 	case u.PINSource == "":
-		return "", errorf("no PIN: add pin-source=file:/path/to/pin or pin-source=env:NAME to the PKCS#11 URI")
+		return "", pinSourceError(errorf("no PIN: add pin-source=file:/path/to/pin or pin-source=env:NAME to the PKCS#11 URI"))
 	}
 	src := u.PINSource
 	if name, ok := strings.CutPrefix(src, "env:"); ok {
@@ -158,7 +162,7 @@ func (u *URI) PIN(getenv func(string) string) (string, error) {
 		}
 		pin := getenv(name)
 		if pin == "" {
-			return "", errorf("pin-source env:%s: the environment variable is unset or empty", name)
+			return "", pinSourceError(errorf("pin-source env:%s: the environment variable is unset or empty", name))
 		}
 		return pin, nil
 	}
@@ -169,19 +173,45 @@ func (u *URI) PIN(getenv func(string) string) (string, error) {
 		path = p
 	}
 	if !strings.HasPrefix(path, "/") {
-		return "", errorf("pin-source %q: want file:/absolute/path or env:NAME", src)
+		return "", pinSourceError(errorf("pin-source %q: want file:/absolute/path or env:NAME", src))
 	}
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
-		return "", errorf("read PIN from pin-source: %w", err)
+		return "", pinSourceError(errorf("read PIN from pin-source: %w", err))
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return "", pinSourceError(errorf("read PIN from pin-source: %w", err))
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return "", pinSourceError(errorf("pin-source %s is accessible by group or others (mode %04o); run chmod 600 %s", path, perm, path))
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxPINFileBytes))
+	if err != nil {
+		return "", pinSourceError(errorf("read PIN from pin-source: %w", err))
 	}
 	pin, _, _ := strings.Cut(string(data), "\n")
 	pin = strings.TrimRight(pin, "\r")
 	if pin == "" {
-		return "", errorf("pin-source %s: the file's first line is empty", path)
+		return "", pinSourceError(errorf("pin-source %s: the file's first line is empty", path))
 	}
 	return pin, nil
 }
+
+// pinSourceError marks err as a pin-source problem (errors.Is
+// ErrPINSource) without changing its text.
+func pinSourceError(err error) error { return pinSourceErr{err} }
+
+type pinSourceErr struct{ err error }
+
+func (e pinSourceErr) Error() string        { return e.err.Error() }
+func (e pinSourceErr) Unwrap() error        { return e.err }
+func (e pinSourceErr) Is(target error) bool { return target == ErrPINSource }
+
+// maxPINFileBytes bounds what is read of a pin-source: a PIN is short, and
+// a pin-source pointing at a huge file is a mistake.
+const maxPINFileBytes = 64 << 10
 
 // String renders the URI with any pin-value replaced by "***", so it is
 // safe to log and to put into error messages.

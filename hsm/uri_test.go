@@ -86,6 +86,9 @@ func TestPINSources(t *testing.T) {
 	os.WriteFile(good, []byte("1234\nignored\n"), 0o600)
 	empty := filepath.Join(dir, "empty")
 	os.WriteFile(empty, []byte("\n"), 0o600)
+	shared := filepath.Join(dir, "shared")
+	os.WriteFile(shared, []byte("1234\n"), 0o600)
+	os.Chmod(shared, 0o640) // past the umask
 	env := map[string]string{"PIN": "5678"}
 	getenv := func(k string) string { return env[k] }
 	tests := []struct {
@@ -99,6 +102,7 @@ func TestPINSources(t *testing.T) {
 		{"file:" + empty, "", "first line is empty"},
 		{"file:" + filepath.Join(dir, "missing"), "", "no such file"},
 		{"relative/pin", "", "absolute"},
+		{"file:" + shared, "", "mode 0640); run chmod 600 " + shared},
 	}
 	for _, tt := range tests {
 		u := &hsm.URI{ModulePath: "/m.so", PINSource: tt.source}
@@ -107,14 +111,17 @@ func TestPINSources(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 				t.Errorf("PIN(%q) error = %v, want %q", tt.source, err, tt.wantErr)
 			}
+			if !errors.Is(err, hsm.ErrPINSource) {
+				t.Errorf("PIN(%q) error = %v, not ErrPINSource", tt.source, err)
+			}
 			continue
 		}
 		if err != nil || got != tt.want {
 			t.Errorf("PIN(%q) = %q, %v; want %q", tt.source, got, err, tt.want)
 		}
 	}
-	if _, err := (&hsm.URI{ModulePath: "/m.so"}).PIN(getenv); err == nil {
-		t.Error("a URI without a PIN source gave a PIN")
+	if _, err := (&hsm.URI{ModulePath: "/m.so"}).PIN(getenv); !errors.Is(err, hsm.ErrPINSource) {
+		t.Errorf("a URI without a PIN source: %v, want ErrPINSource", err)
 	}
 }
 

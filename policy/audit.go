@@ -10,7 +10,7 @@ import (
 // unseen.
 const DefaultCheckpointEvery = time.Minute
 
-// Audit configures the audit log (see the README, "Audit log").
+// Audit configures the audit log (see docs/operations.md, "The audit log").
 type Audit struct {
 	// Path is the JSON-lines audit file. Default data_dir/audit.log;
 	// relative to the configuration file's directory.

@@ -138,10 +138,15 @@ type Config struct {
 	// DataDir holds the rotation state (rotation.db) and the manual
 	// publisher's files. Default /var/lib/dkimgw.
 	DataDir string `yaml:"data_dir"`
+	// State is where the rotation state lives: bbolt in DataDir (one
+	// gateway, the default) or etcd (several gateways).
+	State State `yaml:"state"`
 	// Admin is the HTTP listener of /metrics, /healthz and /readyz.
 	Admin Admin `yaml:"admin"`
 	// Audit is the audit log.
 	Audit Audit `yaml:"audit"`
+	// Milter is the milter listener (docs/milter.md).
+	Milter Milter `yaml:"milter"`
 
 	// Path is the file the configuration was read from (the name given
 	// to Parse).
@@ -222,7 +227,10 @@ func (t *TLS) Certificate() *tls.Certificate { return t.cert }
 
 // Upstream is the MTA that receives signed mail.
 type Upstream struct {
-	// Address is the upstream's host:port. Required.
+	// Address is the upstream's host:port. Required. "capture:DIR"
+	// instead stores each signed message as a file in the directory DIR
+	// (relative to the configuration's directory) and delivers nothing:
+	// for staging and demonstrations. Validation makes DIR absolute.
 	Address string `yaml:"address"`
 	// TLS is none (default), opportunistic (STARTTLS when offered, the
 	// certificate not checked, as RFC 7435 allows) or required (STARTTLS
@@ -257,6 +265,20 @@ type Upstream struct {
 	MaxIdle int `yaml:"max_idle"`
 
 	roots *x509.CertPool
+}
+
+// CapturePrefix starts an upstream.address that captures messages into a
+// directory instead of relaying them.
+const CapturePrefix = "capture:"
+
+// CaptureDir returns the absolute directory of a capture: upstream, or ""
+// for a real one.
+func (u *Upstream) CaptureDir() string {
+	dir, _ := strings.CutPrefix(u.Address, CapturePrefix)
+	if dir == u.Address {
+		return ""
+	}
+	return dir
 }
 
 // RootCAs returns the CA pool read from TLSCAFile, or nil for the system
@@ -386,6 +408,19 @@ const (
 // problem found is reported, each as an *[Error] naming path and line,
 // joined with errors.Join.
 func Load(path string) (*Config, error) {
+	return LoadWith(path, LoadOptions{})
+}
+
+// LoadOptions are what a configuration file may leave to its caller.
+type LoadOptions struct {
+	// HSMURI is the token URI used when the file has no hsm.uri (dkimgw
+	// takes it from $DKIMGW_HSM, as its other commands do). Empty: hsm.uri
+	// is required.
+	HSMURI string
+}
+
+// LoadWith is [Load] with options.
+func LoadWith(path string, opts LoadOptions) (*Config, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("policy: read config: %w", err)
@@ -398,7 +433,7 @@ func Load(path string) (*Config, error) {
 	if len(data) > maxConfigBytes {
 		return nil, fmt.Errorf("policy: config %s is larger than %d bytes", path, maxConfigBytes)
 	}
-	return Parse(path, data, nil)
+	return parse(path, data, nil, opts)
 }
 
 // Parse decodes, defaults and validates a configuration read from the
@@ -406,6 +441,10 @@ func Load(path string) (*Config, error) {
 // (password, TLS and CA files), relative names being joined to name's
 // directory first; nil means os.ReadFile.
 func Parse(name string, data []byte, readFile func(name string) ([]byte, error)) (*Config, error) {
+	return parse(name, data, readFile, LoadOptions{})
+}
+
+func parse(name string, data []byte, readFile func(name string) ([]byte, error), opts LoadOptions) (*Config, error) {
 	if readFile == nil {
 		readFile = os.ReadFile
 	}
@@ -433,6 +472,9 @@ func Parse(name string, data []byte, readFile func(name string) ([]byte, error))
 	}
 
 	cfg.Path = name
+	if cfg.HSM.URI == "" {
+		cfg.HSM.URI = opts.HSMURI
+	}
 	cfg.applyDefaults()
 	v := &validator{file: name, loc: locator{root: root.Content[0]}, dir: filepath.Dir(name), readFile: readFile}
 	v.validate(cfg)
@@ -476,6 +518,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&c.ShutdownGrace, DefaultShutdownGrace)
 	c.applyRotationDefaults()
 	c.applyAdminDefaults()
+	c.applyMilterDefaults()
 }
 
 func setDefault[T comparable](p *T, v T) {
@@ -502,7 +545,7 @@ func (e *Error) Error() string {
 
 var (
 	yamlLineRe    = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
-	yamlUnknownRe = regexp.MustCompile(`^field (\S+) not found in type \S+$`)
+	yamlUnknownRe = regexp.MustCompile(`^field (\S+) not found in type (\S+)$`)
 )
 
 // yamlErrors turns the decoder's errors into *Error values, one per
@@ -525,6 +568,9 @@ func yamlErrors(file string, err error) error {
 		}
 		if sm := yamlUnknownRe.FindStringSubmatch(e.Msg); sm != nil {
 			e.Msg = fmt.Sprintf("unknown key %q", sm[1])
+			if near := nearestKey(sm[1], sm[2]); near != "" {
+				e.Msg += fmt.Sprintf(" (did you mean %s?)", near)
+			}
 		}
 		e.Msg = strings.NewReplacer(
 			"into time.Duration", "into a duration (write it like 90s, 5m or 120h)",

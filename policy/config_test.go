@@ -221,8 +221,10 @@ func TestParseErrors(t *testing.T) {
 		{"not a mapping", "- a\n- b\n", 1, "must be a mapping"},
 		{"syntax error", "hsm:\n  uri: [\n", 2, "dkimgw.yaml:2:"},
 		{"unknown top-level key", minimal + "selector: x\n", 12, `unknown key "selector"`},
-		{"unknown nested key", edit("  address:", "  adress: x\n  address:"), 4, `unknown key "adress"`},
-		{"misspelt client key", edit("    domains: [example.com]", "    domain: [example.com]"), 8, `unknown key "domain"`},
+		{"unknown nested key", edit("  address:", "  adress: x\n  address:"), 4, `unknown key "adress" (did you mean address?)`},
+		{"misspelt client key", edit("    domains: [example.com]", "    domain: [example.com]"), 8, `unknown key "domain" (did you mean domains?)`},
+		{"misspelt upstream key", edit("  address:", "  max_idl: 3\n  address:"), 4, `unknown key "max_idl" (did you mean max_idle?)`},
+		{"misspelt top-level key", minimal + "shutdown_grase: 1m\n", 12, `unknown key "shutdown_grase" (did you mean shutdown_grace?)`},
 		{"duplicate key", edit("upstream:\n", "upstream:\n  timeout: 1m\n  timeout: 2m\n"), 5, "already defined"},
 		{"second document", minimal + "---\nhsm: {}\n", 12, "second YAML document"},
 		{"bad duration", edit("  address:", "  timeout: 5 minutes\n  address:"), 4, "duration"},
@@ -326,6 +328,36 @@ func TestParseErrors(t *testing.T) {
 	}
 }
 
+// TestUnknownKeyFarFromAny checks that a key like no known one gets no
+// suggestion: a wrong "did you mean" misleads more than none.
+func TestUnknownKeyFarFromAny(t *testing.T) {
+	_, err := Parse("dkimgw.yaml", []byte(strings.Replace(minimal, "  address:", "  frobnicate: 3\n  address:", 1)), testFiles(t))
+	if err == nil || !strings.Contains(err.Error(), `unknown key "frobnicate"`) || strings.Contains(err.Error(), "did you mean") {
+		t.Errorf("error = %v; want unknown key without a suggestion", err)
+	}
+}
+
+// TestLoadWithHSMURI checks that a file without hsm.uri takes the
+// caller's (dkimgw: $DKIMGW_HSM), and that the file's own wins.
+func TestLoadWithHSMURI(t *testing.T) {
+	dir := t.TempDir()
+	without := filepath.Join(dir, "without.yaml")
+	os.WriteFile(without, []byte(strings.Replace(minimal, "hsm:\n  uri: \"pkcs11:token=dkim\"\n", "", 1)), 0o600)
+	with := filepath.Join(dir, "with.yaml")
+	os.WriteFile(with, []byte(minimal), 0o600)
+	if _, err := Load(without); err == nil || !strings.Contains(err.Error(), "DKIMGW_HSM") {
+		t.Errorf("Load without hsm.uri: %v; want an error naming DKIMGW_HSM", err)
+	}
+	cfg, err := LoadWith(without, LoadOptions{HSMURI: "pkcs11:token=from-env"})
+	if err != nil || cfg.HSM.URI != "pkcs11:token=from-env" {
+		t.Errorf("LoadWith without hsm.uri: %v, %v", cfg, err)
+	}
+	cfg, err = LoadWith(with, LoadOptions{HSMURI: "pkcs11:token=from-env"})
+	if err != nil || cfg.HSM.URI != "pkcs11:token=dkim" {
+		t.Errorf("LoadWith with hsm.uri: %v, %v", cfg, err)
+	}
+}
+
 func flatten(err error) []error {
 	if j, ok := err.(interface{ Unwrap() []error }); ok {
 		var out []error
@@ -386,5 +418,47 @@ domains:
 	}
 	if _, err := Load(filepath.Join(dir, "missing.yaml")); err == nil || !strings.Contains(err.Error(), "policy: read config") {
 		t.Errorf("Load(missing) = %v", err)
+	}
+}
+
+// TestCaptureUpstream checks upstream.address capture:DIR: the directory
+// is made absolute against the configuration's, and must exist as a
+// directory; a group-readable one is a warning.
+func TestCaptureUpstream(t *testing.T) {
+	dir := t.TempDir()
+	os.Mkdir(filepath.Join(dir, "cap"), 0o700)
+	os.Mkdir(filepath.Join(dir, "open"), 0o700)
+	os.Chmod(filepath.Join(dir, "open"), 0o755)
+	os.WriteFile(filepath.Join(dir, "file"), nil, 0o600)
+	load := func(addr string) (*Config, error) {
+		t.Helper()
+		path := filepath.Join(dir, "dkimgw.yaml")
+		os.WriteFile(path, []byte(strings.Replace(minimal, `"127.0.0.1:10026"`, `"`+addr+`"`, 1)), 0o600)
+		return Load(path)
+	}
+	cfg, err := load("capture:cap")
+	if err != nil {
+		t.Fatalf("capture:cap: %v", err)
+	}
+	if got, want := cfg.Upstream.CaptureDir(), filepath.Join(dir, "cap"); got != want || cfg.Upstream.Address != "capture:"+want {
+		t.Errorf("CaptureDir() = %q, address %q; want %q", got, cfg.Upstream.Address, want)
+	}
+	if w := strings.Join(cfg.Warnings, "\n"); strings.Contains(w, "capture") {
+		t.Errorf("warning for a 0700 directory: %v", w)
+	}
+	if cfg, err := load("capture:open"); err != nil || !strings.Contains(strings.Join(cfg.Warnings, "\n"), "(mode 0755): captured messages are readable there; chmod 700") {
+		t.Errorf("capture:open: %v; want a warning saying chmod 700", err)
+	}
+	for addr, want := range map[string]string{
+		"capture:":        "needs a directory",
+		"capture:missing": "mkdir -m 700 " + filepath.Join(dir, "missing"),
+		"capture:file":    "is not a directory",
+	} {
+		if _, err := load(addr); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v; want an error saying %q", addr, err, want)
+		}
+	}
+	if cfg, err := load("127.0.0.1:25"); err != nil || cfg.Upstream.CaptureDir() != "" {
+		t.Errorf("a host:port upstream: %v, capture dir %q", err, cfg.Upstream.CaptureDir())
 	}
 }

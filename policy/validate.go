@@ -8,10 +8,12 @@ import (
 	"maps"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
@@ -54,8 +56,10 @@ func (v *validator) validate(c *Config) {
 	v.validateSpool(c)
 	v.validateLog(c)
 	v.validateRotation(c)
+	v.validateState(c)
 	v.validateAdmin(c)
 	v.validateAudit(c)
+	v.validateMilter(c)
 	v.validateDomains(c)
 	v.validateClients(c)
 
@@ -75,7 +79,7 @@ func (v *validator) validate(c *Config) {
 func (v *validator) validateHSM(c *Config) {
 	switch {
 	case c.HSM.URI == "":
-		v.errorf(at("hsm"), "hsm.uri is required (an RFC 7512 pkcs11: URI naming the token)")
+		v.errorf(at("hsm"), "hsm.uri is required (an RFC 7512 pkcs11: URI naming the token); dkimgw serve and config check also take it from $DKIMGW_HSM")
 	case !strings.HasPrefix(strings.ToLower(c.HSM.URI), "pkcs11:"):
 		// Do not echo the value: it may hold a PIN.
 		v.errorf(at("hsm", "uri"), "hsm.uri must be an RFC 7512 URI starting with \"pkcs11:\"")
@@ -146,7 +150,12 @@ func (v *validator) validateTLS(t *TLS, section string) {
 func (v *validator) validateUpstream(c *Config) {
 	u := &c.Upstream
 	if u.Address == "" {
-		v.errorf(at("upstream"), "upstream.address is required (host:port of the MTA that delivers signed mail)")
+		// A milter-only gateway hands nothing on: its MTA delivers.
+		if c.Milter.Listen == "" {
+			v.errorf(at("upstream"), "upstream.address is required (host:port of the MTA that delivers signed mail, or capture:DIR)")
+		}
+	} else if dir, ok := strings.CutPrefix(u.Address, CapturePrefix); ok {
+		v.validateCapture(u, dir)
 	} else {
 		v.hostPort(at("upstream", "address"), "upstream.address", u.Address, false)
 	}
@@ -402,6 +411,38 @@ func (v *validator) validateClients(c *Config) {
 func (v *validator) positive(path []any, key string, d time.Duration) {
 	if d <= 0 {
 		v.errorf(path, "%s must be a positive duration, not %s", key, d)
+	}
+}
+
+// validateCapture checks the directory of upstream.address capture:DIR
+// and rewrites the address with DIR made absolute (relative to the
+// configuration's directory), so that the relay needs no base directory.
+// The directory must exist: the relay answers 451 for a message it cannot
+// store, and a typo found at start is better than one found by the first
+// message.
+func (v *validator) validateCapture(u *Upstream, dir string) {
+	path := at("upstream", "address")
+	if dir == "" {
+		v.errorf(path, "upstream.address capture: needs a directory, e.g. capture:/var/lib/dkimgw/capture")
+		return
+	}
+	dir = v.path(dir)
+	u.Address = CapturePrefix + dir
+	fi, err := os.Stat(dir)
+	switch {
+	case err != nil:
+		v.errorf(path, "upstream.address capture directory: %v (create it with mkdir -m 700 %s)", err, dir)
+		return
+	case !fi.IsDir():
+		v.errorf(path, "upstream.address capture directory %s is not a directory", dir)
+		return
+	}
+	// W_OK|X_OK: creating a file needs both. root passes whatever the mode.
+	if err := syscall.Access(dir, 0o2|0o1); err != nil {
+		v.errorf(path, "upstream.address capture directory %s is not writable by this user: %v", dir, err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		v.warnf(path, "upstream.address capture directory %s is accessible by group or others (mode %04o): captured messages are readable there; chmod 700 %s", dir, fi.Mode().Perm(), dir)
 	}
 }
 

@@ -214,6 +214,21 @@ func (b *Bolt) Keys(ctx context.Context, domain string) ([]Key, error) {
 	return keys, err
 }
 
+// Domains lists the domains the store has records of, sorted: for
+// moving a whole state to another store (`dkimgw state migrate`).
+func (b *Bolt) Domains(ctx context.Context) ([]string, error) {
+	var out []string
+	err := b.with(ctx, true, func(db *bolt.DB) error {
+		return db.View(func(tx *bolt.Tx) error {
+			return tx.ForEach(func(name []byte, _ *bolt.Bucket) error {
+				out = append(out, string(name))
+				return nil
+			})
+		})
+	})
+	return out, err
+}
+
 func sortKeys(keys []Key) {
 	sort.SliceStable(keys, func(i, j int) bool {
 		if !keys[i].CreatedAt.Equal(keys[j].CreatedAt) {

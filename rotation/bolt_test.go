@@ -202,3 +202,24 @@ func TestLockAcrossProcesses(t *testing.T) {
 	}
 	u()
 }
+
+// TestBoltDomains lists the domains with records, and none without a
+// file.
+func TestBoltDomains(t *testing.T) {
+	b, err := OpenBolt(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	if ds, err := b.Domains(ctx); err != nil || len(ds) != 0 {
+		t.Fatalf("Domains without a file: %q, %v", ds, err)
+	}
+	for _, d := range []string{"example.org", "example.com"} {
+		if err := b.Update(ctx, Change{Key: Key{Domain: d, Selector: "s1", Algorithm: Ed25519, State: StatePlanned}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ds, err := b.Domains(ctx); err != nil || strings.Join(ds, ",") != "example.com,example.org" {
+		t.Fatalf("Domains = %q, %v; want example.com,example.org", ds, err)
+	}
+}

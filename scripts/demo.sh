@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # make demo: dkimgw end to end on this machine, nothing outside loopback.
 #
-#   1. a SoftHSM token with an RSA-2048 and an Ed25519 key generated in it
+#   1. a SoftHSM token; `dkimgw init` checks it, generates an RSA-2048 and
+#      an Ed25519 key in it and writes the configuration and PIN file
 #   2. their records published in a real BIND serving demo.example
 #   3. `dkimgw sign` of a campaign message, verified through that DNS
-#   4. `dkimgw serve` relaying a message from an SMTP client to an
-#      upstream MTA (Postfix's smtp-sink), where it arrives signed and
-#      verifies through DNS; then a graceful SIGTERM
+#   4. `dkimgw serve` with a capture upstream: an SMTP client relays a
+#      message through it, and the signed message, stored where a real
+#      upstream MTA would have received it, verifies through DNS; then a
+#      graceful SIGTERM
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -15,13 +17,21 @@ DOMAIN=demo.example
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 lib_workdir dkimgw-demo
 
-say "1. A SoftHSM token, keys generated inside it"
+say "1. A SoftHSM token; dkimgw init generates the keys inside it and writes the configuration"
 softhsm_token dkimgw-demo 4321
 export DKIMGW_HSM=$URI
 echo "DKIMGW_HSM=$DKIMGW_HSM"
+smtp_port=$(free_port)
+mkdir -m 700 "$work/capture"
+month=$(date -u +%Y%m)
+RSA=rsa$month ED=ed$month
 set -x
-"$BIN" keys generate --domain $DOMAIN --selector rsa2026 --algorithm rsa-2048 > "$work/records.zone"
-"$BIN" keys generate --domain $DOMAIN --selector ed2026 --algorithm ed25519 >> "$work/records.zone"
+"$BIN" init --yes --domain $DOMAIN --upstream "capture:$work/capture" --listen "127.0.0.1:$smtp_port" \
+  --dir "$work/etc" --data-dir "$work/data" > "$work/init.out"
+{ set +x; } 2>/dev/null
+sed 's/^/  /' "$work/init.out"
+grep ' IN TXT ' "$work/init.out" > "$work/records.zone"
+set -x
 "$BIN" keys list
 { set +x; } 2>/dev/null
 echo "pkcs11-tool's own view of the private keys:"
@@ -55,9 +65,9 @@ named-checkzone $DOMAIN "$work/named/$DOMAIN.zone" | sed 's/^/  /'
 named -g -c "$work/named/named.conf" > "$work/named/named.log" 2>&1 &
 pids+=($!)
 wait_port "$dns_port" named $! || { cat "$work/named/named.log"; exit 1; }
-for _ in $(seq 50); do dig +short -p "$dns_port" @127.0.0.1 ed2026._domainkey.$DOMAIN TXT | grep -q DKIM1 && break; sleep 0.1; done
-dig +short -p "$dns_port" @127.0.0.1 rsa2026._domainkey.$DOMAIN TXT | sed 's/^/  /'
-dig +short -p "$dns_port" @127.0.0.1 ed2026._domainkey.$DOMAIN TXT | sed 's/^/  /'
+for _ in $(seq 50); do dig +short -p "$dns_port" @127.0.0.1 $ED._domainkey.$DOMAIN TXT | grep -q DKIM1 && break; sleep 0.1; done
+dig +short -p "$dns_port" @127.0.0.1 $RSA._domainkey.$DOMAIN TXT | sed 's/^/  /'
+dig +short -p "$dns_port" @127.0.0.1 $ED._domainkey.$DOMAIN TXT | sed 's/^/  /'
 
 say "3. dkimgw sign, dual-signed, verified through that DNS"
 cat > "$work/campaign.eml" <<'MSG'
@@ -77,59 +87,36 @@ this message was signed inside a PKCS#11 token.
 .a line that starts with a dot
 MSG
 set -x
-"$BIN" sign --domain $DOMAIN --selector rsa2026 --selector ed2026 < "$work/campaign.eml" > "$work/campaign.signed.eml"
+"$BIN" sign --domain $DOMAIN --selector $RSA --selector $ED --expire 7d < "$work/campaign.eml" > "$work/campaign.signed.eml"
 { set +x; } 2>/dev/null
 sed -n '/^DKIM-Signature/,/^From:/p' "$work/campaign.signed.eml" | sed '$d' | sed 's/^/  /'
 "$PY" scripts/demo-verify.py 127.0.0.1 "$dns_port" "$work/campaign.signed.eml"
 perl scripts/demo-verify.pl 127.0.0.1 "$dns_port" "$work/campaign.signed.eml"
 echo "From a domain it may not sign:"
-sed 's/news@demo.example/news@other.example/' "$work/campaign.eml" | "$BIN" sign --domain $DOMAIN --selector rsa2026 >/dev/null || echo "  refused, exit status $?"
+sed 's/news@demo.example/news@other.example/' "$work/campaign.eml" | "$BIN" sign --domain $DOMAIN --selector $RSA >/dev/null || echo "  refused, exit status $?"
 
-say "4. dkimgw serve: an SMTP client relays through it to an upstream MTA"
-smtp_port=$(free_port); sink_port=$(free_port)
-mkdir -m 777 "$work/sink"
-smtp-sink -u postfix -d "$work/sink/%M." 127.0.0.1:"$sink_port" 100 &
-pids+=($!)
-wait_port "$sink_port" smtp-sink $!
-cat > "$work/dkimgw.yaml" <<YAML
-hsm:
-  uri: "$DKIMGW_HSM"
-smtp:
-  listen: "127.0.0.1:$smtp_port"
-  hostname: dkimgw.demo.example
-upstream:
-  address: "127.0.0.1:$sink_port"   # Postfix's smtp-sink stands in for the delivering MTA
-  tls: none
-clients:
-  - name: campaigns
-    networks: ["127.0.0.0/8"]
-    domains: ["$DOMAIN"]
-domains:
-  $DOMAIN:
-    selectors: [rsa2026, ed2026]
-    expire: 168h
-admin:
-  listen: "127.0.0.1:0"   # /metrics, /healthz, /readyz on a free port (the log says which)
-YAML
-sed 's/^/  /' "$work/dkimgw.yaml"
+say "4. dkimgw serve, with a capture upstream: signed messages are stored, not delivered"
+# init's configuration, with the admin listener on a free port.
+echo 'admin: {listen: "127.0.0.1:0"}   # /metrics, /healthz, /readyz (the log says where)' >> "$work/etc/dkimgw.yaml"
+sed 's/^/  /' "$work/etc/dkimgw.yaml"
 set -x
-"$BIN" config check --config "$work/dkimgw.yaml"
+"$BIN" config check --config "$work/etc/dkimgw.yaml"
 { set +x; } 2>/dev/null
-"$BIN" serve --config "$work/dkimgw.yaml" 2> "$work/serve.log" &
+"$BIN" serve --config "$work/etc/dkimgw.yaml" 2> "$work/serve.log" &
 serve_pid=$!
 pids+=($serve_pid)
 wait_port "$smtp_port" "dkimgw serve" $serve_pid || { cat "$work/serve.log"; exit 1; }
 echo "swaks sends the campaign message through dkimgw:"
 swaks --server 127.0.0.1 --port "$smtp_port" --from news@$DOMAIN --to reader@example.net \
   --data "@$work/campaign.eml" 2>&1 | grep -E '^(<-|<\*\*| ->) +(MAIL|RCPT|DATA|[0-9]{3} [0-9])' | sed 's/^/  /' || true
-for _ in $(seq 50); do ls "$work"/sink/* >/dev/null 2>&1 && break; sleep 0.1; done
-dump=$(ls "$work"/sink/* | head -1)
-echo "what the upstream received ($(basename "$dump")), verified through DNS:"
+dump=$(ls "$work"/capture/*.eml | head -1)
+echo "the message as it would have gone upstream ($(basename "$dump"), stored before the 250), verified through DNS:"
 "$PY" scripts/demo-verify.py 127.0.0.1 "$dns_port" "$dump"
 perl scripts/demo-verify.pl 127.0.0.1 "$dns_port" "$dump"
 echo "a From domain this client may not use is refused, nothing relayed:"
 swaks --server 127.0.0.1 --port "$smtp_port" --from x@other.example --to reader@example.net \
   --header "From: x@other.example" 2>&1 | grep -E '^(<-|<\*\*| ->) +(MAIL|RCPT|DATA|[0-9]{3} [0-9])' | sed 's/^/  /' || true
+echo "  messages in the capture directory: $(ls "$work"/capture | wc -l) (the refused one is not among them)"
 echo "dkimgw's transaction log:"
 grep 'msg=transaction' "$work/serve.log" | sed 's/^/  /'
 echo "SIGTERM: dkimgw finishes what is in flight and exits"

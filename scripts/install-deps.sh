@@ -26,6 +26,8 @@ packages=(
   prometheus          # promtool: checks and unit-tests deploy/prometheus/dkimgw-alerts.yml
   gcc                 # builds the fault suite's PKCS#11 fault-injection shim
   libc6-dev           # its C headers
+  docker-compose      # validates docker-compose.yml (docker-compose config -q; no engine needed)
+  systemd             # systemd-analyze verify checks deploy/dkimgw.service
 )
 
 missing=()

@@ -143,6 +143,7 @@ type Message struct {
 	fromDomain string
 	bodyHash   []byte // SHA-256 of the relaxed-canonical body (RFC 6376 §3.4.4)
 	size       int64
+	hashOnly   bool // made by a Stream: the message itself was not kept
 
 	mu     sync.Mutex
 	closed bool
@@ -184,6 +185,8 @@ func (m *Message) Open() (io.ReadCloser, error) {
 	switch {
 	case m.closed:
 		return nil, errors.New("signer: message already closed")
+	case m.hashOnly:
+		return nil, errors.New("signer: message was streamed, not kept: only Sign can use it")
 	case m.file != nil:
 		// ReadAt does not move the file offset, so readers do not
 		// interfere with one another.
@@ -314,6 +317,10 @@ type spooler struct {
 	field       []byte // the current field's raw text, until the next field starts
 
 	body *relaxedBody
+
+	// hashOnly keeps the header section and the body hash, not the
+	// message (a Stream).
+	hashOnly bool
 
 	// Store.
 	mem     [][]byte
@@ -564,6 +571,9 @@ func (s *spooler) endField() {
 // store keeps p in memory or, past the memory limit or the budget, in
 // the spool file.
 func (s *spooler) store(p []byte) error {
+	if s.hashOnly {
+		return nil
+	}
 	if s.w == nil {
 		if s.memSize+int64(len(p)) <= s.opts.MemoryLimit && s.memStore(p) {
 			return nil
@@ -742,6 +752,7 @@ func (s *spooler) finish() (*Message, error) {
 		size:       s.size,
 		budget:     s.opts.Budget,
 		held:       s.held,
+		hashOnly:   s.hashOnly,
 		mem:        s.mem,
 		file:       s.file,
 		path:       s.path,

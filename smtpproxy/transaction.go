@@ -40,6 +40,7 @@ type transaction struct {
 	upstream     string // the upstream's reply to the final dot
 	upClass      string // its class ("2xx"), for metrics
 	sigs         []SignatureReport
+	captureDir   string // upstream.address capture:DIR: stored here, not relayed
 	note         string // why it was relayed unsigned, or what failed inside
 	internal     error  // detail of a local failure (never sent to the client)
 	done         bool   // the upstream accepted the message
@@ -54,6 +55,10 @@ type transaction struct {
 // MAIL is retried once on a new connection, whose failure is the one the
 // client gets.
 func (tx *transaction) mail(from string, opts *smtp.MailOptions) error {
+	if dir := captureDir(tx.st.set.Upstream); dir != "" {
+		tx.captureDir = dir
+		return nil
+	}
 	pool := tx.st.pool
 	up, err := pool.get(tx.ctx, false)
 	if err != nil {
@@ -111,6 +116,11 @@ func (tx *transaction) upstreamUnavailable(err error) error {
 }
 
 func (tx *transaction) rcpt(to string, opts *smtp.RcptOptions) error {
+	if tx.captureDir != "" {
+		// Nothing is delivered, so every recipient is accepted.
+		tx.rcptOK++
+		return nil
+	}
 	if tx.up == nil {
 		return errUpstreamBroken
 	}
@@ -142,6 +152,11 @@ func (tx *transaction) rcpt(to string, opts *smtp.RcptOptions) error {
 func (tx *transaction) data(r io.Reader) error {
 	tx.inData.Store(true)
 	set := tx.st.set
+	if tx.captureDir != "" {
+		return tx.spoolSign(r, func(fields []string, msg *signer.Message) error {
+			return tx.capture(tx.captureDir, fields, msg)
+		})
+	}
 	if tx.up == nil {
 		return errUpstreamBroken
 	}
@@ -155,6 +170,24 @@ func (tx *transaction) data(r io.Reader) error {
 		}
 	}()
 
+	return tx.spoolSign(r, func(fields []string, msg *signer.Message) error {
+		if err := ka.end(); err != nil && !healthy(err) {
+			// The upstream dropped the connection (or stopped answering)
+			// while the client was sending: the recipients' answers are
+			// given, so the transaction cannot move to another connection.
+			tx.breakUp()
+			tx.internal = fmt.Errorf("smtpproxy: keeping the upstream connection alive (NOOP): %w", err)
+			return errUpstreamBroken
+		}
+		return tx.relay(fields, msg)
+	})
+}
+
+// spoolSign receives and spools the message, signs it and hands the
+// fields and message to deliver, whose reply it returns; a failure before
+// that is the reply.
+func (tx *transaction) spoolSign(r io.Reader, deliver func(fields []string, msg *signer.Message) error) error {
+	set := tx.st.set
 	// Each read may wait read_timeout; the whole transfer data_timeout,
 	// which the client connection enforces on go-smtp's reads of BDAT
 	// commands and chunks too.
@@ -193,17 +226,8 @@ func (tx *transaction) data(r io.Reader) error {
 	if err != nil {
 		return err
 	}
-	if err := ka.end(); err != nil && !healthy(err) {
-		// The upstream dropped the connection (or stopped answering)
-		// while the client was sending: the recipients' answers are
-		// given, so the transaction cannot move to another connection.
-		tx.breakUp()
-		tx.internal = fmt.Errorf("smtpproxy: keeping the upstream connection alive (NOOP): %w", err)
-		return errUpstreamBroken
-	}
-	return tx.relay(fields, msg)
+	return deliver(fields, msg)
 }
-
 func (tx *transaction) spoolError(err error) error {
 	tx.internal = err
 	var refusedErr *signer.RefusedError

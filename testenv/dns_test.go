@@ -3,6 +3,7 @@ package testenv
 import (
 	"context"
 	"os"
+	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
@@ -116,32 +117,52 @@ func TestDNSServerStopped(t *testing.T) {
 	}
 }
 
-// TestREADMEDNSConfig keeps the README's BIND and Knot configuration for
-// DNS admins the one the test servers run with: every policy line the
-// servers get, rendered for example.com and a key dkimgw., is in it.
-func TestREADMEDNSConfig(t *testing.T) {
-	readme, err := os.ReadFile("../README.md")
+// TestDocumentedDNSConfig keeps the BIND and Knot configuration that
+// docs/dns-admins.md gives DNS admins, and the BIND configuration of
+// docker-compose.yml, the one the test servers run with: every policy line
+// the servers get, rendered for example.com and a key dkimgw., is in
+// them (BIND's only in deploy/bind/named.conf).
+func TestDocumentedDNSConfig(t *testing.T) {
+	doc, err := os.ReadFile("../docs/dns-admins.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	compose, err := os.ReadFile("../deploy/bind/named.conf")
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := &DNSServer{Zone: "example.com.", Keys: []TSIGKey{{Name: "dkimgw.", Algorithm: "hmac-sha256", Secret: "c2VjcmV0"}}}
-	var lines []string
+	var bind, knot []string
 	for _, l := range strings.Split(s.namedConf("53", "/zone.db"), "\n") {
 		if strings.Contains(l, "grant ") || strings.Contains(l, "allow-transfer { key") {
-			lines = append(lines, strings.TrimSpace(l))
+			bind = append(bind, strings.TrimSpace(l))
 		}
 	}
 	for _, l := range strings.Split(s.knotConf("53", "/zone.db"), "\n") {
 		if strings.Contains(l, "update-") || strings.Contains(l, "action:") || strings.Contains(l, "key: [") {
-			lines = append(lines, strings.TrimSpace(l))
+			knot = append(knot, strings.TrimSpace(l))
 		}
 	}
-	if len(lines) < 8 {
-		t.Fatalf("found only %d policy lines in the generated configs: %q", len(lines), lines)
+	if len(bind) < 2 || len(knot) < 6 {
+		t.Fatalf("found only %d BIND and %d Knot policy lines in the generated configs: %q %q", len(bind), len(knot), bind, knot)
 	}
-	for _, l := range lines {
-		if !strings.Contains(string(readme), l) {
-			t.Errorf("README.md lacks the test servers' line %q", l)
+	for _, l := range append(bind, knot...) {
+		if !strings.Contains(string(doc), l) {
+			t.Errorf("docs/dns-admins.md lacks the test servers' line %q", l)
 		}
+	}
+	for _, l := range bind {
+		if !strings.Contains(string(compose), l) {
+			t.Errorf("deploy/bind/named.conf lacks the test servers' line %q", l)
+		}
+	}
+}
+
+// TestComposeZone: the zone docker-compose.yml's BIND starts with loads.
+func TestComposeZone(t *testing.T) {
+	checkzone := Require(t, "named-checkzone")[0]
+	out, err := exec.CommandContext(t.Context(), checkzone, "example.com", "../deploy/bind/example.com.zone").CombinedOutput()
+	if err != nil {
+		t.Fatalf("named-checkzone deploy/bind/example.com.zone: %v\n%s", err, out)
 	}
 }

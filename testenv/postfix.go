@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -39,6 +40,10 @@ type PostfixOptions struct {
 	Relayhost string
 	// Settings are extra main.cf lines (name = value), applied last.
 	Settings map[string]string
+	// ChrootSMTPD runs the smtpd in a chroot at the queue directory, as
+	// Debian's master.cf does: a milter socket it connects to must then
+	// be inside the queue directory (see QueueDir), named relative to it.
+	ChrootSMTPD bool
 }
 
 // StartPostfix starts an instance and stops it when the test ends. It
@@ -122,6 +127,14 @@ func StartPostfix(t testing.TB, opts PostfixOptions) *Postfix {
 		"maximal_backoff_time": "2s",
 		"smtp_connect_timeout": "5s",
 	}
+	// The lines that relay through dkimgw are the ones the documentation
+	// and docker-compose.yml give people, read from the same file.
+	relay, err := PostfixRelaySettings()
+	if err != nil {
+		t.Fatalf("testenv: postfix: %v", err)
+	}
+	delete(relay, "relayhost") // the test's own, below
+	maps.Copy(settings, relay)
 	if opts.Relayhost != "" {
 		host, port, err := net.SplitHostPort(opts.Relayhost)
 		if err != nil {
@@ -140,7 +153,11 @@ func StartPostfix(t testing.TB, opts PostfixOptions) *Postfix {
 		t.Fatalf("testenv: postfix: %v", err)
 	}
 	// Every service unchrooted: a chroot would lack the temp paths.
-	master := fmt.Sprintf(`%s inet n - n - - smtpd
+	chroot := "n"
+	if opts.ChrootSMTPD {
+		chroot = "y"
+	}
+	master := fmt.Sprintf(`%s inet n - %s - - smtpd
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -160,7 +177,7 @@ discard   unix  -       -       n       -       -       discard
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
-`, p.addr)
+`, p.addr, chroot)
 	if err := os.WriteFile(filepath.Join(p.dir, "master.cf"), []byte(master), 0o644); err != nil {
 		t.Fatalf("testenv: postfix: %v", err)
 	}
@@ -174,6 +191,49 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 	}
 	return p
 }
+
+// postfixRelayFile is the Postfix configuration of docker-compose.yml,
+// whose block between "# BEGIN relay through dkimgw" and "# END relay
+// through dkimgw" holds the main.cf lines that relay through dkimgw.
+const postfixRelayFile = "deploy/postfix/main.cf"
+
+// PostfixRelaySettings returns the main.cf settings that relay through
+// dkimgw, as deploy/postfix/main.cf gives them (relayhost names the
+// compose file's gateway; StartPostfix puts the test's in its place).
+func PostfixRelaySettings() (map[string]string, error) {
+	_, self, _, _ := runtime.Caller(0)
+	path := filepath.Join(filepath.Dir(self), "..", filepath.FromSlash(postfixRelayFile))
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("the relay lines: %w", err)
+	}
+	_, block, ok := strings.Cut(string(data), "# BEGIN relay through dkimgw\n")
+	if ok {
+		block, _, ok = strings.Cut(block, "# END relay through dkimgw")
+	}
+	if !ok {
+		return nil, fmt.Errorf("%s has no BEGIN/END relay through dkimgw block", postfixRelayFile)
+	}
+	settings := map[string]string{}
+	for _, line := range strings.Split(block, "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			return nil, fmt.Errorf("%s: %q is not a main.cf setting", postfixRelayFile, line)
+		}
+		settings[strings.TrimSpace(k)] = strings.TrimSpace(v)
+	}
+	if settings["relayhost"] == "" {
+		return nil, fmt.Errorf("%s: the relay block sets no relayhost", postfixRelayFile)
+	}
+	return settings, nil
+}
+
+// QueueDir is the instance's queue_directory (a chrooted smtpd's root).
+func (p *Postfix) QueueDir() string { return p.queue }
 
 // Addr is the host:port of the instance's smtpd.
 func (p *Postfix) Addr() string { return p.addr }

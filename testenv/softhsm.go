@@ -81,6 +81,19 @@ type SoftHSMToken struct {
 // TestMain must call Main.
 func SoftHSM(t testing.TB) *SoftHSMToken {
 	t.Helper()
+	return softHSM(t, "")
+}
+
+// SoftHSMLabeled is SoftHSM with a label the test chooses, for
+// configurations written for people (the README's names its token); the
+// label must be unique in the package.
+func SoftHSMLabeled(t testing.TB, label string) *SoftHSMToken {
+	t.Helper()
+	return softHSM(t, label)
+}
+
+func softHSM(t testing.TB, label string) *SoftHSMToken {
+	t.Helper()
 	Require(t, "softhsm2-util", SoftHSMModule)
 	if tokenDir == "" || os.Getenv(softhsmEnv) == "" {
 		t.Fatal("testenv.SoftHSM: this package's TestMain must call testenv.Main(m)")
@@ -88,10 +101,19 @@ func SoftHSM(t testing.TB) *SoftHSMToken {
 	var tok *SoftHSMToken
 	// softhsm2-util now and then fails right after initialising a token
 	// ("Could not get info about the token in slot N") while this process
-	// uses the same token directory; a new label on a second try works.
+	// uses the same token directory; a new label on a second try works
+	// (a chosen label is tried again once what the failure left is deleted).
 	for attempt := 1; ; attempt++ {
+		l := label
+		if l == "" {
+			l = fmt.Sprintf("t%d-%s", tokenSerial.Add(1), randomHex(4))
+		} else if attempt > 1 {
+			initMu.Lock()
+			_ = exec.Command("softhsm2-util", "--delete-token", "--token", l).Run()
+			initMu.Unlock()
+		}
 		tok = &SoftHSMToken{
-			Label:  fmt.Sprintf("t%d-%s", tokenSerial.Add(1), randomHex(4)),
+			Label:  l,
 			PIN:    randomHex(6),
 			SOPIN:  randomHex(6),
 			Module: SoftHSMModule,

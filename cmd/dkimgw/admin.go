@@ -37,6 +37,9 @@ const (
 type readyCheck struct {
 	name  string
 	check func(ctx context.Context) error
+	// advisory checks are reported but leave the gateway ready (the
+	// shared state store: signing goes on without it).
+	advisory bool
 }
 
 // adminServer serves /metrics, /healthz and /readyz.
@@ -160,7 +163,9 @@ func (a *adminServer) ready(w http.ResponseWriter, r *http.Request) {
 	for i, c := range a.checks {
 		if results[i] != nil {
 			checks[c.name] = results[i].Error()
-			status, code = "unready", http.StatusServiceUnavailable
+			if !c.advisory {
+				status, code = "unready", http.StatusServiceUnavailable
+			}
 		} else {
 			checks[c.name] = "ok"
 		}

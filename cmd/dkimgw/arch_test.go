@@ -21,7 +21,7 @@ func TestDependenciesPointDown(t *testing.T) {
 		"github.com/miekg/dns",
 		"github.com/ThalesGroup/crypto11",
 	}
-	for _, pkg := range []string{"signer", "policy", "smtpproxy", "rotation", "rotation/etcdstore", "audit"} {
+	for _, pkg := range []string{"signer", "policy", "smtpproxy", "rotation", "rotation/etcdstore", "audit", "milter"} {
 		if _, err := os.Stat(filepath.Join("..", "..", pkg)); err != nil {
 			continue // not written yet
 		}

@@ -47,7 +47,9 @@ configuration.
 Exit status of verify-log: 0 the chain and every checkpoint verify
 (records after the last checkpoint are reported as not sealed yet, a
 warning); 65 a record is broken (the first one is named); 66 no log
-file; 69 no audit key to verify with; 75 token unavailable; 77 wrong PIN.`
+file; 69 no audit key to verify with; 75 token unavailable; 77 wrong PIN.
+Exit status of export-key: 0 printed; 69 the token has no audit key yet
+(serve generates it); 75 token unavailable; 77 wrong PIN; 78 bad token URI.`
 
 func runAudit(ctx context.Context, c *cli, args []string) int {
 	if len(args) > 0 {
@@ -106,12 +108,12 @@ func (s *auditKeySource) public(ctx context.Context, c *cli, cfg *policy.Config)
 	defer cancel()
 	tok, err := hsm.Open(ctx, uri, hsm.Options{Logger: errorLogger(c), Getenv: c.getenv})
 	if err != nil {
-		return nil, failf(c, tokenExitCode(err), "%v", err)
+		return nil, failToken(c, err, "%v", err)
 	}
 	defer tok.Close()
 	key, err := tok.AuditKey(ctx)
 	if err != nil {
-		return nil, failf(c, tokenExitCode(err), "%v", err)
+		return nil, failToken(c, err, "%v", err)
 	}
 	return key.Public(), exitOK
 }
@@ -124,7 +126,7 @@ func loadOptional(c *cli, path string, named bool) (*policy.Config, int, bool) {
 			return nil, exitOK, true
 		}
 	}
-	cfg, err := policy.Load(path)
+	cfg, err := loadConfig(c.getenv, path)
 	if err != nil {
 		return nil, failf(c, exitConfig, "invalid configuration:\n%v", err), false
 	}

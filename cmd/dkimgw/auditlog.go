@@ -55,7 +55,7 @@ func cliAuditPath(c *cli, flagPath string) (string, error) {
 	if _, err := os.Stat(defaultConfig); err != nil {
 		return "", nil
 	}
-	cfg, err := policy.Load(defaultConfig)
+	cfg, err := loadConfig(c.getenv, defaultConfig)
 	if err != nil {
 		return "", fmt.Errorf("read audit.path from %s: %w", defaultConfig, err)
 	}

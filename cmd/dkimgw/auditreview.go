@@ -88,7 +88,7 @@ func auditReview(ctx context.Context, c *cli, args []string) int {
 	if code, ok := parseFlags(c, fs, auditUsage, auditLong, args); !ok {
 		return code
 	}
-	cfg, err := policy.Load(*path)
+	cfg, err := loadConfig(c.getenv, *path)
 	if err != nil {
 		return failf(c, exitConfig, "invalid configuration:\n%v", err)
 	}
@@ -96,12 +96,12 @@ func auditReview(ctx context.Context, c *cli, args []string) int {
 	defer cancel()
 	tok, err := hsm.Open(ctx, cfg.HSM.URI, hsm.Options{Logger: errorLogger(c), Getenv: c.getenv})
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%s: hsm.uri: %v", *path, err)
+		return failToken(c, err, "%s: hsm.uri: %v", *path, err)
 	}
 	defer tok.Close()
 	rep, err := review(ctx, cfg, tok, time.Now())
 	if err != nil {
-		return failf(c, tokenExitCode(err), "audit: %v", err)
+		return failToken(c, err, "audit: %v", err)
 	}
 	code := exitOK
 	for _, f := range rep.Findings {
@@ -196,6 +196,7 @@ func review(ctx context.Context, cfg *policy.Config, tok *hsm.Token, now time.Ti
 		if err != nil {
 			return nil, err
 		}
+		defer setup.Close()
 		checkers = setup.checkers
 		if statuses, err = setup.rec.Status(ctx); err != nil {
 			return nil, err

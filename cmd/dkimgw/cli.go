@@ -18,8 +18,13 @@ const (
 	exitDataErr     = 65 // EX_DATAERR: the input (a message) was refused
 	exitUnavailable = 69 // EX_UNAVAILABLE: a needed service or object is missing
 	exitSoftware    = 70 // EX_SOFTWARE: internal error
+	exitOSErr       = 71 // EX_OSERR: the system refused a resource (serve cannot bind its address)
 	exitTempFail    = 75 // EX_TEMPFAIL: try again later (token unavailable, ...)
 	exitConfig      = 78 // EX_CONFIG: the configuration is invalid
+	// exitKeyUnusable is for a key that exists but that dkimgw refuses to
+	// sign with (too weak, extractable, imported): like a missing key, the
+	// object the command needs is not available.
+	exitKeyUnusable = exitUnavailable
 )
 
 // cli is the process environment a command runs in. Tests build one with
@@ -45,10 +50,11 @@ type command struct {
 // commands is the command table; `dkimgw help` lists it in this order.
 func commands() []*command {
 	return []*command{
+		initCommand,
 		keysCommand,
 		signCommand,
-		serveCommand, configCommand,
-		rotateCommand, dnsCommand,
+		serveCommand, milterCommand, configCommand,
+		rotateCommand, dnsCommand, stateCommand,
 		auditCommand,
 	}
 }
@@ -68,8 +74,11 @@ func run(ctx context.Context, args []string, c *cli) int {
 		}
 		printHelp(c.stdout)
 		return exitOK
-	case "version", "--version":
-		fmt.Fprintln(c.stdout, "dkimgw", version())
+	case "version", "--version", "-version":
+		if len(args) > 1 {
+			return failf(c, exitUsage, "version: unexpected argument %q", args[1])
+		}
+		printVersion(c.stdout)
 		return exitOK
 	}
 	cmd := findCommand(args[0])
@@ -94,7 +103,9 @@ func printHelp(w io.Writer) {
 	for _, cmd := range commands() {
 		fmt.Fprintf(w, "  %-10s %s\n", cmd.name, cmd.short)
 	}
-	fmt.Fprint(w, "\nRun 'dkimgw <command> --help' for a command's flags.\n")
+	fmt.Fprintf(w, "  %-10s %s\n", "version", "print the version, VCS commit and date, and Go version (also --version)")
+	fmt.Fprintf(w, "  %-10s %s\n", "help", "this list; 'dkimgw help <command>' for one command")
+	fmt.Fprint(w, "\nRun 'dkimgw <command> --help' for a command's flags and exit statuses.\n")
 }
 
 // newFlagSet returns a flag set for one command. A bad flag prints the
@@ -121,8 +132,7 @@ func parseFlags(c *cli, fs *flag.FlagSet, usage, long string, args []string) (co
 			fmt.Fprintf(c.stdout, "%s\n\n", long)
 		}
 		fmt.Fprintln(c.stdout, "flags:")
-		fs.SetOutput(c.stdout)
-		fs.PrintDefaults()
+		printFlags(c.stdout, fs)
 		return exitOK, false
 	}
 	if err != nil {
@@ -134,6 +144,30 @@ func parseFlags(c *cli, fs *flag.FlagSet, usage, long string, args []string) (co
 		return exitUsage, false
 	}
 	return exitOK, true
+}
+
+// printFlags lists fs's flags as flag.PrintDefaults does, but spelt
+// --name, as the usage lines and the documentation spell them.
+func printFlags(w io.Writer, fs *flag.FlagSet) {
+	fs.VisitAll(func(f *flag.Flag) {
+		name, usage := flag.UnquoteUsage(f)
+		line := "  --" + f.Name
+		if name != "" {
+			line += " " + name
+		}
+		usage = strings.ReplaceAll(usage, "\n", "\n    \t")
+		fmt.Fprintf(w, "%s\n    \t%s", line, usage)
+		if d := f.DefValue; d != "" && d != "false" && d != "0" && d != "[]" {
+			if g, ok := f.Value.(flag.Getter); ok {
+				switch g.Get().(type) {
+				case string:
+					d = fmt.Sprintf("%q", d) // strings, paths and addresses
+				}
+			}
+			fmt.Fprintf(w, " (default %s)", d)
+		}
+		fmt.Fprintln(w)
+	})
 }
 
 // failf prints a one-line error to stderr and returns code.

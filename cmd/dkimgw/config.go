@@ -30,12 +30,21 @@ error naming its line), validates it as a whole, then opens the token and
 checks that every selector under domains: names a usable key: present,
 non-extractable, and able to sign; for the rotating domains it builds the
 reconciler (selector templates, publishers, TSIG secret files) without
-contacting DNS or writing the rotation state. It serves nothing. Warnings (things
+contacting DNS or writing the rotation state. With state.type etcd it
+connects to etcd and checks, without writing, that the gateway may read
+and write under state.prefix. It serves nothing. Warnings (things
 that are valid but risky, such as a client network wider than /16) go
 to stderr and do not change the exit status.
 
-Exit status: 0 valid; 78 the file is invalid; 69 a key is missing or
-unusable; 75 the token is unreachable (try again); 77 wrong PIN.`
+Without hsm.uri, the token URI comes from $DKIMGW_HSM. An unknown key is
+reported with the nearest known one ("did you mean max_idle?").
+
+Exit status: 0 valid; 64 bad arguments; 69 a key is missing, or one
+dkimgw refuses to sign with (RSA below 2048 bits, extractable, imported:
+the same status as from 'sign' and 'keys dns'); 75 the token or the etcd state store is
+unreachable (try again); 77 wrong or locked PIN; 78 the file is invalid,
+or a bad pin-source, or no such token, or etcd refuses TLS, credentials
+or permissions (with what to fix).`
 )
 
 var configCommand = &command{
@@ -62,28 +71,59 @@ func runConfig(ctx context.Context, c *cli, args []string) int {
 	if code, ok := parseFlags(c, fs, configUsage, configLong, args[1:]); !ok {
 		return code
 	}
-	cfg, err := policy.Load(*path)
+	cfg, err := loadConfig(c.getenv, *path)
 	if err != nil {
 		return failf(c, exitConfig, "invalid configuration:\n%v", err)
 	}
 	for _, w := range cfg.Warnings {
 		fmt.Fprintf(c.stderr, "dkimgw: warning: %s\n", w)
 	}
+	ctx, cancel := tf.withTimeout(ctx)
+	defer cancel()
+	if code, err := checkState(ctx, cfg, c.stdout); err != nil {
+		return failf(c, code, "%s: %v", *path, err)
+	}
 	if err := checkRotation(cfg); err != nil {
 		return failf(c, exitConfig, "%s: %v", *path, err)
 	}
-	ctx, cancel := tf.withTimeout(ctx)
-	defer cancel()
 	tok, err := hsm.Open(ctx, cfg.HSM.URI, hsm.Options{Logger: errorLogger(c), Getenv: c.getenv})
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%s: hsm.uri: %v", *path, err)
+		return failToken(c, err, "%s: hsm.uri: %v", *path, err)
 	}
 	defer tok.Close()
 	if _, err := checkKeys(ctx, tok, cfg, c.stdout); err != nil {
-		return failf(c, tokenExitCode(err), "%s: %v", *path, err)
+		return failToken(c, err, "%s: %v", *path, err)
 	}
 	fmt.Fprintf(c.stdout, "%s: OK (%d clients, %d domains, %d keys, %d rotating domains, %d warnings)\n", *path, len(cfg.Clients), len(cfg.Domains), len(cfg.Selectors()), len(cfg.Rotating()), len(cfg.Warnings))
 	return exitOK
+}
+
+// stateCheckTimeout bounds connecting to the etcd state store and
+// trying its permissions.
+const stateCheckTimeout = 15 * time.Second
+
+// checkState connects to an etcd state store and checks, without
+// writing, that this gateway may read and write its prefix; the error
+// says what to fix (unreachable: 75; TLS, credentials, permission: 78).
+func checkState(ctx context.Context, cfg *policy.Config, w io.Writer) (int, error) {
+	if cfg.State.Type != policy.StateEtcd {
+		return exitOK, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, stateCheckTimeout)
+	defer cancel()
+	s, err := openState(cfg, cfg.SMTP.Hostname, slog.New(slog.DiscardHandler))
+	if err == nil {
+		err = s.Check(ctx)
+		s.Close()
+	}
+	if err != nil {
+		if storeUnavailable(err) {
+			return exitTempFail, err
+		}
+		return exitConfig, err
+	}
+	fmt.Fprintf(w, "state: %s: ok (read and write permitted)\n", s)
+	return exitOK, nil
 }
 
 // logWarnings tells the operator, at WARN, what the configuration's
@@ -173,6 +213,9 @@ func checkRotation(cfg *policy.Config) error {
 			}
 		}
 	}
-	_, err := newRotation(&probe, nil, slog.New(slog.DiscardHandler), nil, 0)
-	return err
+	setup, err := newRotation(&probe, nil, slog.New(slog.DiscardHandler), nil, 0)
+	if err != nil {
+		return err
+	}
+	return setup.Close()
 }

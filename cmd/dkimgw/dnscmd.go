@@ -84,8 +84,9 @@ func dnsPending(ctx context.Context, c *cli, args []string) int {
 	}
 	setup, err := newRotation(cfg, nil, slog.New(slog.DiscardHandler), nil, defaultLockWait)
 	if err != nil {
-		return failf(c, exitConfig, "%s: %v", *path, err)
+		return failf(c, setupExitCode(err), "%s: %v", *path, err)
 	}
+	defer setup.Close()
 	if len(setup.manuals) == 0 {
 		fmt.Fprintln(c.stdout, "; no rotating domain uses a manual publisher: nothing is published by hand")
 		return exitOK
@@ -177,13 +178,14 @@ func dnsCheck(ctx context.Context, c *cli, args []string) int {
 	defer cancel()
 	tok, err := hsm.Open(ctx, cfg.HSM.URI, hsm.Options{Logger: errorLogger(c), Getenv: c.getenv})
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%s: hsm.uri: %v", *path, err)
+		return failToken(c, err, "%s: hsm.uri: %v", *path, err)
 	}
 	defer tok.Close()
 	setup, err := newRotation(cfg, tok, slog.New(slog.DiscardHandler), nil, defaultLockWait)
 	if err != nil {
-		return failf(c, exitConfig, "%s: %v", *path, err)
+		return failf(c, setupExitCode(err), "%s: %v", *path, err)
 	}
+	defer setup.Close()
 	st, err := setup.rec.Status(ctx)
 	if err != nil {
 		return failf(c, rotateExitCode(err), "%v", err)

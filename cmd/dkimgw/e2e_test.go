@@ -185,6 +185,14 @@ type gateway struct {
 // ends; its log is printed if the test failed.
 func startGateway(t *testing.T, bin string, cfg gwConfig) *gateway {
 	t.Helper()
+	return startGatewayAs(t, bin, cfg, "serve")
+}
+
+// startGatewayAs runs `dkimgw CMD --config` (serve or milter) on cfg and
+// returns once it listens: gw.addr is the relay's address, or the
+// milter's for milter.
+func startGatewayAs(t *testing.T, bin string, cfg gwConfig, cmd string) *gateway {
+	t.Helper()
 	gw := &gateway{
 		t:       t,
 		config:  filepath.Join(t.TempDir(), "dkimgw.yaml"),
@@ -192,7 +200,7 @@ func startGateway(t *testing.T, bin string, cfg gwConfig) *gateway {
 		done:    make(chan struct{}),
 	}
 	gw.writeConfig(cfg)
-	gw.cmd = exec.Command(bin, "serve", "--config", gw.config)
+	gw.cmd = exec.Command(bin, cmd, "--config", gw.config)
 	// SOFTHSM2_CONF comes from testenv.Main through the environment.
 	gw.cmd.Env = os.Environ()
 	// Never outlive the test binary, even when it is killed.
@@ -242,11 +250,15 @@ func startGateway(t *testing.T, bin string, cfg gwConfig) *gateway {
 		}
 	})
 
-	l := gw.waitLog(0, 60*time.Second, "dkimgw serving", func(l logLine) bool {
-		return l.str("msg") == "dkimgw serving"
+	ready, addrKey := "dkimgw serving", "listen"
+	if cmd == "milter" {
+		ready, addrKey = "dkimgw milter serving", "milter_listen"
+	}
+	l := gw.waitLog(0, 60*time.Second, ready, func(l logLine) bool {
+		return l.str("msg") == ready
 	})
-	gw.addr = l.str("listen")
-	if _, _, err := net.SplitHostPort(gw.addr); err != nil {
+	gw.addr = l.str(addrKey)
+	if _, _, err := net.SplitHostPort(gw.addr); err != nil && !strings.HasPrefix(gw.addr, "/") {
 		t.Fatalf("dkimgw logged listen=%q: %v", gw.addr, err)
 	}
 	for _, l := range gw.logLines(0) {

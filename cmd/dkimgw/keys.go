@@ -39,10 +39,12 @@ The token comes from --hsm or $DKIMGW_HSM. generate and destroy record
 what they did, with the Unix user, in the audit log (--audit-log, else
 $DKIMGW_AUDIT_LOG, else audit.path of /etc/dkimgw/dkimgw.yaml), fsynced
 before they report success, and seal it when the token has the audit key.
-Exit status: 0 done; 64 bad arguments; 69 no such key, or the token lacks
-a needed mechanism; 73 the key exists already, or the audit log cannot be
+Exit status: 0 done; 64 bad arguments; 69 no such key, a key dkimgw
+refuses to sign with (RSA below 2048 bits, extractable, imported: the
+same status as from 'sign' and 'config check'), or the token lacks a
+needed mechanism; 73 the key exists already, or the audit log cannot be
 written; 75 token unavailable, try again; 77 wrong or locked PIN; 78 bad
-token URI or module path.`
+token URI, module path or pin-source, or no such token.`
 
 func runKeys(ctx context.Context, c *cli, args []string) int {
 	if len(args) == 0 {
@@ -124,7 +126,7 @@ signing with the key.`
 	}
 	al.seal(ctx, c, tok)
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	info := key.Info()
 	line, err := hsm.ZoneLine(info.Domain, info.Selector, ttl, key.Public())
@@ -181,7 +183,7 @@ with the reason: dkimgw refuses to sign with it.`
 	defer release()
 	infos, err := tok.Keys(ctx)
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	list := make([]keyJSON, 0, len(infos))
 	for _, i := range infos {
@@ -256,7 +258,7 @@ BIND zone file accepts it.`
 	defer release()
 	key, err := tok.Key(ctx, kf.domain, kf.selector)
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	line, err := hsm.ZoneLine(key.Info().Domain, key.Info().Selector, ttl, key.Public())
 	if err != nil {
@@ -319,7 +321,7 @@ selector from signing and wait out the grace period first.`
 	}
 	al.seal(ctx, c, tok)
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	fmt.Fprintf(c.stderr, "destroyed %s in token %q\n", hsm.RecordName(kf.domain, strings.ToLower(kf.selector)), tok.Info().Label)
 	return exitOK

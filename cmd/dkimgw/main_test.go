@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -29,4 +30,46 @@ func runCLI(t *testing.T, env map[string]string, stdin string, args ...string) r
 		getenv: func(k string) string { return env[k] },
 	})
 	return result{code, stdout.String(), stderr.String()}
+}
+
+// TestVersion checks that `dkimgw version` and `--version` print the
+// version, the commit lines and the Go version, and that the top-level
+// help lists --version.
+func TestVersion(t *testing.T) {
+	for _, arg := range []string{"version", "--version"} {
+		r := runCLI(t, nil, "", arg)
+		if r.code != exitOK {
+			t.Fatalf("%s: exit %d: %s", arg, r.code, r.stderr)
+		}
+		for _, want := range []string{"dkimgw ", "\ncommit: ", "\ncommit date: ", "\ngo: " + runtime.Version() + "\n"} {
+			if !strings.Contains(r.stdout, want) {
+				t.Errorf("%s: output %q lacks %q", arg, r.stdout, want)
+			}
+		}
+	}
+	if r := runCLI(t, nil, "", "help"); !strings.Contains(r.stdout, "--version") {
+		t.Errorf("help does not list --version:\n%s", r.stdout)
+	}
+}
+
+// TestHelpSpellsFlagsOneWay checks that every flag list in --help spells
+// flags --name, as the usage lines and docs/cli.md do.
+func TestHelpSpellsFlagsOneWay(t *testing.T) {
+	for _, args := range [][]string{
+		{"init"}, {"keys", "generate"}, {"keys", "list"}, {"keys", "dns"}, {"keys", "destroy"}, {"sign"},
+		{"serve"}, {"config", "check"}, {"rotate"}, {"dns", "pending"}, {"dns", "check"},
+		{"audit"}, {"audit", "verify-log"}, {"audit", "export-key"},
+	} {
+		r := runCLI(t, nil, "", append(args, "--help")...)
+		_, flags, ok := strings.Cut(r.stdout, "\nflags:\n")
+		if r.code != exitOK || !ok {
+			t.Errorf("%v --help: exit %d, no flag list:\n%s", args, r.code, r.stdout)
+			continue
+		}
+		for line := range strings.SplitSeq(flags, "\n") {
+			if strings.HasPrefix(line, "  -") && !strings.HasPrefix(line, "  --") {
+				t.Errorf("%v --help lists a flag as %q", args, line)
+			}
+		}
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/dkimgw/dkimgw/hsm"
+	"github.com/dkimgw/dkimgw/milter"
 	"github.com/dkimgw/dkimgw/rotation"
 	"github.com/dkimgw/dkimgw/smtpproxy"
 )
@@ -51,6 +52,22 @@ type metricsSources struct {
 	keys func(ctx context.Context) ([]rotation.Status, map[string]time.Duration, error)
 	// fixed lists the fixed selectors of the configuration, by domain.
 	fixed func() map[string][]string
+	// state tells of a shared (etcd) state store; ok is false with bbolt
+	// (nothing exported).
+	state func(ctx context.Context) (st stateInfo, ok bool)
+}
+
+// stateInfo is what a gateway knows of the shared state store.
+type stateInfo struct {
+	// up: the gateway's last read of the store (its watch) succeeded.
+	up bool
+	// leading: this gateway runs the reconciler.
+	leading bool
+	// leader names the gateway that leads ("" when nobody does, or the
+	// store cannot say).
+	leader string
+	// revision is the store revision of the keyring's view.
+	revision int64
 }
 
 // keysScrapeTimeout bounds reading the rotation state at a scrape.
@@ -202,6 +219,14 @@ var (
 		"The rotation interval of a rotating domain's policy.", []string{"domain"}, nil)
 	descKeysUp = prometheus.NewDesc("dkimgw_key_state_readable",
 		"1 when the scrape could read the rotation state, 0 when it could not (the key metrics are then missing).", nil, nil)
+	descStateUp = prometheus.NewDesc("dkimgw_state_store_up",
+		"1 while the gateway reads the shared (etcd) state store, 0 while it cannot: it then signs with the keys last seen active, and rotation pauses.", nil, nil)
+	descStateLeading = prometheus.NewDesc("dkimgw_state_leader",
+		"1 when this gateway leads the election of the shared state store (runs the rotation reconciler), 0 otherwise.", nil, nil)
+	descStateLeader = prometheus.NewDesc("dkimgw_state_leader_info",
+		"Always 1, labelled with the gateway that leads the shared state store's election (name[pid]@host); absent when none does or the store cannot say.", []string{"leader"}, nil)
+	descStateRevision = prometheus.NewDesc("dkimgw_state_revision",
+		"The shared state store's revision the gateway's signing keys were taken from: gateways at the same revision sign with the same keys.", nil, nil)
 )
 
 // allStates are the lifecycle states dkimgw_key_state has a series for.
@@ -213,7 +238,7 @@ var allStates = []rotation.State{
 }
 
 func (c *scrapeCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descSessions, descTokenErrors, descReinit, descConns, descSpool, descKeyAge, descKeyState, descKeyNext, descInterval, descKeysUp} {
+	for _, d := range []*prometheus.Desc{descSessions, descTokenErrors, descReinit, descConns, descSpool, descKeyAge, descKeyState, descKeyNext, descInterval, descKeysUp, descStateUp, descStateLeading, descStateLeader, descStateRevision} {
 		ch <- d
 	}
 }
@@ -251,6 +276,19 @@ func (c *scrapeCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if s.keys != nil {
 		c.collectKeys(ch)
+	}
+	if s.state != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), keysScrapeTimeout)
+		st, ok := s.state(ctx)
+		cancel()
+		if ok {
+			ch <- prometheus.MustNewConstMetric(descStateUp, prometheus.GaugeValue, b2f(st.up))
+			ch <- prometheus.MustNewConstMetric(descStateLeading, prometheus.GaugeValue, b2f(st.leading))
+			ch <- prometheus.MustNewConstMetric(descStateRevision, prometheus.GaugeValue, float64(st.revision))
+			if st.leader != "" {
+				ch <- prometheus.MustNewConstMetric(descStateLeader, prometheus.GaugeValue, 1, st.leader)
+			}
+		}
 	}
 }
 
@@ -297,4 +335,16 @@ func b2f(b bool) float64 {
 		return 1
 	}
 	return 0
+}
+
+var _ milter.Observer = (*metrics)(nil)
+
+// Message counts a message the milter decided on, in the relay's
+// dkimgw_messages_total and dkimgw_signatures_total: the outcomes have
+// the same names, and there is no upstream reply.
+func (m *metrics) Message(r milter.Report) {
+	m.messages.WithLabelValues(string(r.Outcome), r.Domain, r.Client).Inc()
+	for _, s := range r.Signatures {
+		m.signatures.WithLabelValues(s.Domain, s.Selector, s.Algorithm).Inc()
+	}
 }

@@ -45,14 +45,17 @@ Every pass (not status) is recorded in the audit log (audit.path) with
 the Unix user, each transition too, and sealed when the token has the
 audit key.
 
-Only one reconciler works on the state (data_dir/rotation.db) at a time:
-a second one waits up to --wait, then says who holds the lock.
+Only one reconciler works on the state (data_dir/rotation.db, or etcd
+with state.type etcd) at a time: a second one waits up to --wait, then
+says who holds the lock.
 
 Exit status: 0 done (rotate status: listed); 1 a step failed (the
 others were taken; the next pass retries); 64 bad arguments; 69 a key
 is missing or unusable; 75 the state store is locked by another
-reconciler, or the token is unavailable: try again; 77 wrong PIN; 78 the
-configuration is invalid.`
+reconciler, the etcd state store is unreachable (rotate status too: the
+gateways keep signing with the keys they last saw active), or the token
+is unavailable: try again; 77 wrong PIN; 78 the configuration is
+invalid.`
 )
 
 var rotateCommand = &command{
@@ -97,7 +100,7 @@ func runRotate(ctx context.Context, c *cli, args []string) int {
 	logger := errorLogger(c)
 	tok, err := hsm.Open(ctx, cfg.HSM.URI, hsm.Options{Logger: logger, Getenv: c.getenv})
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%s: hsm.uri: %v", *path, err)
+		return failToken(c, err, "%s: hsm.uri: %v", *path, err)
 	}
 	defer tok.Close()
 	alog, err := audit.Open(cfg.Audit.Path, audit.Options{Actor: unixUser()})
@@ -106,8 +109,9 @@ func runRotate(ctx context.Context, c *cli, args []string) int {
 	}
 	setup, err := newAuditedRotation(cfg, tok, logger, nil, *wait, alog)
 	if err != nil {
-		return failf(c, exitConfig, "%s: %v", *path, err)
+		return failf(c, setupExitCode(err), "%s: %v", *path, err)
 	}
+	defer setup.Close()
 	var rep rotation.Report
 	if *emergency {
 		fmt.Fprintf(c.stderr, "dkimgw: EMERGENCY ROTATION of %s: its active keys stop signing NOW and their DNS records are revoked NOW, without grace; its mail gets 451 4.7.0 until the new keys are visible in DNS\n", *domain)
@@ -137,7 +141,7 @@ func runRotate(ctx context.Context, c *cli, args []string) int {
 func rotateExitCode(err error) int {
 	var le *rotation.LockedError
 	switch {
-	case errors.As(err, &le):
+	case errors.As(err, &le), storeUnavailable(err):
 		return exitTempFail
 	case errors.Is(err, hsm.ErrPINIncorrect), errors.Is(err, hsm.ErrPINLocked):
 		return 77
@@ -147,6 +151,16 @@ func rotateExitCode(err error) int {
 		return exitTempFail
 	}
 	return exitFailure
+}
+
+// setupExitCode is the exit status of a failure to build the reconciler:
+// the etcd state store out of reach (authenticating needs it) is 75, try
+// again; anything else is the configuration's (78).
+func setupExitCode(err error) int {
+	if storeUnavailable(err) {
+		return exitTempFail
+	}
+	return exitConfig
 }
 
 // printReport prints a pass's actions and warnings, one per line.
@@ -178,7 +192,7 @@ func printReport(w io.Writer, rep rotation.Report, dry bool) {
 // loadRotating loads the configuration and checks that it has rotating
 // domains; on failure it returns nil and the exit status.
 func loadRotating(c *cli, path string) (*policy.Config, int) {
-	cfg, err := policy.Load(path)
+	cfg, err := loadConfig(c.getenv, path)
 	if err != nil {
 		return nil, failf(c, exitConfig, "invalid configuration:\n%v", err)
 	}
@@ -207,12 +221,16 @@ token, contact DNS, or take the lock for longer than one read.`
 	}
 	setup, err := newRotation(cfg, nil, slog.New(slog.DiscardHandler), nil, defaultLockWait)
 	if err != nil {
-		return failf(c, exitConfig, "%s: %v", *path, err)
+		return failf(c, setupExitCode(err), "%s: %v", *path, err)
 	}
+	defer setup.Close()
 	ctx, cancel := context.WithTimeout(ctx, defaultLockWait)
 	defer cancel()
 	st, err := setup.rec.Status(ctx)
 	if err != nil {
+		if storeUnavailable(err) {
+			return failf(c, exitTempFail, "rotate status: the state store (%s) is unreachable; the gateways keep signing with the keys they last saw active, and no rotation step happens until it is back: %v", setup.store, err)
+		}
 		return failf(c, rotateExitCode(err), "%v", err)
 	}
 	if *asJSON {

@@ -25,7 +25,7 @@ import (
 // rotate and dns commands need besides it.
 type rotationSetup struct {
 	rec      *rotation.Reconciler
-	store    *rotation.Bolt
+	store    *stateStore
 	policies map[string]rotation.Policy // by domain
 	manuals  map[string]*dnspub.Manual  // by publisher name
 	checkers *zoneCheckers
@@ -40,12 +40,21 @@ func newRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger, after 
 	return newAuditedRotation(cfg, tok, logger, after, lockWait, nil)
 }
 
+// Close closes the state store (a no-op for bbolt; etcd's connections
+// and leases otherwise). The reconciler must not be used afterwards.
+func (s *rotationSetup) Close() error {
+	if s == nil {
+		return nil
+	}
+	return s.store.Close()
+}
+
 // newAuditedRotation is newRotation with every rotation event recorded
 // in alog too (nil: logged only).
 func newAuditedRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger, after func(rotation.Report, error), lockWait time.Duration, alog *audit.Log) (*rotationSetup, error) {
-	store, err := rotation.OpenBolt(cfg.DataDir)
+	store, err := openState(cfg, cfg.SMTP.Hostname, logger)
 	if err != nil {
-		return nil, fmt.Errorf("data_dir: %w", err)
+		return nil, err
 	}
 	s := &rotationSetup{
 		store:    store,
@@ -69,9 +78,11 @@ func newAuditedRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger,
 		s.policies[d] = p
 		domains[d] = true
 		if err := s.addPublisher(cfg, r.Publisher, logger); err != nil {
+			store.Close()
 			return nil, err
 		}
 		if err := s.checkers.add(cfg, r.Zone, r.Publisher); err != nil {
+			store.Close()
 			return nil, fmt.Errorf("domains.%s.rotation: %w", d, err)
 		}
 	}
@@ -81,7 +92,7 @@ func newAuditedRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger,
 		rpubs[name] = p
 	}
 	s.rec, err = rotation.New(rotation.Options{
-		Store:      &waitingStore{Bolt: store, wait: lockWait},
+		Store:      &waitingStore{Store: store, wait: lockWait},
 		Keys:       &tokenKeys{tok: tok, domains: domains},
 		Publishers: rpubs,
 		Checker:    s.checkers,
@@ -91,6 +102,7 @@ func newAuditedRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger,
 		AfterPass:  after,
 	})
 	if err != nil {
+		store.Close()
 		return nil, err
 	}
 	return s, nil
@@ -131,17 +143,17 @@ func (s *rotationSetup) addPublisher(cfg *policy.Config, name string, logger *sl
 // wait for another reconciler's pass should not; when it ends, the error
 // names the holder.
 type waitingStore struct {
-	*rotation.Bolt
+	rotation.Store
 	wait time.Duration
 }
 
 func (s *waitingStore) Lock(ctx context.Context) (func() error, error) {
 	if s.wait <= 0 {
-		return s.Bolt.Lock(ctx)
+		return s.Store.Lock(ctx)
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.wait)
 	defer cancel()
-	return s.Bolt.Lock(ctx)
+	return s.Store.Lock(ctx)
 }
 
 // tokenKeys is the token as rotation's key store. It lists and hands out

@@ -37,7 +37,9 @@ state; a rotating domain without an active key gets 451 4.7.0.
 Every rotation.drift_every it checks that DNS serves the records of the
 active and retired keys as published (rotation.on_drift says what a
 drift does). On admin.listen (default 127.0.0.1:9465) it serves /metrics
-(Prometheus), /healthz and /readyz (see the README).
+(Prometheus), /healthz and /readyz (see the README). With milter.listen
+set, serve also runs the milter for Postfix and Sendmail, with the same
+keys (see 'dkimgw milter --help').
 SIGTERM or SIGINT: stop accepting, finish the transactions in flight
 (at most shutdown_grace), exit 0, within shutdown_grace even when a
 token call hangs. SIGHUP: reload the configuration and read the token's
@@ -54,7 +56,15 @@ refuses, every rotation transition and a summary of refused messages in
 the audit log (audit.path), and seals it with a checkpoint signed by the
 token's audit key every audit.checkpoint_every and at shutdown; it
 generates the audit key (label dkimgw-audit) in the token on its first
-start. See 'dkimgw audit --help'.`
+start. See 'dkimgw audit --help'.
+
+Without hsm.uri, the token URI comes from $DKIMGW_HSM.
+
+Exit status: 0 stopped by SIGTERM or SIGINT; 64 bad arguments; 69 a
+configured key is missing or unusable; 71 the SMTP or admin listen
+address cannot be bound (in use, no permission); 73 the audit log
+cannot be written; 75 token unavailable; 77 wrong or locked PIN; 78
+invalid configuration, bad pin-source, or no such token.`
 )
 
 var serveCommand = &command{
@@ -71,16 +81,31 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	if code, ok := parseFlags(c, fs, serveUsage, serveLong, args); !ok {
 		return code
 	}
-	cfg, err := policy.Load(*path)
+	return runGateway(ctx, c, *path, true)
+}
+
+// runGateway runs what the configuration at path asks for: the relay
+// when relay is set (serve), and the milter listener when milter.listen
+// is set (always, for 'dkimgw milter'). Both share the token, the
+// keyring, the reconciler, the drift watch, the admin listener and the
+// audit log, and SIGHUP reloads both.
+func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
+	cfg, err := loadConfig(c.getenv, path)
 	if err != nil {
 		return failf(c, exitConfig, "invalid configuration:\n%v", err)
+	}
+	if relay && cfg.Upstream.Address == "" {
+		return failf(c, exitConfig, "%s: upstream.address is required for serve (only 'dkimgw milter' runs without one)", path)
+	}
+	if !relay && cfg.Milter.Listen == "" {
+		return failf(c, exitConfig, "%s: milter.listen is required for 'dkimgw milter' (inet:HOST:PORT or unix:/path)", path)
 	}
 	level := new(slog.LevelVar)
 	logger := newLogger(c.stderr, cfg.Log, level)
 	logWarnings(logger, cfg)
 	alog, err := openServeAudit(cfg, logger)
 	if err != nil {
-		return failf(c, exitCantCreate, "%s: audit.path: %v", *path, err)
+		return failf(c, exitCantCreate, "%s: audit.path: %v", path, err)
 	}
 
 	openCtx, cancel := context.WithTimeout(ctx, tokenTimeout)
@@ -97,7 +122,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	cancel()
 	if err != nil {
 		alog.recordTokenError(ctx, err)
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	alog.useToken(ctx, tok)
 
@@ -105,45 +130,71 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	rot, err := prepareRotator(ctx, cfg, &ring, logger, alog.log)
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, exitConfig, "%s: rotation: %v", *path, err)
+		return failf(c, setupExitCode(err), "%s: rotation: %v", path, err)
 	}
 	obs := newServeObs(cfg, &ring, rot)
 	obs.driftSink = alog
-	srv, err := smtpproxy.New(smtpproxy.Options{Policy: alog.policy(cfg), Settings: relaySettings(cfg), Keys: &ring, Logger: logger, Observer: obs.m})
-	if err != nil {
-		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, exitConfig, "%v", err)
+	var srv *smtpproxy.Server
+	var l net.Listener
+	if relay {
+		srv, err = smtpproxy.New(smtpproxy.Options{Policy: alog.policy(cfg), Settings: relaySettings(cfg), Keys: &ring, Logger: logger, Observer: obs.m})
+		if err != nil {
+			closeToken(ring.token(), time.Now().Add(shortClose), logger)
+			return failf(c, exitConfig, "%v", err)
+		}
+		l, err = net.Listen("tcp", cfg.SMTP.Listen)
+		if err != nil {
+			closeToken(ring.token(), time.Now().Add(shortClose), logger)
+			return failf(c, exitOSErr, "smtp.listen: %v", err)
+		}
+		obs.srv.Store(srv)
 	}
-	l, err := net.Listen("tcp", cfg.SMTP.Listen)
+	ms, err := startMilter(cfg, &ring, obs.m, logger)
 	if err != nil {
+		if l != nil {
+			l.Close()
+		}
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, exitUnavailable, "smtp.listen: %v", err)
+		return failf(c, exitOSErr, "%v", err)
 	}
 	_, stopPprof, err := startPprof(c.getenv(pprofEnv), logger)
 	if err != nil {
-		l.Close()
+		if l != nil {
+			l.Close()
+		}
+		ms.close()
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitConfig, "%v", err)
 	}
 	defer stopPprof()
-	obs.srv.Store(srv)
-	admin, err := startAdmin(cfg, obs.m, obs.readyChecks(), logger)
+	admin, err := startAdmin(cfg, obs.m, obs.readyChecks(relay), logger)
 	if err != nil {
-		l.Close()
+		if l != nil {
+			l.Close()
+		}
+		ms.close()
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
-		return failf(c, exitUnavailable, "%v", err)
+		return failf(c, exitOSErr, "%v", err)
 	}
 	if admin != nil {
 		logger.Info("admin listener serving /metrics, /healthz, /readyz", "admin_listen", admin.Addr(), "tls", cfg.Admin.TLS != nil, "bearer_token", len(cfg.Admin.BearerToken()) > 0)
 	}
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(l) }()
+	serveErr := make(chan error, 2)
+	if relay {
+		go func() { serveErr <- srv.Serve(l) }()
+	}
+	ms.serve(serveErr)
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	alog.record(ctx, configEvent(audit.EventConfigLoaded, cfg, nil))
-	logger.Info("dkimgw serving", "version", version(), "listen", l.Addr().String(), "config", *path)
+	if relay {
+		logger.Info("dkimgw serving", "version", version(), "listen", l.Addr().String(), "config", path)
+	}
+	if ms != nil {
+		logger.Info("dkimgw milter serving", "version", version(), "milter_listen", ms.addr(), "config", path)
+	}
 	alog.start(cfg.Audit.CheckpointEvery.D(), func() error { return ring.token().PINError() })
 	if rot != nil {
 		rot.start(&ring, logger)
@@ -155,7 +206,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 	for {
 		select {
 		case <-hup:
-			next, nrot := reload(ctx, srv, cfg, &ring, rot, *path, logger, level, c.getenv, alog)
+			next, nrot := reload(ctx, srv, ms, cfg, &ring, rot, path, logger, level, c.getenv, alog)
 			obs.m.reloaded(next != nil)
 			if next != nil {
 				cfg, rot = next, nrot
@@ -167,6 +218,7 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 				drift.start()
 			}
 		case err := <-serveErr:
+			ms.close()
 			drift.stop(time.Now().Add(shortClose))
 			admin.shutdown(time.Now().Add(shortClose))
 			rot.stop(time.Now().Add(shortClose), logger)
@@ -180,9 +232,15 @@ func runServe(ctx context.Context, c *cli, args []string) int {
 			sctx, cancel := context.WithDeadline(context.Background(), deadline)
 			drift.stop(deadline)
 			rot.stop(deadline, logger)
-			err := srv.Shutdown(sctx)
+			var err error
+			if srv != nil {
+				err = srv.Shutdown(sctx)
+				<-serveErr
+			}
+			if merr := ms.shutdown(sctx); merr != nil && err == nil {
+				err = merr
+			}
 			cancel()
-			<-serveErr
 			// The admin listener goes last: /metrics and /readyz answer
 			// (unready is not reported; the relay is draining) while
 			// transactions finish.
@@ -238,8 +296,8 @@ func closeToken(tok *hsm.Token, deadline time.Time, logger *slog.Logger) {
 // replaces the old one once everything else checked out; the active keys
 // are read from the state again, so the keyring stays as it was for the
 // domains whose policy did not change.
-func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring *keyring, rot *rotator, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string, alog *serveAudit) (*policy.Config, *rotator) {
-	cfg, err := policy.Load(path)
+func reload(ctx context.Context, srv *smtpproxy.Server, ms *milterListener, cur *policy.Config, ring *keyring, rot *rotator, path string, logger *slog.Logger, level *slog.LevelVar, getenv func(string) string, alog *serveAudit) (*policy.Config, *rotator) {
+	cfg, err := loadConfig(getenv, path)
 	if err == nil && cfg.HSM.URI != cur.HSM.URI {
 		err = errors.New("hsm.uri changed, which needs a restart")
 	}
@@ -251,6 +309,12 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 	}
 	if err == nil && !sameAdminListener(cfg, cur) {
 		err = errors.New("admin.listen or admin.tls changed, which needs a restart")
+	}
+	if err == nil && !sameMilterListener(cfg, cur) {
+		err = errors.New("milter.listen, its socket or timeouts changed, which needs a restart")
+	}
+	if err == nil && srv != nil && cfg.Upstream.Address == "" {
+		err = errors.New("upstream.address is required for serve")
 	}
 	kctx, cancel := context.WithTimeout(ctx, tokenTimeout)
 	defer cancel()
@@ -272,12 +336,13 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 		nrot, err = prepareRotator(kctx, cfg, ring, logger, alog.log)
 		if err != nil {
 			err = fmt.Errorf("rotation: %w", err)
-		} else {
+		} else if srv != nil {
 			err = srv.Reload(alog.policy(cfg), relaySettings(cfg))
 		}
 		if err != nil {
 			ring.restore(old)
 			ring.rot.Store(oldRot)
+			nrot.stop(time.Now(), logger)
 		}
 	}
 	if err != nil {
@@ -289,6 +354,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, cur *policy.Config, ring
 		alog.record(ctx, audit.Event{Event: audit.EventReloadRefused, Details: map[string]any{"config": path, "error": err.Error()}})
 		return nil, nil
 	}
+	ms.reload(cfg)
 	rot.stop(time.Now().Add(rotatorStopWait), logger)
 	if nrot != nil {
 		nrot.start(ring, logger)

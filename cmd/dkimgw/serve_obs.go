@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -41,7 +43,8 @@ func newServeObs(cfg *policy.Config, ring *keyring, rot *rotator) *serveObs {
 			}
 			return 0, 0
 		},
-		keys: o.keys,
+		keys:  o.keys,
+		state: o.state,
 		fixed: func() map[string][]string {
 			out := map[string][]string{}
 			for d, dom := range o.cfg.Load().Domains {
@@ -73,22 +76,67 @@ func (o *serveObs) keys(ctx context.Context) ([]rotation.Status, map[string]time
 	return st, iv, nil
 }
 
+// state tells what this gateway knows of the shared (etcd) state store;
+// ok is false without one.
+func (o *serveObs) state(ctx context.Context) (stateInfo, bool) {
+	rot := o.rot.Load()
+	if rot == nil || rot.setup.store.etcd == nil {
+		return stateInfo{}, false
+	}
+	st := stateInfo{up: rot.storeUp.Load(), leading: rot.leading(), revision: rot.revision.Load()}
+	// Asking who leads takes a call: not while etcd is known to be out
+	// of reach, where it would only wait for its timeout.
+	if !st.up {
+		return st, true
+	}
+	if p, err := rot.setup.store.etcd.NewElection().Leader(ctx); err == nil {
+		st.leader = fmt.Sprintf("%s[%d]@%s", p.Name, p.PID, p.Host)
+	}
+	return st, true
+}
+
+// stateCheck is /readyz's report of the shared state store. It never
+// makes the gateway unready: with etcd out of reach it still signs, with
+// the keys last seen active.
+func (o *serveObs) stateCheck(context.Context) error {
+	rot := o.rot.Load()
+	if rot == nil || rot.setup.store.etcd == nil || rot.storeUp.Load() {
+		return nil
+	}
+	return fmt.Errorf("the etcd state store is unreachable: signing with the keys last seen active (revision %d); rotation paused", rot.revision.Load())
+}
+
 // readyChecks are /readyz's conditions: the configuration is loaded, the
 // token gives a free, logged-in session, the upstream accepts a TCP
-// connection.
-func (o *serveObs) readyChecks() []readyCheck {
-	return []readyCheck{
-		{"config", func(context.Context) error {
+// connection (for the relay; a milter-only gateway has no upstream).
+func (o *serveObs) readyChecks(relay bool) []readyCheck {
+	checks := []readyCheck{
+		{name: "config", check: func(context.Context) error {
 			if o.cfg.Load() == nil {
 				return errors.New("no configuration loaded")
 			}
 			return nil
 		}},
-		{"token", func(ctx context.Context) error {
+		{name: "token", check: func(ctx context.Context) error {
 			return o.ring.token().Check(ctx)
 		}},
-		{"upstream", dialCheck(func() string { return o.cfg.Load().Upstream.Address })},
+		{name: "state", check: o.stateCheck, advisory: true},
 	}
+	// A milter hands nothing on: its MTA delivers.
+	if relay {
+		checks = append(checks, readyCheck{name: "upstream", check: func(ctx context.Context) error {
+			u := o.cfg.Load().Upstream
+			if dir := u.CaptureDir(); dir != "" {
+				// Nothing to dial: the directory must still be there.
+				if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+					return fmt.Errorf("capture directory %s is gone", dir)
+				}
+				return nil
+			}
+			return dialCheck(func() string { return u.Address })(ctx)
+		}})
+	}
+	return checks
 }
 
 // sameAdminListener reports whether the admin listener of next is the

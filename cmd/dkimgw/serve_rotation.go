@@ -9,12 +9,14 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/rotation"
+	"github.com/dkimgw/dkimgw/rotation/etcdstore"
 	"github.com/dkimgw/dkimgw/signer"
 	"github.com/dkimgw/dkimgw/smtpproxy"
 )
@@ -127,19 +129,29 @@ func selectorsOf(keys []rotatingKey) string {
 }
 
 // rotator is the reconciler of a serve process: a pass every
-// rotation.check_every, and a watch on the state file, both feeding the
-// keyring.
+// rotation.check_every, and a watch on the state store, both feeding the
+// keyring. With an etcd store, only the gateway that leads the store's
+// election runs the passes; every gateway watches.
 type rotator struct {
 	setup   *rotationSetup
 	dataDir string
 	every   time.Duration
 	cancel  context.CancelFunc
 	done    chan struct{}
+
+	// election is this gateway's candidacy (etcd only).
+	election *etcdstore.Election
+	// storeUp is whether the last read of the etcd store succeeded, and
+	// revision the store revision the keyring's view is at (etcd only).
+	storeUp  atomic.Bool
+	revision atomic.Int64
 }
 
 // prepareRotator builds the reconciler of cfg (nil when no domain
 // rotates) and installs the active keys it records in ring; it starts
-// nothing, so that a reload can still refuse.
+// nothing, so that a reload can still refuse. With an etcd store out of
+// reach the keyring keeps what it has (nothing at a first start: the
+// rotating domains get 451 until the watch reads the store).
 func prepareRotator(ctx context.Context, cfg *policy.Config, ring *keyring, logger *slog.Logger, alog *audit.Log) (*rotator, error) {
 	if len(cfg.Rotating()) == 0 {
 		ring.setActive(ctx, nil)
@@ -147,25 +159,39 @@ func prepareRotator(ctx context.Context, cfg *policy.Config, ring *keyring, logg
 	}
 	ring.rk.log = logger.With("component", "keyring")
 	domains := len(cfg.Rotating())
+	shared := cfg.State.Type == policy.StateEtcd
 	setup, err := newAuditedRotation(cfg, ring.token(), logger, func(rep rotation.Report, err error) {
 		// The keyring switches after every pass, from what it recorded;
 		// a pass that could not read every domain's state (it failed
-		// early, or the store did) leaves the keyring as it is.
-		if len(rep.Active) == domains {
+		// early, or the store did) leaves the keyring as it is. A shared
+		// store's watch switches every gateway, the leader included: a
+		// pass's view could be older than the watch's.
+		if !shared && len(rep.Active) == domains {
 			ring.setActive(context.Background(), rep.Active)
 		}
 	}, cfg.Rotation.CheckEvery.D(), alog)
 	if err != nil {
 		return nil, err
 	}
+	r := &rotator{setup: setup, dataDir: cfg.DataDir, every: cfg.Rotation.CheckEvery.D()}
 	actx, cancel := context.WithTimeout(ctx, tokenTimeout)
 	defer cancel()
-	act, err := setup.rec.Active(actx)
-	if err != nil {
-		return nil, fmt.Errorf("read the rotation state: %w", err)
+	if shared {
+		actx, cancel = context.WithTimeout(ctx, cfg.State.DialTimeout.D())
+		defer cancel()
 	}
-	ring.setActive(actx, act)
-	return &rotator{setup: setup, dataDir: cfg.DataDir, every: cfg.Rotation.CheckEvery.D()}, nil
+	act, err := setup.rec.Active(actx)
+	switch {
+	case err != nil && shared && storeUnavailable(err):
+		logger.Warn("the etcd state store is unreachable: signing with the keys last seen active (none at a first start) until it answers", "store", setup.store.String(), "error", err)
+	case err != nil:
+		setup.Close()
+		return nil, fmt.Errorf("read the rotation state: %w", err)
+	default:
+		r.storeUp.Store(true)
+		ring.setActive(actx, act)
+	}
+	return r, nil
 }
 
 // start runs the passes and the state watch until stop.
@@ -173,33 +199,150 @@ func (r *rotator) start(ring *keyring, logger *slog.Logger) {
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel, r.done = cancel, make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Go(func() { r.setup.rec.Run(ctx, r.every) })
-	wg.Go(func() { r.watch(ctx, ring, logger) })
+	if e := r.setup.store.etcd; e != nil {
+		r.election = e.NewElection()
+		wg.Go(func() {
+			_ = r.election.Lead(ctx, func(lctx context.Context) {
+				logger.Info("leading the rotation reconciler")
+				r.setup.rec.Run(lctx, r.every)
+			})
+		})
+		wg.Go(func() { r.watchEtcd(ctx, ring, logger) })
+		wg.Go(func() { r.probeEtcd(ctx, logger) })
+	} else {
+		wg.Go(func() { r.setup.rec.Run(ctx, r.every) })
+		wg.Go(func() { r.watch(ctx, ring, logger) })
+	}
 	go func() { wg.Wait(); close(r.done) }()
 }
 
 // stop ends the passes, waiting for the one in flight until deadline at
 // most (a token call cannot be interrupted; its step is redone by the
-// next pass, wherever it stopped).
+// next pass, wherever it stopped), and closes the store: an etcd
+// leadership or lock goes to another gateway at once.
 func (r *rotator) stop(deadline time.Time, logger *slog.Logger) {
-	if r == nil || r.cancel == nil {
+	if r == nil {
 		return
 	}
-	r.cancel()
-	t := time.NewTimer(time.Until(deadline))
-	defer t.Stop()
-	select {
-	case <-r.done:
-	case <-t.C:
-		logger.Warn("rotation pass still running; not waiting for it")
+	if r.cancel != nil {
+		r.cancel()
+		t := time.NewTimer(time.Until(deadline))
+		defer t.Stop()
+		select {
+		case <-r.done:
+		case <-t.C:
+			logger.Warn("rotation pass still running; not waiting for it")
+		}
 	}
+	if err := r.setup.Close(); err != nil {
+		logger.Warn("closing the state store", "error", err)
+	}
+}
+
+// leading reports whether this gateway runs the reconciler: always with
+// bbolt, while it leads the election with etcd.
+func (r *rotator) leading() bool {
+	if r.election == nil {
+		return r.setup.store.etcd == nil
+	}
+	return r.election.IsLeader()
+}
+
+// stateProbeEvery is how often serve asks etcd whether it answers: a
+// watch whose members all went away stays silent (the client reconnects
+// for ever), so the watch alone cannot say the store is gone.
+const stateProbeEvery = time.Second
+
+// stateProbeTimeout bounds one probe.
+const stateProbeTimeout = 2 * time.Second
+
+// probeEtcd keeps storeUp true while etcd answers.
+func (r *rotator) probeEtcd(ctx context.Context, logger *slog.Logger) {
+	t := time.NewTicker(stateProbeEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		pctx, cancel := context.WithTimeout(ctx, stateProbeTimeout)
+		err := r.setup.store.etcd.Check(pctx)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		r.setStoreUp(err == nil, err, logger)
+	}
+}
+
+// setStoreUp records whether the store answers, logging each change.
+func (r *rotator) setStoreUp(up bool, err error, logger *slog.Logger) {
+	was := r.storeUp.Swap(up)
+	switch {
+	case was && !up:
+		logger.Warn("the etcd state store is unreachable: signing goes on with the keys last seen active; rotation pauses", "store", r.setup.store.String(), "error", err)
+	case !was && up:
+		logger.Info("the etcd state store answers again", "store", r.setup.store.String(), "revision", r.revision.Load())
+	}
+}
+
+// watchEtcd keeps the keyring on the active keys the etcd store lists,
+// switching within moments of each transaction, whoever made it. While
+// the store cannot be read the keyring keeps the last view: signing goes
+// on, only the lifecycle pauses.
+func (r *rotator) watchEtcd(ctx context.Context, ring *keyring, logger *slog.Logger) {
+	view := map[string]map[string]rotation.Key{}
+	for ev := range r.setup.store.etcd.Watch(ctx) {
+		if ev.Err != nil {
+			r.setStoreUp(false, ev.Err, logger)
+			continue
+		}
+		if ev.Full {
+			view = map[string]map[string]rotation.Key{}
+		}
+		for _, k := range ev.Keys {
+			if view[k.Domain] == nil {
+				view[k.Domain] = map[string]rotation.Key{}
+			}
+			view[k.Domain][k.Selector] = k
+		}
+		ring.setActive(ctx, activeIn(view, r.setup.policies))
+		r.revision.Store(ev.Revision)
+	}
+}
+
+// activeIn is the active keys of each rotating domain in view, ordered
+// as the store orders them (creation, then selector).
+func activeIn(view map[string]map[string]rotation.Key, pols map[string]rotation.Policy) map[string][]rotation.ActiveKey {
+	out := make(map[string][]rotation.ActiveKey, len(pols))
+	for d := range pols {
+		var keys []rotation.Key
+		for _, k := range view[d] {
+			if k.State == rotation.StateActive {
+				keys = append(keys, k)
+			}
+		}
+		slices.SortFunc(keys, func(a, b rotation.Key) int {
+			if c := a.CreatedAt.Compare(b.CreatedAt); c != 0 {
+				return c
+			}
+			return strings.Compare(a.Selector, b.Selector)
+		})
+		act := []rotation.ActiveKey{}
+		for _, k := range keys {
+			act = append(act, rotation.ActiveKey{Selector: k.Selector, Algorithm: k.Algorithm})
+		}
+		out[d] = act
+	}
+	return out
 }
 
 // watch re-reads the active keys whenever the state file changes, so
 // that a pass of another process (an emergency rotation in particular)
 // switches the keyring within a second.
 func (r *rotator) watch(ctx context.Context, ring *keyring, logger *slog.Logger) {
-	path := r.setup.store.Path()
+	path := r.setup.store.bolt.Path()
 	var last time.Time
 	var lastSize int64
 	t := time.NewTicker(stateWatchEvery)

@@ -6,8 +6,8 @@ import (
 	"errors"
 	"flag"
 	"strings"
-	"time"
 
+	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/signer"
 )
 
@@ -31,10 +31,14 @@ if it has no From or several, a From without a parseable domain, control
 characters in its header, or a header line over 998 octets. Nothing is
 written on stdout unless the message was signed.
 
-The token comes from --hsm or $DKIMGW_HSM. Exit status: 0 signed; 64 bad
-arguments; 65 message refused (the reason is on stderr); 69 no such key;
-75 token unavailable, try again; 77 wrong or locked PIN; 78 bad token URI
-or module path.`
+Each selector may be given once. The token comes from --hsm or
+$DKIMGW_HSM. Exit status: 0 signed; 64 bad arguments (a repeated
+--selector, a bad --expire); 65 message refused (the reason is on
+stderr); 69 no such key, or a key dkimgw refuses to sign with (RSA below
+2048 bits, extractable, imported: the same status as from 'keys dns' and
+'config check'); 75 token unavailable, try again; 77 wrong or locked PIN;
+78 bad token URI, module path or pin-source (missing file or variable,
+relative path, a PIN file others may read), or no such token.`
 
 // stringsFlag collects the values of a repeatable flag.
 type stringsFlag []string
@@ -53,21 +57,31 @@ func runSign(ctx context.Context, c *cli, args []string) int {
 	var (
 		domain    string
 		selectors stringsFlag
-		expire    time.Duration
+		expireArg string
 		tf        tokenFlags
 	)
 	fs.StringVar(&domain, "domain", "", "signing domain (d=); the From domain must be it or below it")
 	fs.Var(&selectors, "selector", "selector (s=) of a key of --domain in the token; repeat to sign once per key")
-	fs.DurationVar(&expire, "expire", 0, "signature lifetime (x=), e.g. 168h; 0 means no expiry")
+	fs.StringVar(&expireArg, "expire", "0", "signature lifetime (x=), e.g. 7d or 168h; 0 means no expiry")
 	tf.register(fs)
 	if code, ok := parseFlags(c, fs, signUsage, signLong, args); !ok {
 		return code
 	}
-	switch {
-	case domain == "" || len(selectors) == 0:
+	if domain == "" || len(selectors) == 0 {
 		return failf(c, exitUsage, "sign: --domain and at least one --selector are required")
-	case expire < 0:
-		return failf(c, exitUsage, "sign: --expire must not be negative")
+	}
+	seen := make(map[string]bool, len(selectors))
+	for _, sel := range selectors {
+		// Selectors are DNS labels: S and s name the same key.
+		k := strings.ToLower(sel)
+		if seen[k] {
+			return failf(c, exitUsage, "sign: --selector %s is given twice; give each selector once (one signature per key)", sel)
+		}
+		seen[k] = true
+	}
+	expire, err := policy.ParseDuration(expireArg)
+	if err != nil {
+		return failf(c, exitUsage, "sign: --expire %q is not a duration; write it like --expire 7d, --expire 168h or --expire 90m (0: no x= tag)", expireArg)
 	}
 
 	// The token and keys come first: a configuration problem is reported
@@ -83,7 +97,7 @@ func runSign(ctx context.Context, c *cli, args []string) int {
 	for _, sel := range selectors {
 		key, err := tok.Key(tokCtx, domain, sel)
 		if err != nil {
-			return failf(c, tokenExitCode(err), "%v", err)
+			return failToken(c, err, "%v", err)
 		}
 		ids = append(ids, signer.Identity{Domain: domain, Selector: sel, Key: key})
 	}
@@ -105,7 +119,7 @@ func runSign(ctx context.Context, c *cli, args []string) int {
 	defer cancelSign()
 	fields, err := signer.Sign(signCtx, msg, ids, signer.Options{Expire: expire})
 	if err != nil {
-		return failf(c, tokenExitCode(err), "%v", err)
+		return failToken(c, err, "%v", err)
 	}
 	w := bufio.NewWriterSize(c.stdout, 64<<10)
 	if _, err := signer.WriteSigned(w, fields, msg); err != nil {

@@ -138,13 +138,17 @@ func TestSignErrors(t *testing.T) {
 	}{
 		{"no domain", nil, []string{"--hsm", uri, "--selector", "rsa"}, exitUsage, "--domain and at least one --selector"},
 		{"no selector", nil, []string{"--hsm", uri, "--domain", "example.com"}, exitUsage, "--domain and at least one --selector"},
-		{"negative expiry", nil, []string{"--hsm", uri, "--domain", "example.com", "--selector", "rsa", "--expire", "-1h"}, exitUsage, "--expire"},
-		{"bad expiry", nil, []string{"--hsm", uri, "--domain", "example.com", "--selector", "rsa", "--expire", "soon"}, exitUsage, "invalid value"},
+		{"negative expiry", nil, []string{"--hsm", uri, "--domain", "example.com", "--selector", "rsa", "--expire", "-1h"}, exitUsage, `--expire "-1h" is not a duration; write it like --expire 7d`},
+		{"bad expiry", nil, []string{"--hsm", uri, "--domain", "example.com", "--selector", "rsa", "--expire", "soon"}, exitUsage, `--expire "soon" is not a duration; write it like --expire 7d`},
+		{"duplicate selector", nil, []string{"--hsm", uri, "--domain", "example.com", "--selector", "rsa", "--selector", "RSA"}, exitUsage, "--selector RSA is given twice"},
+		{"pin file missing", nil, []string{"--hsm", "pkcs11:token=x?module-path=" + testenv.SoftHSMModule + "&pin-source=file:/nonexistent/pin", "--domain", "example.com", "--selector", "rsa"}, exitConfig, "no such file"},
+		{"pin variable unset", nil, []string{"--hsm", "pkcs11:token=x?module-path=" + testenv.SoftHSMModule + "&pin-source=env:NOPE", "--domain", "example.com", "--selector", "rsa"}, exitConfig, "env:NOPE"},
+		{"no pin", nil, []string{"--hsm", "pkcs11:token=x?module-path=" + testenv.SoftHSMModule, "--domain", "example.com", "--selector", "rsa"}, exitConfig, "no PIN"},
 		{"stray argument", nil, []string{"--hsm", uri, "--domain", "example.com", "--selector", "rsa", "msg.eml"}, exitUsage, "unexpected argument"},
 		{"no token", nil, []string{"--domain", "example.com", "--selector", "rsa"}, exitUsage, hsmEnv},
 		{"bad selector", nil, []string{"--hsm", uri, "--domain", "example.com", "--selector", "a;b"}, exitUsage, ""},
 		{"no such key", nil, []string{"--hsm", uri, "--domain", "example.com", "--selector", "nokey"}, exitUnavailable, "not found"},
-		{"token unavailable", nil, []string{"--hsm", missing, "--domain", "example.com", "--selector", "rsa"}, exitTempFail, "no such token"},
+		{"token unavailable", nil, []string{"--hsm", missing, "--domain", "example.com", "--selector", "rsa"}, exitConfig, "SOFTHSM2_CONF"},
 		{"token timeout", map[string]string{hsmEnv: uri}, []string{"--domain", "example.com", "--selector", "rsa", "--timeout", "1ns"}, exitTempFail, ""},
 	}
 	for _, tt := range tests {

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
 	"log/slog"
 	"time"
 
 	"github.com/dkimgw/dkimgw/hsm"
+	"github.com/dkimgw/dkimgw/policy"
 )
 
 // hsmEnv names the environment variable that holds the token URI when
@@ -39,29 +41,49 @@ func (f *tokenFlags) open(ctx context.Context, c *cli, logger *slog.Logger) (*hs
 	}
 	tok, err := hsm.Open(ctx, uri, hsm.Options{Logger: logger, Getenv: c.getenv})
 	if err != nil {
-		return nil, failf(c, tokenExitCode(err), "%v", err)
+		return nil, failToken(c, err, "%v", err)
 	}
 	return tok, exitOK
 }
 
 // tokenExitCode maps a token error to a sysexits(3) status, so that
-// scripts can tell "try again later" from "fix something first".
+// scripts can tell "try again later" from "fix something first". A token
+// that is not there when a command starts is a configuration error (a
+// wrong label, or SoftHSM looking in another directory); serve's own
+// recovery treats one lost later as temporary, without coming here.
 func tokenExitCode(err error) int {
 	switch {
 	case errors.Is(err, hsm.ErrPINIncorrect), errors.Is(err, hsm.ErrPINLocked):
 		return 77 // EX_NOPERM
-	case errors.Is(err, hsm.ErrInvalidURI), errors.Is(err, hsm.ErrModuleNotFound):
+	case errors.Is(err, hsm.ErrInvalidURI), errors.Is(err, hsm.ErrModuleNotFound),
+		errors.Is(err, hsm.ErrPINSource), errors.Is(err, hsm.ErrTokenNotFound):
 		return exitConfig
-	case errors.Is(err, hsm.ErrWeakKey), errors.Is(err, hsm.ErrInvalidName), errors.Is(err, hsm.ErrUnknownAlgorithm):
+	case errors.Is(err, hsm.ErrInvalidName), errors.Is(err, hsm.ErrUnknownAlgorithm):
 		return exitUsage
 	case errors.Is(err, hsm.ErrKeyExists):
 		return 73 // EX_CANTCREAT
-	case errors.Is(err, hsm.ErrKeyNotFound), errors.Is(err, hsm.ErrMechanismMissing), errors.Is(err, hsm.ErrUnsafeKey):
+	case errors.Is(err, hsm.ErrKeyNotFound), errors.Is(err, hsm.ErrMechanismMissing):
 		return exitUnavailable
+	case errors.Is(err, hsm.ErrUnsafeKey), errors.Is(err, hsm.ErrWeakKey):
+		return exitKeyUnusable
 	case hsm.IsTemporary(err), errors.Is(err, context.DeadlineExceeded):
 		return exitTempFail
 	}
 	return exitFailure
+}
+
+// failToken prints a token error, with what to check when the token was
+// not found, and returns its exit status.
+func failToken(c *cli, err error, format string, args ...any) int {
+	code := failf(c, tokenExitCode(err), format, args...)
+	if errors.Is(err, hsm.ErrTokenNotFound) {
+		conf := c.getenv("SOFTHSM2_CONF")
+		if conf == "" {
+			conf = "unset, so /etc/softhsm/softhsm2.conf"
+		}
+		fmt.Fprintf(c.stderr, "dkimgw: check the token label or serial in the URI; SoftHSM reads its token directory from $SOFTHSM2_CONF (now: %s)\n", conf)
+	}
+	return code
 }
 
 // errorLogger logs token events (recoveries) to stderr without the noise
@@ -89,4 +111,10 @@ func (f *tokenFlags) withTimeout(ctx context.Context) (context.Context, context.
 		return context.WithCancel(ctx)
 	}
 	return context.WithTimeout(ctx, f.timeout)
+}
+
+// loadConfig loads a configuration file; without hsm.uri it takes the
+// token URI from $DKIMGW_HSM, as the commands without a file do.
+func loadConfig(getenv func(string) string, path string) (*policy.Config, error) {
+	return policy.LoadWith(path, policy.LoadOptions{HSMURI: getenv(hsmEnv)})
 }

@@ -313,6 +313,28 @@ func (s *Store) Keys(ctx context.Context, domain string) ([]rotation.Key, error)
 }
 
 // decode reads one record; its path must agree with what it says.
+// Domains lists the domains the store has records of, sorted: for
+// moving a whole state to another store.
+func (s *Store) Domains(ctx context.Context) ([]string, error) {
+	cctx, cancel := s.call(ctx)
+	defer cancel()
+	resp, err := s.cli.Get(cctx, s.keysPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, s.wrap(ctx, "list domains", err)
+	}
+	seen := map[string]bool{}
+	var out []string
+	for _, kv := range resp.Kvs {
+		d, _, ok := strings.Cut(strings.TrimPrefix(string(kv.Key), s.keysPrefix()), "/")
+		if ok && !seen[d] {
+			seen[d] = true
+			out = append(out, d)
+		}
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
 func (s *Store) decode(path, value []byte, version int64) (rotation.Key, error) {
 	var k rotation.Key
 	if err := json.Unmarshal(value, &k); err != nil {

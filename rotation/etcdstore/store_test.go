@@ -514,3 +514,28 @@ func TestCloseReleases(t *testing.T) {
 		t.Fatalf("campaign after the leader closed: %v", err)
 	}
 }
+
+// TestDomains lists the domains with records under the prefix only.
+func TestDomains(t *testing.T) {
+	c := testenv.StartEtcd(t)
+	a, other := open(t, c.Endpoints(), newPrefix(t)), open(t, c.Endpoints(), newPrefix(t))
+	ctx := t.Context()
+	if ds, err := a.Domains(ctx); err != nil || len(ds) != 0 {
+		t.Fatalf("Domains of an empty store: %q, %v", ds, err)
+	}
+	for _, k := range []rotation.Key{
+		{Domain: "example.org", Selector: "s1", Algorithm: rotation.Ed25519, State: rotation.StatePlanned, CreatedAt: t0},
+		{Domain: "example.com", Selector: "s1", Algorithm: rotation.Ed25519, State: rotation.StatePlanned, CreatedAt: t0},
+		{Domain: "example.com", Selector: "s2", Algorithm: rotation.Ed25519, State: rotation.StatePlanned, CreatedAt: t0},
+	} {
+		if err := a.Update(ctx, rotation.Change{Key: k}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := other.Update(ctx, rotation.Change{Key: rotation.Key{Domain: "example.net", Selector: "s1", Algorithm: rotation.Ed25519, State: rotation.StatePlanned, CreatedAt: t0}}); err != nil {
+		t.Fatal(err)
+	}
+	if ds, err := a.Domains(ctx); err != nil || strings.Join(ds, ",") != "example.com,example.org" {
+		t.Fatalf("Domains = %q, %v; want example.com,example.org", ds, err)
+	}
+}
