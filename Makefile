@@ -28,10 +28,15 @@ install: build
 deps:
 	@scripts/install-deps.sh
 
+# The patched go-smtp (third_party/go-smtp/PATCHES.md) is a module of its
+# own, tested last; its TestServerAcceptErrorHandling is flaky in v0.25.1
+# itself (it closes the server before the listener's error arrives), so it
+# is skipped.
 test: deps
 	$(GO) mod download
 	$(GO) vet ./...
 	GO=$(GO) scripts/go-test.sh -race -timeout 15m ./...
+	cd third_party/go-smtp && $(GO) test -race -count=1 -skip '^TestServerAcceptErrorHandling$$' ./...
 
 # The unit tests alone: no token, no verifiers, no servers needed (tests
 # that need one skip when CI is not true).

@@ -64,6 +64,9 @@ func TestPKCS11FaultShim(t *testing.T) {
 	if err := sign(10 * time.Second); err != nil {
 		t.Fatalf("no fault: %v", err)
 	}
+	// Here, in this process and before any fault: SoftHSM does not see
+	// tokens created after another test initialised it in the process.
+	t.Run("SlowTokenSignsInParallel", func(t *testing.T) { slowTokenSignsInParallel(t, shim, key) })
 
 	for _, ckr := range []uint{testenv.CKRDeviceError, testenv.CKRDeviceRemoved, testenv.CKRSessionHandleInvalid} {
 		before := shim.Injected("error")

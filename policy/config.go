@@ -90,6 +90,10 @@ const (
 	// DefaultSpoolMemoryLimit is how much of one message is held in memory
 	// before the spool moves to a temporary file.
 	DefaultSpoolMemoryLimit = 1 << 20
+	// DefaultSpoolMemoryTotal bounds the spool memory of all messages
+	// together: without it, max_connections messages could each hold
+	// memory_limit (1,000 × 1 MiB by default).
+	DefaultSpoolMemoryTotal = 256 << 20
 	// DefaultSpoolMaxHeaderBytes bounds a message's header section, which
 	// is parsed in memory.
 	DefaultSpoolMaxHeaderBytes = 1 << 20
@@ -288,6 +292,10 @@ type Spool struct {
 	Dir string `yaml:"dir"`
 	// MemoryLimit is how much of one message stays in memory. Default 1 MiB.
 	MemoryLimit int64 `yaml:"memory_limit"`
+	// MemoryTotal bounds the memory all messages in the spool hold
+	// together; past it, a message goes to its temporary file at once.
+	// Default 256 MiB.
+	MemoryTotal int64 `yaml:"memory_total"`
 	// MaxHeaderBytes bounds a message's header section; a larger one is
 	// refused as malformed. Default 1 MiB.
 	MaxHeaderBytes int `yaml:"max_header_bytes"`
@@ -501,6 +509,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&u.MaxIdle, min(DefaultUpstreamMaxIdle, u.MaxConnections))
 
 	setDefault(&c.Spool.MemoryLimit, DefaultSpoolMemoryLimit)
+	setDefault(&c.Spool.MemoryTotal, DefaultSpoolMemoryTotal)
 	setDefault(&c.Spool.MaxHeaderBytes, DefaultSpoolMaxHeaderBytes)
 	setDefault(&c.Log.Format, "text")
 	setDefault(&c.Log.Level, "info")

@@ -181,6 +181,7 @@ func TestParseDefaults(t *testing.T) {
 		{"upstream.max_idle", cfg.Upstream.MaxIdle, DefaultUpstreamMaxIdle},
 		{"spool.dir", cfg.Spool.Dir, ""},
 		{"spool.memory_limit", cfg.Spool.MemoryLimit, int64(DefaultSpoolMemoryLimit)},
+		{"spool.memory_total", cfg.Spool.MemoryTotal, int64(DefaultSpoolMemoryTotal)},
 		{"spool.max_header_bytes", cfg.Spool.MaxHeaderBytes, DefaultSpoolMaxHeaderBytes},
 		{"log.format", cfg.Log.Format, "text"},
 		{"log.level", cfg.Log.Level, "info"},
@@ -258,6 +259,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown log format", minimal + "log: {format: xml}\n", 12, `log.format: unknown value "xml"`},
 		{"unknown log level", minimal + "log: {level: loud}\n", 12, `log.level: unknown value "loud"`},
 		{"negative spool memory", minimal + "spool: {memory_limit: -1}\n", 12, "spool.memory_limit"},
+		{"negative spool memory total", minimal + "spool: {memory_total: -1}\n", 12, "spool.memory_total"},
 
 		{"no clients", strings.Replace(minimal, "clients:\n  - name: campaigns\n    networks: [\"10.0.0.0/8\"]\n    domains: [example.com]\n", "clients: []\n", 1), 5, "at least one client"},
 		{"client without name", edit("  - name: campaigns\n    networks:", "  - networks:"), 6, "name is required"},

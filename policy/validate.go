@@ -200,6 +200,9 @@ func (v *validator) validateSpool(c *Config) {
 	if s.MemoryLimit < 0 {
 		v.errorf(at("spool", "memory_limit"), "spool.memory_limit must not be negative")
 	}
+	if s.MemoryTotal < 0 {
+		v.errorf(at("spool", "memory_total"), "spool.memory_total must not be negative")
+	}
 	if s.MaxHeaderBytes < 1024 {
 		v.errorf(at("spool", "max_header_bytes"), "spool.max_header_bytes must be at least 1024, not %d", s.MaxHeaderBytes)
 	}

@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench-results
-out="bench-results/$(date -u +%Y%m%dT%H%M%SZ).txt"
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+out="bench-results/$stamp.txt"
+# pprof profiles of the relay go beside the results (scripts/bench.d/30-campaign.sh).
+export BENCH_PROFILES=bench-results/$stamp-profiles
 BENCHTIME=${BENCHTIME:-2s}
 {
   echo "# dkimgw benchmarks, $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -14,6 +17,9 @@ BENCHTIME=${BENCHTIME:-2s}
   echo
   echo "## go test -run '^\$' -bench . -benchtime $BENCHTIME ./..."
   go test -run '^$' -bench . -benchtime "$BENCHTIME" ./... 2>&1 | grep -E '^(Benchmark|ok|FAIL|pkg:|---)' || true
+  echo
+  echo "## (cd third_party/go-smtp && go test -run '^\$' -bench . -benchtime $BENCHTIME .)   # the DATA path patch against v0.25.1's code"
+  (cd third_party/go-smtp && go test -run '^$' -bench . -benchtime "$BENCHTIME" . 2>&1 | grep -E '^(Benchmark|ok|FAIL)') || true
   echo
   echo "## openssl speed -seconds 3 rsa2048 ed25519 (raw OpenSSL, no token; 1 process)"
   openssl speed -seconds 3 rsa2048 ed25519 2>/dev/null | grep -E 'sign/s|^rsa 2048|Ed25519' || true

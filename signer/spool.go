@@ -5,14 +5,17 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash"
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // Defaults for SpoolOptions.
@@ -80,6 +83,56 @@ type SpoolOptions struct {
 	// MaxMessageBytes bounds the normalised message. Zero or less means no
 	// limit.
 	MaxMessageBytes int64
+	// Budget, if not nil, bounds the memory all messages spooled with it
+	// hold together: a message whose next piece would take the budget
+	// past its limit goes to its temporary file at once (and gives back
+	// what it held in memory).
+	Budget *MemoryBudget
+}
+
+// MemoryBudget is a bound on the spool memory many messages hold at
+// once (the spool.memory_total setting): without one, 1,000 connections
+// could each hold spool.memory_limit. It counts the capacity of the
+// pieces a message is kept in, which is what they cost. Safe for
+// concurrent use.
+type MemoryBudget struct {
+	limit atomic.Int64
+	used  atomic.Int64
+}
+
+// NewMemoryBudget returns a budget of limit bytes; zero or less means no
+// bound (the bytes are still counted).
+func NewMemoryBudget(limit int64) *MemoryBudget {
+	b := &MemoryBudget{}
+	b.limit.Store(limit)
+	return b
+}
+
+// SetLimit changes the bound; memory held beyond a lowered one is given
+// back as its messages end.
+func (b *MemoryBudget) SetLimit(limit int64) { b.limit.Store(limit) }
+
+// Used returns the bytes of spool memory held now, messages still being
+// received included.
+func (b *MemoryBudget) Used() int64 { return b.used.Load() }
+
+// take reserves n bytes, or reports false if that would pass the limit.
+func (b *MemoryBudget) take(n int64) bool {
+	if b == nil {
+		return true
+	}
+	if b.used.Add(n) > b.limit.Load() && b.limit.Load() > 0 {
+		b.used.Add(-n)
+		return false
+	}
+	return true
+}
+
+// give returns n bytes taken before.
+func (b *MemoryBudget) give(n int64) {
+	if b != nil && n != 0 {
+		b.used.Add(-n)
+	}
 }
 
 // Message is a spooled, normalised message ready to be signed. Its bytes
@@ -94,6 +147,8 @@ type Message struct {
 
 	mu     sync.Mutex
 	closed bool
+	budget *MemoryBudget
+	held   int64    // bytes of budget the pieces in mem hold
 	mem    [][]byte // the whole message in memChunk pieces, when it fits in memory
 	file   *os.File // the whole message, when it does not
 	path   string   // the file's name, if it could not be unlinked at once
@@ -137,13 +192,42 @@ func (m *Message) Open() (io.ReadCloser, error) {
 		// interfere with one another.
 		return io.NopCloser(io.NewSectionReader(m.file, 0, m.size)), nil
 	default:
-		rs := make([]io.Reader, len(m.mem))
-		for i, c := range m.mem {
-			rs[i] = bytes.NewReader(c)
-		}
-		return io.NopCloser(io.MultiReader(rs...)), nil
+		return &memReader{chunks: slices.Clone(m.mem)}, nil
 	}
 }
+
+// memReader reads the pieces of a message in memory. Its WriteTo writes
+// them as they are: io.Copy through io.MultiReader would allocate a
+// 32 KiB buffer per message and copy every byte once more.
+type memReader struct{ chunks [][]byte }
+
+func (r *memReader) Read(p []byte) (int, error) {
+	for len(r.chunks) > 0 && len(r.chunks[0]) == 0 {
+		r.chunks = r.chunks[1:]
+	}
+	if len(r.chunks) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, r.chunks[0])
+	r.chunks[0] = r.chunks[0][n:]
+	return n, nil
+}
+
+func (r *memReader) WriteTo(w io.Writer) (int64, error) {
+	var n int64
+	for len(r.chunks) > 0 {
+		k, err := w.Write(r.chunks[0])
+		n += int64(k)
+		r.chunks[0] = r.chunks[0][k:]
+		if err != nil {
+			return n, err
+		}
+		r.chunks = r.chunks[1:]
+	}
+	return n, nil
+}
+
+func (r *memReader) Close() error { return nil }
 
 // Close releases the message's memory and its temporary file. It is
 // idempotent. Readers from Open fail after Close.
@@ -155,6 +239,8 @@ func (m *Message) Close() error {
 	}
 	m.closed = true
 	m.mem = nil
+	m.budget.give(m.held)
+	m.held = 0
 	var errs []error
 	if m.file != nil {
 		if err := m.file.Close(); err != nil {
@@ -217,9 +303,10 @@ func Spool(ctx context.Context, r io.Reader, opts SpoolOptions) (*Message, error
 type spooler struct {
 	opts SpoolOptions
 
-	pendingCR bool  // the last input byte was a CR whose fate the next byte decides
-	size      int64 // normalised bytes so far
-	lastLF    bool  // the last normalised byte was LF (or nothing was written yet)
+	pendingCR bool   // the last input byte was a CR whose fate the next byte decides
+	norm      []byte // write's buffer for input it must normalise
+	size      int64  // normalised bytes so far
+	lastLF    bool   // the last normalised byte was LF (or nothing was written yet)
 
 	// Header section state.
 	inBody      bool
@@ -238,6 +325,7 @@ type spooler struct {
 	// Store.
 	mem     [][]byte
 	memSize int64
+	held    int64 // bytes of opts.Budget the pieces in mem hold
 	file    *os.File
 	path    string
 	w       *bufio.Writer
@@ -276,55 +364,81 @@ func (s *spooler) run(ctx context.Context, r io.Reader) (*Message, error) {
 	return s.finish()
 }
 
-// write normalises p's line endings and passes the result on to emit in
-// runs as long as possible: input that already uses CRLF passes through
-// in one piece.
+// write normalises p's line endings and passes the result on to emit:
+// input that already uses CRLF passes through in one piece, other input
+// is normalised into one buffer and passed on in one piece too, so that
+// the body hash sees whole lines.
 func (s *spooler) write(p []byte) error {
-	for len(p) > 0 {
-		if s.pendingCR {
-			// CRLF, or a lone CR: either way one CRLF.
-			s.pendingCR = false
-			if err := s.emit(crlf); err != nil {
-				return err
-			}
-			if p[0] == '\n' {
-				p = p[1:]
-			}
-			continue
+	if s.pendingCR {
+		// CRLF, or a lone CR: either way one CRLF.
+		s.pendingCR = false
+		if len(p) > 0 && p[0] == '\n' {
+			p = p[1:]
 		}
-		// Find the first line ending that is not a complete CRLF.
-		i := 0
-		for {
-			j := bytes.IndexAny(p[i:], "\r\n")
-			if j < 0 {
-				i = len(p)
-				break
-			}
-			i += j
-			if p[i] == '\r' && i+1 < len(p) && p[i+1] == '\n' {
-				i += 2
-				continue
-			}
-			break
+		if err := s.emit(crlf); err != nil {
+			return err
 		}
-		if i > 0 {
-			if err := s.emit(p[:i]); err != nil {
-				return err
-			}
-		}
-		if i == len(p) {
+	}
+	i := cleanPrefix(p)
+	if i == len(p) {
+		if i == 0 {
 			return nil
 		}
-		if p[i] == '\n' { // bare LF
-			if err := s.emit(crlf); err != nil {
-				return err
+		return s.emit(p)
+	}
+	out := append(s.norm[:0], p[:i]...)
+	for rest := p[i:]; len(rest) > 0; {
+		j := bytes.IndexByte(rest, '\n')
+		var seg []byte
+		if j >= 0 {
+			seg, rest = rest[:j], rest[j+1:]
+		} else {
+			seg, rest = rest, nil
+		}
+		endCR := len(seg) > 0 && seg[len(seg)-1] == '\r'
+		if endCR {
+			seg = seg[:len(seg)-1] // the CR of a CRLF, or one the next write decides
+		}
+		for { // the CRs left are lone ones
+			k := bytes.IndexByte(seg, '\r')
+			if k < 0 {
+				break
 			}
-		} else { // CR at the end of p, or a lone CR
+			out = append(append(out, seg[:k]...), '\r', '\n')
+			seg = seg[k+1:]
+		}
+		out = append(out, seg...)
+		if j >= 0 {
+			out = append(out, '\r', '\n')
+		} else if endCR {
 			s.pendingCR = true
 		}
-		p = p[i+1:]
 	}
-	return nil
+	s.norm = out
+	if len(out) == 0 {
+		return nil
+	}
+	return s.emit(out)
+}
+
+// cleanPrefix returns how many bytes at the start of p need no
+// normalisation: lines that end in CRLF and hold no other CR, and a last
+// line without a line ending or CR.
+func cleanPrefix(p []byte) int {
+	i := 0
+	for {
+		j := bytes.IndexByte(p[i:], '\n')
+		if j < 0 {
+			if bytes.IndexByte(p[i:], '\r') < 0 {
+				return len(p)
+			}
+			return i
+		}
+		if j == 0 || p[i+j-1] != '\r' || bytes.IndexByte(p[i:i+j-1], '\r') >= 0 {
+			return i
+		}
+		i += j + 1
+	}
 }
 
 // emit takes normalised bytes: every CR in p is followed by LF in p.
@@ -454,30 +568,14 @@ func (s *spooler) endField() {
 	s.field = s.field[:0]
 }
 
-// store keeps p in memory or, past the memory limit, in the spool file.
+// store keeps p in memory or, past the memory limit or the budget, in
+// the spool file.
 func (s *spooler) store(p []byte) error {
 	if s.hashOnly {
 		return nil
 	}
 	if s.w == nil {
-		if s.memSize+int64(len(p)) <= s.opts.MemoryLimit {
-			s.memSize += int64(len(p))
-			// Fixed-size pieces: growing one slice would copy the
-			// message again and again and overshoot the limit.
-			for len(p) > 0 {
-				if n := len(s.mem); n == 0 || len(s.mem[n-1]) == cap(s.mem[n-1]) {
-					// Small first, as most messages are.
-					size := 8 << 10
-					if n > 0 {
-						size = min(memChunk, 2*cap(s.mem[n-1]))
-					}
-					s.mem = append(s.mem, make([]byte, 0, size))
-				}
-				last := &s.mem[len(s.mem)-1]
-				k := min(len(p), cap(*last)-len(*last))
-				*last = append(*last, p[:k]...)
-				p = p[k:]
-			}
+		if s.memSize+int64(len(p)) <= s.opts.MemoryLimit && s.memStore(p) {
 			return nil
 		}
 		if err := s.createFile(); err != nil {
@@ -489,11 +587,59 @@ func (s *spooler) store(p []byte) error {
 			}
 		}
 		s.mem = nil
+		s.opts.Budget.give(s.held)
+		s.held = 0
 	}
 	if _, err := s.w.Write(p); err != nil {
 		return fmt.Errorf("signer: write spool file: %w", err)
 	}
 	return nil
+}
+
+// memStore appends p to the pieces in memory, or reports false, having
+// stored nothing, when the budget cannot take the pieces it needs.
+func (s *spooler) memStore(p []byte) bool {
+	// Fixed-size pieces: growing one slice would copy the message again
+	// and again and overshoot the limit. Small first, as most messages
+	// are.
+	free := 0
+	if n := len(s.mem); n > 0 {
+		free = cap(s.mem[n-1]) - len(s.mem[n-1])
+	}
+	var sizes [8]int // the new pieces p needs: a few 64 KiB ones at most per read
+	need, k, last := int64(0), 0, 0
+	if n := len(s.mem); n > 0 {
+		last = cap(s.mem[n-1])
+	}
+	for rest := len(p) - free; rest > 0; k++ {
+		size := 8 << 10
+		if last > 0 {
+			size = min(memChunk, 2*last)
+		}
+		if k == len(sizes) {
+			return false // cannot happen with reads of readChunk; be safe
+		}
+		sizes[k], last = size, size
+		need += int64(size)
+		rest -= size
+	}
+	if !s.opts.Budget.take(need) {
+		return false
+	}
+	s.held += need
+	s.memSize += int64(len(p))
+	next := 0
+	for len(p) > 0 {
+		if n := len(s.mem); n == 0 || len(s.mem[n-1]) == cap(s.mem[n-1]) {
+			s.mem = append(s.mem, make([]byte, 0, sizes[next]))
+			next++
+		}
+		last := &s.mem[len(s.mem)-1]
+		c := min(len(p), cap(*last)-len(*last))
+		*last = append(*last, p[:c]...)
+		p = p[c:]
+	}
+	return true
 }
 
 // spoolPrefix starts the name of every spool file: os.CreateTemp puts a
@@ -562,6 +708,8 @@ func isSpoolName(name string) bool {
 // discard releases the store after a failed Spool.
 func (s *spooler) discard() {
 	s.mem = nil
+	s.opts.Budget.give(s.held)
+	s.held = 0
 	if s.file != nil {
 		_ = s.file.Close() // the message is abandoned; its bytes do not matter
 	}
@@ -602,6 +750,8 @@ func (s *spooler) finish() (*Message, error) {
 		fromDomain: domain,
 		bodyHash:   s.body.Sum(),
 		size:       s.size,
+		budget:     s.opts.Budget,
+		held:       s.held,
 		hashOnly:   s.hashOnly,
 		mem:        s.mem,
 		file:       s.file,
@@ -628,6 +778,97 @@ func newRelaxedBody(h hash.Hash) *relaxedBody {
 
 // Write takes normalised bytes (CR occurs only before LF) and never fails.
 func (b *relaxedBody) Write(p []byte) {
+	for len(p) > 0 {
+		if !b.content && !b.wsp {
+			// At the start of a line: the lines canonicalisation leaves
+			// as they are go to the hash straight from p.
+			if n := b.plainLines(p); n > 0 {
+				p = p[n:]
+				continue
+			}
+		}
+		// Up to the end of this line, byte by byte.
+		n := bytes.IndexByte(p, '\n') + 1
+		if n == 0 {
+			n = len(p)
+		}
+		b.write(p[:n])
+		p = p[n:]
+	}
+}
+
+// plainLines hashes the whole lines at the start of p that relaxed
+// canonicalisation leaves unchanged (not empty, no tab, no run of
+// spaces, no space at the end), after the empty lines pending before
+// them, and returns their length.
+func (b *relaxedBody) plainLines(p []byte) int {
+	n := 0
+	for {
+		j := bytes.IndexByte(p[n:], '\n')
+		if j < 2 || p[n+j-1] != '\r' {
+			break
+		}
+		if line := p[n : n+j-1]; line[len(line)-1] == ' ' || !plainLine(line) {
+			break
+		}
+		n += j + 1
+	}
+	if n == 0 {
+		return 0
+	}
+	for ; b.blankLines > 0; b.blankLines-- {
+		b.out = append(b.out, '\r', '\n')
+		b.flushIfFull()
+	}
+	if len(b.out) > 0 {
+		b.h.Write(b.out) // hash.Hash.Write never fails
+		b.out = b.out[:0]
+	}
+	b.h.Write(p[:n])
+	return n
+}
+
+// plainLine reports whether line has no tab and no two spaces in a row.
+// It looks at 8 bytes at a time: in running text spaces are too frequent
+// for bytes.Index(line, "  ") to skip ahead.
+func plainLine(line []byte) bool {
+	const (
+		ones   = 0x0101010101010101
+		low7   = 0x7f7f7f7f7f7f7f7f
+		spaces = ' ' * ones
+		tabs   = '\t' * ones
+	)
+	// zeros has the high bit of each byte of x that is zero, and only
+	// those (no borrow between bytes).
+	zeros := func(x uint64) uint64 { return ^((x&low7 + low7) | x | low7) }
+	var prev uint64 // the last word's space mask
+	i := 0
+	for ; i+8 <= len(line); i += 8 {
+		w := binary.LittleEndian.Uint64(line[i:])
+		if zeros(w^tabs) != 0 {
+			return false
+		}
+		sp := zeros(w ^ spaces)
+		// Byte k and k+1 both spaces; or the last word's last byte and
+		// this word's first.
+		if sp&(sp>>8) != 0 || prev>>63&sp != 0 {
+			return false
+		}
+		prev = sp
+	}
+	lastSpace := prev>>63 != 0
+	for ; i < len(line); i++ {
+		c := line[i]
+		if c == '\t' || c == ' ' && lastSpace {
+			return false
+		}
+		lastSpace = c == ' '
+	}
+	return true
+}
+
+// write canonicalises p byte by byte.
+func (b *relaxedBody) write(p []byte) {
 	for i := 0; i < len(p); {
 		switch p[i] {
 		case ' ', '\t':

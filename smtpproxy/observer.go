@@ -115,3 +115,8 @@ func (s *Server) Connections() int { return s.connCount() }
 func (s *Server) SpoolBytes() (memory, disk int64) {
 	return s.spoolMem.Load(), s.spoolDisk.Load()
 }
+
+// SpoolMemory returns the bytes of memory the spool holds now for all
+// messages, those still being received included; spool.memory_total
+// bounds it.
+func (s *Server) SpoolMemory() int64 { return s.spoolBudget.Used() }

@@ -229,7 +229,7 @@ func settingsOf(cfg *policy.Config) Settings {
 			Timeout: u.Timeout, ConnectTimeout: u.ConnectTimeout, IdleTimeout: u.IdleTimeout,
 			Keepalive: u.Keepalive, MaxConnections: u.MaxConnections, MaxIdle: u.MaxIdle,
 		},
-		Spool: SpoolSettings{Dir: cfg.Spool.Dir, MemoryLimit: cfg.Spool.MemoryLimit, MaxHeaderBytes: cfg.Spool.MaxHeaderBytes},
+		Spool: SpoolSettings{Dir: cfg.Spool.Dir, MemoryLimit: cfg.Spool.MemoryLimit, MemoryTotal: cfg.Spool.MemoryTotal, MaxHeaderBytes: cfg.Spool.MaxHeaderBytes},
 	}
 	if s.TLS != nil {
 		set.Certificate = s.TLS.Certificate()

@@ -122,6 +122,7 @@ type UpstreamSettings struct {
 type SpoolSettings struct {
 	Dir            string // empty: $TMPDIR
 	MemoryLimit    int64
+	MemoryTotal    int64 // bound on the memory of all messages together; 0: none
 	MaxHeaderBytes int
 }
 
@@ -210,7 +211,8 @@ type Server struct {
 	cancel context.CancelFunc
 
 	obs                 Observer
-	spoolMem, spoolDisk atomic.Int64 // bytes of the messages spooled now
+	spoolMem, spoolDisk atomic.Int64         // bytes of the messages spooled now
+	spoolBudget         *signer.MemoryBudget // spool.memory_total
 }
 
 // state is what a Reload swaps: a policy, settings and the upstream pool
@@ -286,6 +288,8 @@ func New(opts Options) (*Server, error) {
 		ctx:    ctx,
 		cancel: cancel,
 		obs:    opts.Observer,
+
+		spoolBudget: signer.NewMemoryBudget(set.Spool.MemoryTotal),
 	}
 	if s.obs == nil {
 		s.obs = noObserver{}
@@ -398,6 +402,7 @@ func (s *Server) Reload(p Policy, set Settings) error {
 	}
 	old := s.state.Load()
 	s.state.Store(&state{policy: p, set: &set, pool: newPool(set.Upstream, s.smtp.Domain, s.logger)})
+	s.spoolBudget.SetLimit(set.Spool.MemoryTotal)
 	// Connections in use go back to the old pool, which closes them.
 	ctx, cancel := context.WithTimeout(context.Background(), resetTimeout)
 	defer cancel()

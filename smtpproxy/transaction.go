@@ -198,6 +198,7 @@ func (tx *transaction) spoolSign(r io.Reader, deliver func(fields []string, msg 
 	msg, err := signer.Spool(tx.ctx, dr, signer.SpoolOptions{
 		Dir:             set.Spool.Dir,
 		MemoryLimit:     set.Spool.MemoryLimit,
+		Budget:          tx.ss.srv.spoolBudget,
 		MaxHeaderBytes:  set.Spool.MaxHeaderBytes,
 		MaxMessageBytes: set.MaxMessageBytes,
 	})

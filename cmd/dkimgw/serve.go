@@ -157,6 +157,16 @@ func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, exitOSErr, "%v", err)
 	}
+	_, stopPprof, err := startPprof(c.getenv(pprofEnv), logger)
+	if err != nil {
+		if l != nil {
+			l.Close()
+		}
+		ms.close()
+		closeToken(ring.token(), time.Now().Add(shortClose), logger)
+		return failf(c, exitConfig, "%v", err)
+	}
+	defer stopPprof()
 	admin, err := startAdmin(cfg, obs.m, obs.readyChecks(relay), logger)
 	if err != nil {
 		if l != nil {
@@ -395,6 +405,7 @@ func relaySettings(cfg *policy.Config) smtpproxy.Settings {
 		Spool: smtpproxy.SpoolSettings{
 			Dir:            sp.Dir,
 			MemoryLimit:    sp.MemoryLimit,
+			MemoryTotal:    sp.MemoryTotal,
 			MaxHeaderBytes: sp.MaxHeaderBytes,
 		},
 	}

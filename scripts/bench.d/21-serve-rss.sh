@@ -6,7 +6,8 @@
 # below 50 x 20 MB. Everything is on 127.0.0.1, bounded by `timeout`, and
 # every process started here is stopped on exit.
 #
-# Knobs: RSS_SESSIONS (default 50), RSS_BODY_BYTES (20000000).
+# Knobs: RSS_SESSIONS (default 50), RSS_BODY_BYTES (20000000),
+# RSS_MEMORY_TOTAL (16777216: spool.memory_total of the third run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib.sh
@@ -85,6 +86,10 @@ run() {
   local port pid log rss0 rss1 hwm1 hwm rss2 sampler t0 t1 c0 c1 max_files max_rss
   port=$(free_port)
   bench_config "$work/dkimgw.yaml" "$port" "$sink_port" "rsa, ed"
+  if [ -n "${SPOOL_TOTAL:-}" ]; then
+    sed -i "s/^spool:\$/spool:\n  memory_total: $SPOOL_TOTAL/" "$work/dkimgw.yaml"
+    echo "(this run: spool.memory_total $SPOOL_TOTAL bytes)"
+  fi
   log=$work/$name.log
   "$BIN" serve --config "$work/dkimgw.yaml" 2> "$log" &
   pid=$!; pids+=("$pid")
@@ -141,3 +146,7 @@ PY
 
 run smtp-source smtp-source -s "$S" -m "$S" -l "$L" -f news@example.com -t reader@example.net -S big 127.0.0.1:PORT
 run "all-in-DATA client" "$PY" "$work/client.py" 127.0.0.1 PORT "$S" "$L"
+# The same with spool.memory_total bounding the spool's memory (the
+# default, 256 MiB, does not bind with 50 messages of at most 1 MiB each in
+# memory): past it, messages go to their temp files at once.
+SPOOL_TOTAL=${RSS_MEMORY_TOTAL:-16777216} run "all-in-DATA client, spool.memory_total" "$PY" "$work/client.py" 127.0.0.1 PORT "$S" "$L"

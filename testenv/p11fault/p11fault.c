@@ -8,7 +8,11 @@
  *   error_ops=C_Sign,...  which calls fail ("all": every forwarded call
  *                         below; default C_Sign)
  *   hang_ms=3000          sleep this long before forwarding hang_ops
- *   hang_ops=C_Sign       (default C_Sign)
+ *   hang_ops=C_Sign       (default C_Sign; C_Sign/result: only the C_Sign
+ *                         that returns the signature, not the length query
+ *                         with a NULL buffer that callers such as
+ *                         miekg/pkcs11 make first; a network HSM's client
+ *                         can answer that one without a round trip)
  *   close_all=N           when N changes: close every session of every
  *                         slot (C_CloseAllSessions) behind the caller
  *
@@ -216,10 +220,23 @@ FWD(C_SignInit, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k), (
 FWD(C_GenerateKeyPair, (CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE_PTR pt, CK_ULONG pc, CK_ATTRIBUTE_PTR vt, CK_ULONG vc, CK_OBJECT_HANDLE_PTR pk, CK_OBJECT_HANDLE_PTR vk), (h, m, pt, pc, vt, vc, pk, vk))
 FWD(C_DestroyObject, (CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o), (h, o))
 
+/* hang_only delays op as hang_ops says, and does nothing else. */
+static void hang_only(const char *op) {
+	pthread_mutex_lock(&cfg_mu);
+	long hang = (cfg.hang_ms > 0 && listed(cfg.hang_ops, op)) ? cfg.hang_ms : 0;
+	pthread_mutex_unlock(&cfg_mu);
+	if (hang) {
+		logf_("hang %s %ld\n", op, hang);
+		struct timespec ts = {hang / 1000, (hang % 1000) * 1000000L};
+		while (nanosleep(&ts, &ts) == -1 && errno == EINTR) {}
+	}
+}
+
 /* C_Sign fails after the real call, so that the signing operation ends in
  * the real module as it does in a token that fails the call. */
 static CK_RV w_C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR s, CK_ULONG_PTR sl) {
 	CK_RV inj = before("C_Sign");
+	if (s != NULL) hang_only("C_Sign/result");
 	pthread_rwlock_rdlock(&call_lock);
 	CK_RV rv = real.C_Sign(h, d, dl, s, sl);
 	if (inj && rv == CKR_OK && s == NULL) {

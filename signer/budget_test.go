@@ -1,0 +1,80 @@
+package signer
+
+import (
+	"strings"
+	"sync"
+	"testing"
+)
+
+// spool.memory_total: messages held at once never hold more memory than
+// the budget; those that do not fit go to their temporary files at once,
+// intact; everything is given back when they are closed or refused.
+func TestSpoolMemoryBudget(t *testing.T) {
+	const limit = 256 << 10
+	b := NewMemoryBudget(limit)
+	body := strings.Repeat(strings.Repeat("b", 70)+"\r\n", 700) // ~50 KB
+	msg := hdr + body
+	opts := SpoolOptions{Dir: t.TempDir(), MemoryLimit: 1 << 20, Budget: b}
+
+	var mu sync.Mutex
+	var msgs []*Message
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Go(func() {
+			m, err := Spool(t.Context(), strings.NewReader(msg), opts)
+			if err != nil {
+				t.Errorf("Spool: %v", err)
+				return
+			}
+			if used := b.Used(); used > limit {
+				t.Errorf("budget holds %d bytes, more than its limit %d", used, limit)
+			}
+			mu.Lock()
+			msgs = append(msgs, m)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	inMemory := 0
+	for _, m := range msgs {
+		if !m.OnDisk() {
+			inMemory++
+		}
+		if got := readAll(t, m); got != msg {
+			t.Errorf("a message came back different (%d bytes, want %d)", len(got), len(msg))
+		}
+	}
+	// Each ~50 KB message holds 8+16+32 KiB of pieces.
+	if inMemory == 0 || inMemory > limit/(56<<10) || inMemory == len(msgs) {
+		t.Errorf("%d of %d messages in memory, want some but at most %d", inMemory, len(msgs), limit/(56<<10))
+	}
+	if used := b.Used(); used > limit || used != int64(inMemory)*(56<<10) {
+		t.Errorf("budget holds %d bytes with %d messages in memory, want %d", used, inMemory, inMemory*(56<<10))
+	}
+	for _, m := range msgs {
+		m.Close()
+		m.Close() // idempotent: gives back once
+	}
+	if used := b.Used(); used != 0 {
+		t.Errorf("budget holds %d bytes after every message was closed", used)
+	}
+
+	// A refused message gives back what it took.
+	if _, err := Spool(t.Context(), strings.NewReader("Subject: no From\r\n\r\n"+body), opts); err == nil {
+		t.Fatal("a message without From was spooled")
+	}
+	if used := b.Used(); used != 0 {
+		t.Errorf("budget holds %d bytes after a refused message", used)
+	}
+
+	// Without a budget, or with no limit, nothing changes.
+	m := spoolString(t, msg, SpoolOptions{MemoryLimit: 1 << 20})
+	if m.OnDisk() {
+		t.Error("a 50 KB message without a budget went to disk")
+	}
+	unbounded := NewMemoryBudget(0)
+	m = spoolString(t, msg, SpoolOptions{MemoryLimit: 1 << 20, Budget: unbounded})
+	if m.OnDisk() || unbounded.Used() != 56<<10 {
+		t.Errorf("unbounded budget: on disk %v, counted %d", m.OnDisk(), unbounded.Used())
+	}
+}
