@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/dkimgw/dkimgw/hsm"
+	"github.com/dkimgw/dkimgw/rotation"
 	"github.com/dkimgw/dkimgw/testenv"
 )
 
@@ -32,6 +33,10 @@ type statusCase struct {
 	// serveUntilReady runs serve until it logs that it serves, then
 	// sends SIGTERM.
 	serveUntilReady bool
+	// parallel runs the case beside the other parallel ones once the
+	// walk is done: cases that wait out etcd's 5 s call timeout, and
+	// depend on nothing the walk changes.
+	parallel bool
 }
 
 // docRow is one row of docs/cli.md's exit-status table.
@@ -214,6 +219,55 @@ dns:
 			"--dir", filepath.Join(dir), "--data-dir", dir + "-data"}
 	}
 	msg := "From: a@example.com\r\nTo: b@example.net\r\nSubject: s\r\n\r\nbody\r\n"
+
+	// The milter: configurations with milter.listen, and a regular file
+	// where a socket should be.
+	const milterListen = "milter: {listen: \"inet:127.0.0.1:0\"}\n"
+	milterGood := config("milter", uri, "domains: {example.com: {selectors: [rsa]}}\n"+milterListen)
+	milterMissingKey := config("milter-missing-key", uri, "domains: {example.com: {selectors: [nokey]}}\n"+milterListen)
+	milterWrongPIN := config("milter-wrong-pin", wrongPINFile, "domains: {example.com: {selectors: [rsa]}}\n"+milterListen)
+	milterBusy := config("milter-busy", uri, "domains: {example.com: {selectors: [rsa]}}\nmilter: {listen: \"inet:"+busy.Addr().String()+"\"}\n")
+	milterNotSocket := config("milter-not-socket", uri, "domains: {example.com: {selectors: [rsa]}}\nmilter: {listen: \"unix:"+badPINFile+"\"}\n")
+	milterBadAudit := config("milter-bad-audit", uri, "domains: {example.com: {selectors: [rsa]}}\naudit: {path: "+filepath.Join(badPINFile, "audit.log")+"}\n"+milterListen)
+	keyTable := write("opendkim/KeyTable", "k1 example.com:mail:/etc/opendkim/keys/mail.private\n", 0o600)
+	signingTable := write("opendkim/SigningTable", "*@example.com k1\n", 0o600)
+	unknownName := write("opendkim/SigningTable.unknown", "*@example.com k2\n", 0o600)
+	percentOnly := write("opendkim/SigningTable.percent", "* k1\n", 0o600)
+	importArgs := func(extra ...string) []string {
+		return append([]string{"milter", "import-opendkim", "--keytable", keyTable, "--signingtable", "refile:" + signingTable}, extra...)
+	}
+
+	// state migrate and rotate status against etcd: a running cluster
+	// with an empty prefix and a prefix with records, and an endpoint
+	// nothing answers on.
+	etcd := testenv.StartEtcd(t)
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadEndpoint := "http://" + dead.Addr().String()
+	dead.Close()
+	edKey := func(sel string) rotation.Key {
+		return rotation.Key{Domain: "example.com", Selector: sel, Algorithm: rotation.Ed25519, State: rotation.StateActive,
+			Created: true, Record: "v=DKIM1; k=ed25519; p=AAAA", Since: migT0, CreatedAt: migT0, ActivatedAt: migT0}
+	}
+	full := openEtcdForTest(t, etcd.Endpoints(), "/walk-full/")
+	if err := full.Update(t.Context(), rotation.Change{Key: edKey("ed-etcd")}); err != nil {
+		t.Fatal(err)
+	}
+	// A bbolt state to copy, and one whose active key conflicts with
+	// the one in etcd.
+	boltSrc, boltConflict := filepath.Join(dir, "bolt-src"), filepath.Join(dir, "bolt-conflict")
+	for d, sel := range map[string]string{boltSrc: "ed-bolt", boltConflict: "ed-other"} {
+		b := openBoltForTest(t, d)
+		if err := b.Update(t.Context(), rotation.Change{Key: edKey(sel)}); err != nil {
+			t.Fatal(err)
+		}
+		b.Close()
+	}
+	etcdEmpty := etcdConfig(t, uri, etcd.Endpoints(), "/walk-empty/", "")
+	etcdFull := etcdConfig(t, uri, etcd.Endpoints(), "/walk-full/", "")
+	etcdDead := etcdConfig(t, uri, []string{deadEndpoint}, "/walk/", "")
 	const timeout1ns = "1ns"
 
 	cases := map[string][]statusCase{
@@ -287,6 +341,29 @@ dns:
 			{args: []string{"serve", "--config", openPINConf}, want: "chmod 600"},
 		},
 
+		"milter 0":  {{args: []string{"milter", "--config", milterGood}, serveUntilReady: true, want: "stopped"}},
+		"milter 64": {{args: []string{"milter", "--config", milterGood, "extra"}, want: "unexpected argument"}},
+		"milter 69": {{args: []string{"milter", "--config", milterMissingKey}, want: "not found"}},
+		"milter 71": {
+			{args: []string{"milter", "--config", milterBusy}, want: "address already in use"},
+			{args: []string{"milter", "--config", milterNotSocket}, want: "is not a socket"},
+		},
+		"milter 73": {{args: []string{"milter", "--config", milterBadAudit}, want: "audit.path"}},
+		"milter 77": {{args: []string{"milter", "--config", milterWrongPIN}, want: "PIN incorrect"}},
+		"milter 78": {
+			{args: []string{"milter", "--config", good}, want: "milter.listen is required"},
+			{args: []string{"milter", "--config", unknownKey}, want: "did you mean shutdown_grace?"},
+		},
+
+		"milter import-opendkim 0":  {{args: importArgs(), want: "mail-hsm"}, {args: importArgs("--out", filepath.Join(dir, "imported.yaml")), want: "configuration written"}},
+		"milter import-opendkim 64": {{args: []string{"milter", "import-opendkim", "--keytable", keyTable}, want: "--signingtable are required"}},
+		"milter import-opendkim 65": {
+			{args: []string{"milter", "import-opendkim", "--keytable", keyTable, "--signingtable", unknownName}, want: "is not in the KeyTable"},
+			{args: []string{"milter", "import-opendkim", "--keytable", keyTable, "--signingtable", percentOnly}, want: "could be converted"},
+		},
+		"milter import-opendkim 66": {{args: []string{"milter", "import-opendkim", "--keytable", filepath.Join(dir, "none"), "--signingtable", signingTable}, want: "no such file"}},
+		"milter import-opendkim 73": {{args: importArgs("--out", filepath.Join(badPINFile, "out.yaml")), want: "not a directory"}},
+
 		"config check 0":  {{args: []string{"config", "check", "--config", good}, want: "OK"}, {args: []string{"config", "check", "--config", noURI}, env: env, want: "OK"}},
 		"config check 64": {{args: []string{"config", "check", "--config", good, "extra"}, want: "unexpected argument"}},
 		"config check 69": {{args: []string{"config", "check", "--config", missingKey}, want: "not found"}, {args: []string{"config", "check", "--config", weakKey}, want: "too weak"}},
@@ -298,12 +375,27 @@ dns:
 			{args: []string{"config", "check", "--config", openPINConf}, want: "chmod 600"},
 		},
 
-		"rotate 0":        {{args: []string{"rotate", "--config", rotating, "--dry-run"}}, {args: []string{"rotate", "--config", rotating}, want: "generated the key"}},
-		"rotate 64":       {{args: []string{"rotate", "--config", rotating, "--emergency"}, want: "--emergency needs --domain"}},
-		"rotate 75":       {{args: []string{"rotate", "--config", rotating, "--timeout", timeout1ns}}},
-		"rotate 77":       {{args: []string{"rotate", "--config", rotatingWrongPINConf}, want: "PIN incorrect"}},
-		"rotate 78":       {{args: []string{"rotate", "--config", good}, want: "no domain has a rotation policy"}},
-		"rotate status 0": {{args: []string{"rotate", "status", "--config", rotating}}},
+		"rotate 0":         {{args: []string{"rotate", "--config", rotating, "--dry-run"}}, {args: []string{"rotate", "--config", rotating}, want: "generated the key"}},
+		"rotate 64":        {{args: []string{"rotate", "--config", rotating, "--emergency"}, want: "--emergency needs --domain"}},
+		"rotate 75":        {{args: []string{"rotate", "--config", rotating, "--timeout", timeout1ns}}},
+		"rotate 77":        {{args: []string{"rotate", "--config", rotatingWrongPINConf}, want: "PIN incorrect"}},
+		"rotate 78":        {{args: []string{"rotate", "--config", good}, want: "no domain has a rotation policy"}},
+		"rotate status 0":  {{args: []string{"rotate", "status", "--config", rotating}}},
+		"rotate status 75": {{args: []string{"rotate", "status", "--config", etcdDead}, want: "unreachable", parallel: true}},
+
+		"state migrate 0":  {{args: []string{"state", "migrate", "--config", etcdEmpty, "--from", "bbolt:" + boltSrc, "--to", "etcd"}, want: "copied 1 records"}},
+		"state migrate 1":  {{args: []string{"state", "migrate", "--config", etcdFull, "--from", "etcd", "--to", "bbolt:" + boltConflict, "--force"}, want: "two active"}},
+		"state migrate 64": {{args: []string{"state", "migrate", "--config", etcdEmpty, "--from", "bbolt:" + boltSrc, "--to", "bbolt:" + boltConflict}, want: "want --from"}},
+		"state migrate 66": {{args: []string{"state", "migrate", "--config", etcdEmpty, "--from", "bbolt:" + filepath.Join(dir, "none"), "--to", "etcd"}, want: "source"}},
+		"state migrate 73": {
+			{args: []string{"state", "migrate", "--config", etcdFull, "--from", "bbolt:" + boltSrc, "--to", "etcd"}, want: "already has records"},
+			{args: []string{"state", "migrate", "--config", etcdFull, "--from", "etcd", "--to", "bbolt:" + boltSrc}, want: "already has records"},
+		},
+		"state migrate 75": {{args: []string{"state", "migrate", "--config", etcdDead, "--from", "bbolt:" + boltSrc, "--to", "etcd"}, want: "did not answer", parallel: true}},
+		"state migrate 78": {
+			{args: []string{"state", "migrate", "--config", rotating, "--from", "bbolt:" + boltSrc, "--to", "etcd"}, want: "state.type is \"bbolt\""},
+			{args: []string{"state", "migrate", "--config", unknownKey, "--from", "bbolt:" + boltSrc, "--to", "etcd"}, want: "did you mean"},
+		},
 
 		"dns pending 0":  {{args: []string{"dns", "pending", "--config", rotating}}},
 		"dns pending 64": {{args: []string{"dns", "pending", "--config", rotating, "--format", "bind"}, want: "--format"}},
@@ -351,6 +443,9 @@ dns:
 	for _, r := range rows {
 		for i, tc := range cases[r.String()] {
 			t.Run(fmt.Sprintf("%s/%d", strings.ReplaceAll(r.String(), " ", "_"), i), func(t *testing.T) {
+				if tc.parallel {
+					t.Parallel()
+				}
 				code, out := runStatusCase(t, bin, tc)
 				if code != r.status || !strings.Contains(out, tc.want) {
 					t.Errorf("dkimgw %s: exit %d, want %d and output with %q:\n%s", strings.Join(tc.args, " "), code, r.status, tc.want, out)
@@ -408,7 +503,7 @@ func runStatusCase(t *testing.T, bin string, tc statusCase) (int, string) {
 	serving := false
 	for sc.Scan() {
 		log.WriteString(sc.Text() + "\n")
-		if !serving && strings.Contains(sc.Text(), `msg="dkimgw serving"`) {
+		if !serving && (strings.Contains(sc.Text(), `msg="dkimgw serving"`) || strings.Contains(sc.Text(), `msg="dkimgw milter serving"`)) {
 			serving = true
 			_ = cmd.Process.Signal(syscall.SIGTERM)
 		}
@@ -425,8 +520,8 @@ func runStatusCase(t *testing.T, bin string, tc statusCase) (int, string) {
 // documents for it.
 func TestHelpNamesDocumentedStatuses(t *testing.T) {
 	for _, r := range readStatusTable(t) {
-		if r.command == "help" || r.command == "version" || r.command == "rotate status" {
-			continue // no --help of their own (rotate status: rotate's)
+		if r.command == "help" || r.command == "version" {
+			continue // no --help of their own
 		}
 		words := strings.Fields(r.command)
 		res := runCLI(t, nil, "", append(words, "--help")...)

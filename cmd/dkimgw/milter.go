@@ -42,7 +42,14 @@ with milter.listen set runs both the relay and the milter.
         read OpenDKIM's KeyTable and SigningTable (refile: patterns too)
         and write the equivalent domains and clients configuration, with
         the command that generates each replacement key in the token. File
-        keys are never imported.`
+        keys are never imported ('dkimgw milter import-opendkim --help').
+
+Exit status of milter: 0 stopped by SIGTERM or SIGINT; 64 bad arguments;
+69 a configured key is missing or unusable; 71 milter.listen or the admin
+address cannot be bound (in use, no permission, a path that is not a
+socket or a socket another process serves); 73 the audit log cannot be
+written; 75 token unavailable; 77 wrong or locked PIN; 78 invalid
+configuration, no milter.listen, bad pin-source, or no such token.`
 )
 
 var milterCommand = &command{
