@@ -157,6 +157,13 @@ func Open(ctx context.Context, rawURI string, opts Options) (*Token, error) {
 	}
 	if err != nil {
 		t.mod.release(t.log)
+		// A device that fails at start (an HSM rebooting, a network HSM
+		// out of reach) may answer later, as the same failure says while
+		// serving; a token that is not there at all is a configuration
+		// error.
+		if !errors.Is(err, ErrTokenNotFound) && classify(err) >= recoverSession {
+			err = temporary(err)
+		}
 		return nil, err
 	}
 	t.mu.Lock()

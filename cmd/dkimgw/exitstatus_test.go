@@ -139,6 +139,16 @@ func TestDocumentedExitStatuses(t *testing.T) {
 	worldReadablePIN := "pkcs11:token=" + st.Label + "?module-path=" + st.Module + "&pin-source=file:" + badPINFile
 	wrongPINFile := "pkcs11:token=" + st.Label + "?module-path=" + st.Module + "&pin-source=file:" + write("wrong-pin", "x"+st.PIN+"\n", 0o600)
 	env := map[string]string{hsmEnv: uri}
+	// The same token behind the PKCS#11 fault shim, failing every
+	// C_OpenSession with CKR_DEVICE_ERROR: a device that is unwell at
+	// start (an HSM rebooting), which may answer later.
+	fault := testenv.NewPKCS11Fault(t)
+	fault.Set(t, testenv.PKCS11FaultSpec{Error: testenv.CKRDeviceError, ErrorOps: []string{"C_OpenSession"}})
+	deviceErrorEnv := map[string]string{hsmEnv: fault.URI(st.URI())}
+	for _, kv := range fault.Env() {
+		k, v, _ := strings.Cut(kv, "=")
+		deviceErrorEnv[k] = v
+	}
 
 	capture := filepath.Join(dir, "capture")
 	os.Mkdir(capture, 0o700)
@@ -287,7 +297,7 @@ dns:
 
 		"keys list 0":  {{args: []string{"keys", "list"}, env: env, want: "weak._domainkey.example.com is not usable"}},
 		"keys list 64": {{args: []string{"keys", "list", "extra"}, env: env, want: "unexpected argument"}},
-		"keys list 75": {{args: []string{"keys", "list", "--timeout", timeout1ns}, env: env}},
+		"keys list 75": {{args: []string{"keys", "list", "--timeout", timeout1ns}, env: env}, {args: []string{"keys", "list"}, env: deviceErrorEnv, want: "CKR_DEVICE_ERROR"}},
 		"keys list 77": {{args: []string{"keys", "list", "--hsm", wrongPIN}, want: "PIN incorrect"}},
 		"keys list 78": {{args: []string{"keys", "list", "--hsm", noToken}, want: "SOFTHSM2_CONF"}},
 
