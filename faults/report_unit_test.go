@@ -1,0 +1,57 @@
+package faults
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestReportKeepsSoakSection: the fault suite and the soak write one
+// file, docs/reliability.md, each its own part: neither may wipe out the
+// other's.
+func TestReportKeepsSoakSection(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "reliability.md")
+	t.Setenv(reportEnv, path)
+	saved := reportRows
+	t.Cleanup(func() { reportMu.Lock(); reportRows = saved; reportMu.Unlock() })
+	reportRows = nil
+
+	soak := []byte(soakBegin + "\n## Soak\n\nseries of the last soak\n" + soakEnd + "\n")
+	if err := os.WriteFile(path, append([]byte("# old table\n\n"), soak...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sc := scenario{name: "x", title: "scenario x", about: "about x."}
+	report(t, sc, result{sent: 5, accepted: 5, delivered: 5, passed: true}, "")
+	report(t, scenario{name: "y", title: "scenario y", about: "about y."}, result{sent: 3, passed: true}, "")
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(got, soak) {
+		t.Errorf("the fault suite's report dropped the soak's section:\n%s", got)
+	}
+	if bytes.Contains(got, []byte("# old table")) || !bytes.Contains(got, []byte("| scenario x |")) || !bytes.Contains(got, []byte("| scenario y |")) {
+		t.Errorf("the fault table was not rewritten:\n%s", got)
+	}
+	if strings.Index(string(got), "| scenario y |") > strings.Index(string(got), soakBegin) {
+		t.Errorf("the soak's section is not after the fault table:\n%s", got)
+	}
+
+	// The soak replaces its own section and keeps the table.
+	table := bytes.TrimSuffix(got, soak)
+	next := []byte(soakBegin + "\n## Soak\n\na newer soak\n" + soakEnd + "\n")
+	out := withSoakSection(got, next)
+	if !bytes.HasPrefix(out, table) || !bytes.HasSuffix(out, next) || bytes.Contains(out, []byte("series of the last soak")) {
+		t.Errorf("the soak's section was not replaced in place:\n%s", out)
+	}
+	// A file without a section gets one at the end; no file, the section
+	// alone.
+	if out := withSoakSection([]byte("# table\n"), next); string(out) != "# table\n\n"+string(next) {
+		t.Errorf("section appended: %q", out)
+	}
+	if out := withSoakSection(nil, next); !bytes.Equal(out, next) {
+		t.Errorf("section alone: %q", out)
+	}
+}
