@@ -55,3 +55,36 @@ func TestReportKeepsSoakSection(t *testing.T) {
 		t.Errorf("section alone: %q", out)
 	}
 }
+
+// TestSoakFlatRule: the soak's rule passes a series that warms up and
+// then stays level, and fails one that keeps growing or is too short to
+// judge.
+func TestSoakFlatRule(t *testing.T) {
+	g := series{name: "goroutines", value: func(s sample) float64 { return s.goroutines }, factor: 1.2, slack: 10}
+	mk := func(vals ...float64) []sample {
+		out := make([]sample, len(vals))
+		for i, v := range vals {
+			out[i] = sample{goroutines: v}
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name string
+		vals []float64
+		flat bool
+	}{
+		{"level", []float64{40, 41, 40, 42, 41, 40, 41, 42, 40}, true},
+		{"warm-up then level", []float64{8, 40, 60, 58, 61, 59, 60, 62, 60}, true},
+		{"noise within the slack", []float64{40, 42, 41, 45, 50, 44, 55, 52, 57}, true},
+		{"a leak", []float64{40, 45, 50, 55, 60, 65, 70, 75, 80}, false},
+		{"a jump late", []float64{40, 40, 40, 40, 40, 40, 40, 40, 90}, false},
+		{"too short", []float64{40, 40}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := judge(g, mk(tc.vals...))
+			if v.flat != tc.flat {
+				t.Errorf("judge(%v) = flat %v (first %.0f, last %.0f, limit %.0f), want %v", tc.vals, v.flat, v.firstMax, v.lastMax, v.limit, tc.flat)
+			}
+		})
+	}
+}
