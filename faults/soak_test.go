@@ -38,12 +38,13 @@ const (
 	soakSample   = 10 * time.Second
 )
 
-// sample is one reading of the gateway's /metrics.
+// sample is one reading of the gateway's /metrics and of the shim.
 type sample struct {
 	at                  time.Duration // since the load started
 	goroutines, fds     float64
 	rssBytes            float64
 	sessions            float64 // token pool sessions open (in use + idle)
+	moduleSessions      float64 // sessions open in SoftHSM, as the shim counts them
 	accepted, rotations int
 	reloads             int
 }
@@ -70,6 +71,7 @@ var soakSeries = []series{
 	{name: "open file descriptors", value: func(s sample) float64 { return s.fds }, factor: 1.1, slack: 8},
 	{name: "resident memory", unit: "MiB", value: func(s sample) float64 { return s.rssBytes / (1 << 20) }, factor: 1.1, slack: 16},
 	{name: "token sessions", value: func(s sample) float64 { return s.sessions }, factor: 1.1, slack: 2},
+	{name: "sessions open in SoftHSM", value: func(s sample) float64 { return s.moduleSessions }, factor: 1.1, slack: 2},
 }
 
 // verdict is a series judged over the samples.
@@ -124,7 +126,7 @@ func TestSoak(t *testing.T) {
 	if os.Getenv(soakEnv) == "" {
 		t.Skipf("the soak runs for minutes: make soak (%s=1, %s=10m)", soakEnv, soakDurationEnv)
 	}
-	testenv.Require(t, "softhsm2-util", testenv.SoftHSMModule, "named")
+	testenv.Require(t, "softhsm2-util", testenv.SoftHSMModule, "named", "cc")
 	dur := soakDuration(t)
 	if dl, ok := t.Deadline(); ok && time.Until(dl) < dur+5*time.Minute {
 		t.Fatalf("go test's -timeout leaves %v, the soak needs %v and 5 minutes to set up and check", time.Until(dl).Round(time.Second), dur)
@@ -133,13 +135,17 @@ func TestSoak(t *testing.T) {
 	// Without the race detector: the memory measured is the product's.
 	bin := buildDkimgwWith(t, t.TempDir())
 	st := testenv.SoftHSM(t)
+	// The gateway reaches SoftHSM through the shim, injecting nothing: its
+	// count of open sessions covers every session of the process, not
+	// only the pool's that /metrics shows.
+	shim := testenv.NewPKCS11Fault(t)
 	sink := testenv.NewFaultSink(t)
 	addr := freeAddr(t)
-	cfg := gwConfig{uri: st.URIWithPINFile(t), upstream: sink.Addr(), listen: addr, upstreamTimeout: 30 * time.Second, grace: 60 * time.Second}
+	cfg := gwConfig{uri: shim.URI(st.URIWithPINFile(t)), upstream: sink.Addr(), listen: addr, upstreamTimeout: 30 * time.Second, grace: 60 * time.Second}
 	// The grace period outlasts the soak: every record that signed is
 	// still published at the end, when the messages are verified.
 	rot := startRotation(t, &cfg, soakRotate, dur+10*time.Minute)
-	gw := newGateway(t, bin, cfg, nil, nil)
+	gw := newGateway(t, bin, cfg, shim.Env(), nil)
 	p := gw.start()
 	rot.waitActive(t, gw)
 	admin := adminAddr(t, p)
@@ -157,6 +163,11 @@ func TestSoak(t *testing.T) {
 	loadStart := time.Now()
 	take := func() {
 		s, err := scrape(admin)
+		if err == nil {
+			var n int
+			n, err = shim.Sessions()
+			s.moduleSessions = float64(n)
+		}
 		mu.Lock()
 		defer mu.Unlock()
 		if err != nil {
@@ -172,8 +183,8 @@ func TestSoak(t *testing.T) {
 		}
 		s.reloads = len(p.logged("configuration reloaded"))
 		samples = append(samples, s)
-		t.Logf("soak %4.0fs: goroutines %.0f, fds %.0f, RSS %.1f MiB, token sessions %.0f, accepted %d, rotations %d, reloads %d",
-			s.at.Seconds(), s.goroutines, s.fds, s.rssBytes/(1<<20), s.sessions, s.accepted, s.rotations, s.reloads)
+		t.Logf("soak %4.0fs: goroutines %.0f, fds %.0f, RSS %.1f MiB, token sessions %.0f (SoftHSM %.0f), accepted %d, rotations %d, reloads %d",
+			s.at.Seconds(), s.goroutines, s.fds, s.rssBytes/(1<<20), s.sessions, s.moduleSessions, s.accepted, s.rotations, s.reloads)
 	}
 	wg.Add(2)
 	go func() {
@@ -380,7 +391,9 @@ func (r soakReport) render() []byte {
 		"for a while at a steady load: %d messages a second over %d SMTP sessions to a recording upstream, the domain's keys "+
 		"(RSA-2048 and Ed25519) rotating every minute against BIND, and a SIGHUP every 30 s. Every 10 s it reads the gateway's "+
 		"admin listener (`/metrics`): goroutines (`go_goroutines`), open file descriptors (`process_open_fds`), resident memory "+
-		"(`process_resident_memory_bytes`) and the token's pool sessions (`dkimgw_token_sessions`, in use and idle). "+
+		"(`process_resident_memory_bytes`) and the token's pool sessions (`dkimgw_token_sessions`, in use and idle); "+
+		"and the sessions the process has open in SoftHSM, counted by the PKCS#11 shim the gateway loads in front of it "+
+		"(injecting nothing), which sees every session, the pool's or not. "+
 		"A series is flat when the largest sample of the last third of the run is at most the largest of the first third "+
 		"times a factor plus a small constant (the limit column below: %s): the first third holds the warm-up, "+
 		"and a leak grows without bound. At the end every message is checked as in the fault table above: accepted ones "+
@@ -410,10 +423,10 @@ func (r soakReport) render() []byte {
 		}
 		fmt.Fprintf(&b, "| %s%s | %.1f | %.1f | %.1f | %s |\n", v.s.name, unit, v.firstMax, v.lastMax, v.limit, flat)
 	}
-	b.WriteString("\n| t (s) | goroutines | open fds | RSS (MiB) | token sessions | accepted | rotations | reloads |\n")
-	b.WriteString("|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	b.WriteString("\n| t (s) | goroutines | open fds | RSS (MiB) | token sessions | sessions in SoftHSM | accepted | rotations | reloads |\n")
+	b.WriteString("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, s := range r.samples {
-		fmt.Fprintf(&b, "| %.0f | %.0f | %.0f | %.1f | %.0f | %d | %d | %d |\n", s.at.Seconds(), s.goroutines, s.fds, s.rssBytes/(1<<20), s.sessions, s.accepted, s.rotations, s.reloads)
+		fmt.Fprintf(&b, "| %.0f | %.0f | %.0f | %.1f | %.0f | %.0f | %d | %d | %d |\n", s.at.Seconds(), s.goroutines, s.fds, s.rssBytes/(1<<20), s.sessions, s.moduleSessions, s.accepted, s.rotations, s.reloads)
 	}
 	b.WriteString("\n" + soakEnd + "\n")
 	return b.Bytes()
