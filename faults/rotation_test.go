@@ -6,7 +6,10 @@ package faults
 
 import (
 	"bytes"
+	"context"
 	"fmt"
+	"os"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -205,4 +208,30 @@ func signatureTags(msg []byte) []map[string]string {
 		out = append(out, tags)
 	}
 	return out
+}
+
+// rotatePasses runs `dkimgw rotate` (one reconciler pass, in a process of
+// its own, as a cron job would) every interval while the load runs: it
+// contends with serve's own passes for the rotation state. Every pass
+// must succeed.
+func (r *run) rotatePasses(interval time.Duration) {
+	for {
+		select {
+		case <-r.loadEnd:
+			return
+		case <-r.ctx.Done():
+			return
+		case <-time.After(interval):
+		}
+		ctx, cancel := context.WithTimeout(r.ctx, 2*time.Minute)
+		cmd := exec.CommandContext(ctx, r.gw.bin, "rotate", "--config", r.gw.config)
+		cmd.Env = append(os.Environ(), r.gw.env...)
+		out, err := cmd.CombinedOutput()
+		cancel()
+		if err != nil {
+			r.t.Errorf("dkimgw rotate during the load: %v\n%s", err, out)
+			return
+		}
+		r.passes++
+	}
 }
