@@ -9,7 +9,7 @@ GO      ?= go
 BIN     := bin/dkimgw
 GOFLAGS ?=
 
-.PHONY: all build deps test test-short test-faults test-hostile fuzz soak bench demo clean
+.PHONY: all build deps test test-short test-faults test-hostile fuzz bench demo clean
 
 all: build
 
@@ -70,6 +70,7 @@ test-hostile:
 # docs/reliability.md (the fault table stays as it is).
 SOAK_DURATION ?= 10m
 SOAK_TIMEOUT  ?= 60m
+.PHONY: soak
 soak: deps
 	$(GO) mod download
 	DKIMGW_SOAK=1 SOAK_DURATION=$(SOAK_DURATION) DKIMGW_SOAK_REPORT=$(CURDIR)/docs/reliability.md \
