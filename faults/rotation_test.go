@@ -235,3 +235,17 @@ func (r *run) rotatePasses(interval time.Duration) {
 		r.passes++
 	}
 }
+
+// verifyAuditLog checks the audit log serve and every `dkimgw rotate`
+// pass appended to side by side: its hash chain and checkpoints verify.
+func (r *run) verifyAuditLog() {
+	ctx, cancel := context.WithTimeout(r.ctx, 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, r.gw.bin, "audit", "verify-log", "--config", r.gw.config)
+	cmd.Env = append(os.Environ(), r.gw.env...)
+	out, err := cmd.CombinedOutput()
+	r.t.Logf("audit verify-log: %s", bytes.TrimSpace(out))
+	if err != nil {
+		r.t.Errorf("dkimgw audit verify-log of the log serve and the rotate passes wrote: %v\n%s", err, out)
+	}
+}

@@ -430,13 +430,14 @@ var scenarios = []scenario{
 	},
 	{
 		name: "rotation", title: "a key rotation every few seconds",
-		about:    "The domain's keys (RSA-2048 and Ed25519) rotate every 2 s (a rotation takes a second or two more: the new record must be seen in DNS first): serve generates each new key in the token, publishes its record in BIND by dynamic update (TSIG), switches to it once BIND serves it, and keeps the old record published (grace 10 min, longer than the run); meanwhile `dkimgw rotate` runs a pass of its own every 3 s from another process, as a cron job would, contending for the rotation state; the load is paced at 20 messages a second so that the run spans several rotations. Every message is verified against the records BIND serves at the end, and must carry a t= no earlier than serve's switch to the keys that signed it.",
+		about:    "The domain's keys (RSA-2048 and Ed25519) rotate every 2 s (a rotation takes a second or two more: the new record must be seen in DNS first): serve generates each new key in the token, publishes its record in BIND by dynamic update (TSIG), switches to it once BIND serves it, and keeps the old record published (grace 10 min, longer than the run); meanwhile `dkimgw rotate` runs a pass of its own every 3 s from another process, as a cron job would, contending for the rotation state; the load is paced at 20 messages a second so that the run spans several rotations. Every message is verified against the records BIND serves at the end, and must carry a t= no earlier than serve's switch to the keys that signed it; the audit log serve and the passes wrote side by side must verify (`dkimgw audit verify-log`).",
 		rotation: true, rotateEvery: 2 * time.Second, rate: 20, n: count(300),
 		drive: func(r *run) { r.rotatePasses(3 * time.Second) },
 		after: func(r *run, res *result) {
 			if r.passes == 0 {
 				r.t.Errorf("no `dkimgw rotate` pass ran during the load")
 			}
+			r.verifyAuditLog()
 			switches := keySwitches(r.gw)
 			during := 0
 			for _, s := range switches {
