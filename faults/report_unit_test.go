@@ -88,3 +88,23 @@ func TestSoakFlatRule(t *testing.T) {
 		})
 	}
 }
+
+// TestSoakBoundRule: a pool's series may grow to its bound, not past it.
+func TestSoakBoundRule(t *testing.T) {
+	pool := series{name: "pool", value: func(s sample) float64 { return s.sessions }, bound: 8}
+	for _, tc := range []struct {
+		vals []float64
+		flat bool
+	}{
+		{[]float64{2, 2, 2, 4, 5, 5, 8, 8, 8}, true},
+		{[]float64{2, 2, 9, 2, 2, 2, 2, 2, 2}, false},
+	} {
+		samples := make([]sample, len(tc.vals))
+		for i, v := range tc.vals {
+			samples[i] = sample{sessions: v}
+		}
+		if v := judge(pool, samples); v.flat != tc.flat {
+			t.Errorf("judge(%v) = flat %v (largest %.0f, limit %.0f), want %v", tc.vals, v.flat, v.lastMax, v.limit, tc.flat)
+		}
+	}
+}
