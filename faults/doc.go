@@ -5,7 +5,8 @@
 // sessions, fails with device errors or hangs (through a PKCS#11 shim in
 // front of SoftHSM, testenv.PKCS11Fault); a token directory taken away;
 // the gateway killed with SIGKILL, reloaded every 100 ms, stopped with
-// transactions in flight — and then checks dkimgw's promises: every
+// transactions in flight; its domain's keys rotated every few seconds
+// against BIND — and then checks dkimgw's promises: every
 // message the client saw accepted arrived upstream signed and verifying,
 // nothing arrived unsigned, and every message not accepted got a reply
 // the client can act on.

@@ -25,6 +25,12 @@ import (
 // fault fails its scenario) into dir.
 func buildDkimgw(t *testing.T, dir string) string {
 	t.Helper()
+	return buildDkimgwWith(t, dir, "-race")
+}
+
+// buildDkimgwWith builds dkimgw with these go build flags into dir.
+func buildDkimgwWith(t *testing.T, dir string, flags ...string) string {
+	t.Helper()
 	goCmd, err := exec.LookPath("go")
 	if err != nil {
 		t.Fatalf("the go command is needed to build dkimgw: %v", err)
@@ -32,7 +38,7 @@ func buildDkimgw(t *testing.T, dir string) string {
 	bin := filepath.Join(dir, "dkimgw")
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
-	if out, err := exec.CommandContext(ctx, goCmd, "build", "-race", "-o", bin, "../cmd/dkimgw").CombinedOutput(); err != nil {
+	if out, err := exec.CommandContext(ctx, goCmd, append(append([]string{"build"}, flags...), "-o", bin, "../cmd/dkimgw")...).CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	return bin
@@ -43,6 +49,12 @@ type gwConfig struct {
 	uri, upstream, listen string
 	upstreamTimeout       time.Duration
 	grace                 time.Duration
+	// domains is the domains block's body (indented two spaces); ""
+	// signs example.com with the fixed selectors rsa1 and ed1.
+	domains string
+	// extra is appended to the configuration as it is (dns:, rotation:,
+	// data_dir: of a rotating domain).
+	extra string
 }
 
 func (c gwConfig) yaml() string {
@@ -51,11 +63,17 @@ func (c gwConfig) yaml() string {
 	fmt.Fprintf(&b, "smtp:\n  listen: %q\n  hostname: dkimgw.test\n  max_connections: 2000\n  max_connections_per_ip: 2000\n", c.listen)
 	fmt.Fprintf(&b, "upstream:\n  address: %q\n  timeout: %s\n  connect_timeout: %s\n", c.upstream, c.upstreamTimeout, c.upstreamTimeout)
 	b.WriteString("clients:\n  - name: load\n    networks: [\"127.0.0.1/32\"]\n    domains: [example.com]\n")
-	b.WriteString("domains:\n  example.com:\n    selectors: [rsa1, ed1]\n")
+	b.WriteString("domains:\n")
+	if c.domains != "" {
+		b.WriteString(c.domains)
+	} else {
+		b.WriteString("  example.com:\n    selectors: [rsa1, ed1]\n")
+	}
 	b.WriteString("log:\n  format: json\n  level: info\n")
 	fmt.Fprintf(&b, "shutdown_grace: %s\n", c.grace)
 	// Gateways of parallel scenarios must not share the default port.
 	b.WriteString("admin:\n  listen: \"127.0.0.1:0\"\n")
+	b.WriteString(c.extra)
 	return b.String()
 }
 

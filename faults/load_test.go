@@ -78,6 +78,9 @@ type loadSpec struct {
 	// deadline bounds the whole run; messages not started by then are
 	// not sent.
 	deadline time.Duration
+	// rate, when not 0, paces the run: a message starts at most every
+	// 1/rate seconds over all sessions (a steady load, not a flood).
+	rate float64
 }
 
 // load runs the generator: finished counts the messages done (accepted,
@@ -153,6 +156,14 @@ func (l *load) run(ctx context.Context) {
 	defer cancel()
 	var next atomic.Int64
 	var wg sync.WaitGroup
+	// A ticker drops the ticks nobody takes: sessions slower than the
+	// rate send slower, they never catch up in a burst.
+	var pace <-chan time.Time
+	if l.spec.rate > 0 {
+		tk := time.NewTicker(time.Duration(float64(time.Second) / l.spec.rate))
+		defer tk.Stop()
+		pace = tk.C
+	}
 	for range l.spec.sessions {
 		wg.Add(1)
 		go func() {
@@ -160,6 +171,13 @@ func (l *load) run(ctx context.Context) {
 			w := &worker{l: l}
 			defer w.close()
 			for ctx.Err() == nil {
+				if pace != nil {
+					select {
+					case <-pace:
+					case <-ctx.Done():
+						return
+					}
+				}
 				i := int(next.Add(1)) - 1
 				if i >= l.spec.n {
 					return

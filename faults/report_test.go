@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -23,6 +24,45 @@ var (
 	reportRows []reportRow
 	reportAt   = time.Now().UTC()
 )
+
+// The soak (faults/soak_test.go, make soak) writes a section of its own
+// into the same file, between these markers: the fault suite keeps it
+// after its table, and the soak keeps the table.
+const (
+	soakBegin = "<!-- soak: written by `make soak` (faults/soak_test.go); do not edit. -->"
+	soakEnd   = "<!-- soak: end -->"
+)
+
+// soakSection is the soak's section of doc, markers included (nil when
+// there is none).
+func soakSection(doc []byte) []byte {
+	i := bytes.Index(doc, []byte(soakBegin))
+	if i < 0 {
+		return nil
+	}
+	j := bytes.Index(doc[i:], []byte(soakEnd))
+	if j < 0 {
+		return nil
+	}
+	end := i + j + len(soakEnd)
+	if end < len(doc) && doc[end] == '\n' {
+		end++
+	}
+	return doc[i:end]
+}
+
+// withSoakSection returns doc with its soak section replaced by sec, or
+// sec appended when doc has none.
+func withSoakSection(doc, sec []byte) []byte {
+	if old := soakSection(doc); old != nil {
+		i := bytes.Index(doc, old)
+		return slices.Concat(doc[:i], sec, doc[i+len(old):])
+	}
+	if len(doc) == 0 {
+		return slices.Clone(sec)
+	}
+	return slices.Concat(bytes.TrimRight(doc, "\n"), []byte("\n\n"), sec)
+}
 
 type reportRow struct {
 	sc   scenario
@@ -40,7 +80,13 @@ func report(t *testing.T, sc scenario, res result, note string) {
 	reportMu.Lock()
 	defer reportMu.Unlock()
 	reportRows = append(reportRows, reportRow{sc, res, note})
-	if err := os.WriteFile(path, renderReport(reportRows), 0o644); err != nil {
+	doc := renderReport(reportRows)
+	if prev, err := os.ReadFile(path); err == nil {
+		if sec := soakSection(prev); sec != nil {
+			doc = withSoakSection(doc, sec)
+		}
+	}
+	if err := os.WriteFile(path, doc, 0o644); err != nil {
 		t.Errorf("write %s: %v", path, err)
 	}
 }

@@ -2,6 +2,7 @@ package faults
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"sync/atomic"
 	"syscall"
@@ -32,6 +33,13 @@ type scenario struct {
 	connErrAt       map[stage]bool
 	// wrap runs the gateway under a command (setpriv).
 	wrap []string
+	// rotation: the domain rotates its keys every rotateEvery against
+	// BIND (instead of the fixed selectors rsa1 and ed1).
+	rotation    bool
+	rotateEvery time.Duration
+	// rate paces the load at this many messages a second (0: as fast as
+	// the sessions go), so that a run lasts long enough for its fault.
+	rate float64
 	// drive injects the fault while the load runs; it returns when the
 	// fault is over (the load may still run).
 	drive func(r *run)
@@ -47,14 +55,19 @@ type run struct {
 	sink    *testenv.FaultSink
 	tok     *testenv.SoftHSMToken
 	shim    *testenv.PKCS11Fault // nil without token
+	rot     *rotationRun         // nil without rotation
 	gw      *gateway
 	cur     atomic.Pointer[proc]
 	load    *load
 	loadEnd chan struct{}
+	// loadStart and loadStop are when the load ran.
+	loadStart, loadStop time.Time
 	// faultEnd is when the last fault was lifted: mail must flow after it.
 	faultEnd time.Time
 	hits     int
 	note     string
+	// passes counts the `dkimgw rotate` runs of the rotation scenario.
+	passes int
 }
 
 // at waits until a fraction of the messages are done; false when the load
@@ -415,6 +428,34 @@ var scenarios = []scenario{
 			}
 		},
 	},
+	{
+		name: "rotation", title: "a key rotation every few seconds",
+		about:    "The domain's keys (RSA-2048 and Ed25519) rotate every 2 s (a rotation takes a second or two more: the new record must be seen in DNS first): serve generates each new key in the token, publishes its record in BIND by dynamic update (TSIG), switches to it once BIND serves it, and keeps the old record published (grace 10 min, longer than the run); meanwhile `dkimgw rotate` runs a pass of its own every 3 s from another process, as a cron job would, contending for the rotation state; the load is paced at 20 messages a second so that the run spans several rotations. Every message is verified against the records BIND serves at the end, and must carry a t= no earlier than serve's switch to the keys that signed it; the audit log serve and the passes wrote side by side must verify (`dkimgw audit verify-log`).",
+		rotation: true, rotateEvery: 2 * time.Second, rate: 20, n: count(300),
+		drive: func(r *run) { r.rotatePasses(3 * time.Second) },
+		after: func(r *run, res *result) {
+			if r.passes == 0 {
+				r.t.Errorf("no `dkimgw rotate` pass ran during the load")
+			}
+			r.verifyAuditLog()
+			switches := keySwitches(r.gw)
+			during := 0
+			for _, s := range switches {
+				if s.at.After(r.loadStart) && s.at.Before(r.loadStop) {
+					during++
+				}
+			}
+			r.mustHit("key rotations during the load", during)
+			if during < 2 {
+				r.t.Errorf("%d key rotations during the load, want at least 2", during)
+			}
+			sets := checkSignedAfterSwitch(r.t, switches, r.sink.Messages())
+			if sets < 3 {
+				r.t.Errorf("the messages were signed by %d key sets, want at least 3: the rotations did not happen under load", sets)
+			}
+			r.note = fmt.Sprintf("%d rotations during the load, %.0f s, and %d `dkimgw rotate` passes; the messages were signed by %d key sets", during, r.loadStop.Sub(r.loadStart).Seconds(), r.passes, sets)
+		},
+	},
 }
 
 // TestFaults runs every scenario: go test ./faults -run 'TestFaults/NAME'
@@ -423,7 +464,7 @@ func TestFaults(t *testing.T) {
 	if testing.Short() {
 		t.Skip("the fault suite runs the real gateway with SoftHSM; not in -short")
 	}
-	testenv.Require(t, "softhsm2-util", testenv.SoftHSMModule, "cc", "setpriv")
+	testenv.Require(t, "softhsm2-util", testenv.SoftHSMModule, "cc", "setpriv", "named")
 	bin := buildDkimgw(t, t.TempDir())
 	for _, sc := range scenarios {
 		t.Run(sc.name, func(t *testing.T) { runScenario(t, bin, sc) })
@@ -434,7 +475,10 @@ func runScenario(t *testing.T, bin string, sc scenario) {
 	long := longForm()
 	start := time.Now()
 	st := testenv.SoftHSM(t)
-	records := makeKeys(t, st)
+	var records map[string]string
+	if !sc.rotation {
+		records = makeKeys(t, st)
+	}
 	sink := testenv.NewFaultSink(t)
 	r := &run{t: t, ctx: t.Context(), sink: sink, tok: st, loadEnd: make(chan struct{})}
 	uri := st.URIWithPINFile(t)
@@ -450,8 +494,14 @@ func runScenario(t *testing.T, bin string, sc scenario) {
 	}
 	addr := freeAddr(t)
 	cfg := gwConfig{uri: uri, upstream: sink.Addr(), listen: addr, upstreamTimeout: timeout, grace: 60 * time.Second}
+	if sc.rotation {
+		r.rot = startRotation(t, &cfg, sc.rotateEvery, 10*time.Minute)
+	}
 	r.gw = newGateway(t, bin, cfg, env, sc.wrap)
 	r.cur.Store(r.gw.start())
+	if r.rot != nil {
+		r.rot.waitActive(t, r.gw)
+	}
 
 	sessions := sc.sessions
 	if sessions == 0 {
@@ -462,16 +512,21 @@ func runScenario(t *testing.T, bin string, sc scenario) {
 	if long {
 		deadline = 20 * time.Minute
 	}
-	r.load = newLoad(loadSpec{scenario: sc.name, addr: addr, n: n, sessions: sessions, attempts: sc.attempts, deadline: deadline})
+	r.load = newLoad(loadSpec{scenario: sc.name, addr: addr, n: n, sessions: sessions, attempts: sc.attempts, deadline: deadline, rate: sc.rate})
 	driven := make(chan struct{})
 	go func() {
 		defer close(driven)
 		sc.drive(r)
 	}()
+	r.loadStart = time.Now()
 	r.load.run(t.Context())
+	r.loadStop = time.Now()
 	close(r.loadEnd)
 	<-driven
 
+	if r.rot != nil {
+		records = r.rot.published(t, r.gw)
+	}
 	res := check(t, r.load, sink.Messages(), records, checkOptions{connErrAt: sc.connErrAt})
 	res.seconds = time.Since(start).Seconds()
 	if !r.faultEnd.IsZero() && r.load.attemptsSince(r.faultEnd) > 0 && r.load.acceptedSince(r.faultEnd) == 0 {

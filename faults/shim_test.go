@@ -6,6 +6,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -64,6 +65,7 @@ func TestPKCS11FaultShim(t *testing.T) {
 	if err := sign(10 * time.Second); err != nil {
 		t.Fatalf("no fault: %v", err)
 	}
+	checkShimSessions(t, shim, tok, sign)
 	// Here, in this process and before any fault: SoftHSM does not see
 	// tokens created after another test initialised it in the process.
 	t.Run("SlowTokenSignsInParallel", func(t *testing.T) { slowTokenSignsInParallel(t, shim, key) })
@@ -107,4 +109,48 @@ func TestPKCS11FaultShim(t *testing.T) {
 	}
 	shim.Set(t, testenv.PKCS11FaultSpec{})
 	signsAgain("the hang")
+
+	// The shim's count falls to 0 once the token is closed and the call
+	// the hang left running (3 s) has returned. (While "all" calls fail,
+	// the shim fails C_CloseSession too, so SoftHSM keeps sessions the
+	// caller gave up: the count runs above the pool's until the module
+	// is finalized. A real token that fails every call has lost them.)
+	tok.Close()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		n, err := shim.Sessions()
+		if err == nil && n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("15s after Close: the shim counts %d sessions open (%v), want 0", n, err)
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// checkShimSessions: the shim's own count of the sessions open in
+// SoftHSM (what the soak watches) follows the token's pool as signing in
+// parallel fills it: the pool's sessions and the one kept logged in.
+func checkShimSessions(t *testing.T, shim *testenv.PKCS11Fault, tok *hsm.Token, sign func(time.Duration) error) {
+	t.Helper()
+	var wg sync.WaitGroup
+	for range 6 {
+		wg.Go(func() {
+			for range 30 {
+				if err := sign(10 * time.Second); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	n, err := shim.Sessions()
+	s := tok.Stats()
+	t.Logf("the shim counts %d sessions; the pool has %d idle, %d in use", n, s.SessionsIdle, s.SessionsInUse)
+	if err != nil || s.SessionsIdle < 2 || n != s.SessionsIdle+s.SessionsInUse+1 {
+		t.Errorf("with the pool filled: the shim counts %d sessions (%v), want the pool's %d idle + %d in use + the login session", n, err, s.SessionsIdle, s.SessionsInUse)
+	}
 }

@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"context"
 	_ "embed"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -24,9 +27,10 @@ var p11faultSource []byte
 // having Env in its environment; the hsm code path then runs against
 // real failures of a real module. Source: testenv/p11fault/p11fault.c.
 type PKCS11Fault struct {
-	Path    string // the shim's shared library
-	control string
-	log     string
+	Path     string // the shim's shared library
+	control  string
+	log      string
+	sessions string
 
 	mu       sync.Mutex
 	closeSeq int
@@ -63,7 +67,7 @@ func NewPKCS11Fault(t testing.TB) *PKCS11Fault {
 	if err != nil {
 		t.Fatalf("testenv: build the PKCS#11 fault shim: %v", err)
 	}
-	f := &PKCS11Fault{Path: lib, control: filepath.Join(dir, "control"), log: filepath.Join(dir, "injected.log")}
+	f := &PKCS11Fault{Path: lib, control: filepath.Join(dir, "control"), log: filepath.Join(dir, "injected.log"), sessions: filepath.Join(dir, "sessions")}
 	f.Set(t, PKCS11FaultSpec{})
 	return f
 }
@@ -92,7 +96,26 @@ func buildPKCS11Fault(dir string) (string, error) {
 
 // Env is what the process loading the shim needs in its environment.
 func (f *PKCS11Fault) Env() []string {
-	return []string{"P11FAULT_MODULE=" + SoftHSMModule, "P11FAULT_CONTROL=" + f.control, "P11FAULT_LOG=" + f.log}
+	return []string{"P11FAULT_MODULE=" + SoftHSMModule, "P11FAULT_CONTROL=" + f.control, "P11FAULT_LOG=" + f.log, "P11FAULT_SESSIONS=" + f.sessions}
+}
+
+// Sessions is the number of sessions the process using the shim has open
+// in SoftHSM, as the shim counted them opened and closed (a count of its
+// own, not the caller's); 0 before the first was opened. With several
+// processes on one shim it is the last one's to change it.
+func (f *PKCS11Fault) Sessions() (int, error) {
+	data, err := os.ReadFile(f.sessions)
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("testenv: read the shim's session count: %w", err)
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil {
+		return 0, fmt.Errorf("testenv: the shim's session count %q: %w", data, err)
+	}
+	return n, nil
 }
 
 // URI is tok's URI with the shim as its module.

@@ -20,7 +20,9 @@
  * injects nothing. Environment: P11FAULT_MODULE (the real module, default
  * SoftHSM's), P11FAULT_CONTROL (the control file), P11FAULT_LOG (one line
  * appended per injected fault, so that a test can tell that its fault
- * was hit).
+ * was hit), P11FAULT_SESSIONS (the number of sessions the process has open
+ * in the real module, rewritten at each change: a count kept outside the
+ * caller's own books, for a soak to watch).
  *
  * A failed C_Sign must end the signing operation (PKCS#11 5.12): the
  * call is forwarded and its result thrown away, so the real session is
@@ -150,6 +152,29 @@ static int listed(const char *ops, const char *op) {
 	return 0;
 }
 
+/* Sessions open in the real module: counted here as the shim sees them
+ * opened and closed; C_CloseAllSessions and C_Finalize end them all (the
+ * tests use one token). Written to P11FAULT_SESSIONS by rename, so that a
+ * reader never sees half a number. */
+static pthread_mutex_t sess_mu = PTHREAD_MUTEX_INITIALIZER;
+static long open_sessions;
+
+static void sessions_changed(long delta, int reset) {
+	const char *path = getenv("P11FAULT_SESSIONS");
+	pthread_mutex_lock(&sess_mu);
+	open_sessions = reset ? 0 : open_sessions + delta;
+	if (path && *path) {
+		char tmp[4096];
+		snprintf(tmp, sizeof tmp, "%s.%d.tmp", path, (int)getpid());
+		FILE *f = fopen(tmp, "we");
+		if (f) {
+			fprintf(f, "%ld\n", open_sessions);
+			if (fclose(f) == 0) rename(tmp, path);
+		}
+	}
+	pthread_mutex_unlock(&sess_mu);
+}
+
 static void close_all_now(long seq) {
 	pthread_rwlock_wrlock(&call_lock);
 	pthread_mutex_lock(&cfg_mu);
@@ -164,6 +189,7 @@ static void close_all_now(long seq) {
 			for (CK_ULONG i = 0; i < count; i++)
 				if (real.C_CloseAllSessions(slots[i]) == CKR_OK) closed++;
 		}
+		sessions_changed(0, 1);
 		logf_("close_all %ld slots=%d\n", seq, closed);
 	}
 	pthread_rwlock_unlock(&call_lock);
@@ -206,9 +232,44 @@ FWD(C_GetSlotInfo, (CK_SLOT_ID s, CK_SLOT_INFO_PTR i), (s, i))
 FWD(C_GetTokenInfo, (CK_SLOT_ID s, CK_TOKEN_INFO_PTR i), (s, i))
 FWD(C_GetMechanismList, (CK_SLOT_ID s, CK_MECHANISM_TYPE_PTR l, CK_ULONG_PTR c), (s, l, c))
 FWD(C_GetMechanismInfo, (CK_SLOT_ID s, CK_MECHANISM_TYPE t, CK_MECHANISM_INFO_PTR i), (s, t, i))
-FWD(C_OpenSession, (CK_SLOT_ID s, CK_FLAGS f, CK_VOID_PTR a, CK_NOTIFY n, CK_SESSION_HANDLE_PTR h), (s, f, a, n, h))
-FWD(C_CloseSession, (CK_SESSION_HANDLE h), (h))
-FWD(C_CloseAllSessions, (CK_SLOT_ID s), (s))
+
+/* The session calls forward as FWD does and keep the count. */
+static CK_RV w_C_OpenSession(CK_SLOT_ID s, CK_FLAGS f, CK_VOID_PTR a, CK_NOTIFY n, CK_SESSION_HANDLE_PTR h) {
+	CK_RV inj = before("C_OpenSession");
+	if (inj) return inj;
+	pthread_rwlock_rdlock(&call_lock);
+	CK_RV rv = real.C_OpenSession(s, f, a, n, h);
+	if (rv == CKR_OK) sessions_changed(1, 0);
+	pthread_rwlock_unlock(&call_lock);
+	return rv;
+}
+
+static CK_RV w_C_CloseSession(CK_SESSION_HANDLE h) {
+	CK_RV inj = before("C_CloseSession");
+	if (inj) return inj;
+	pthread_rwlock_rdlock(&call_lock);
+	CK_RV rv = real.C_CloseSession(h);
+	if (rv == CKR_OK) sessions_changed(-1, 0);
+	pthread_rwlock_unlock(&call_lock);
+	return rv;
+}
+
+static CK_RV w_C_CloseAllSessions(CK_SLOT_ID s) {
+	CK_RV inj = before("C_CloseAllSessions");
+	if (inj) return inj;
+	pthread_rwlock_rdlock(&call_lock);
+	CK_RV rv = real.C_CloseAllSessions(s);
+	if (rv == CKR_OK) sessions_changed(0, 1);
+	pthread_rwlock_unlock(&call_lock);
+	return rv;
+}
+
+/* C_Finalize is not a fault point: it only ends the count. */
+static CK_RV w_C_Finalize(CK_VOID_PTR p) {
+	CK_RV rv = real.C_Finalize(p);
+	if (rv == CKR_OK) sessions_changed(0, 1);
+	return rv;
+}
 FWD(C_GetSessionInfo, (CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR i), (h, i))
 FWD(C_Login, (CK_SESSION_HANDLE h, CK_USER_TYPE u, CK_UTF8CHAR_PTR p, CK_ULONG l), (h, u, p, l))
 FWD(C_Logout, (CK_SESSION_HANDLE h), (h))
@@ -274,7 +335,7 @@ static int load(void) {
 			SET(C_GetSessionInfo); SET(C_Login); SET(C_Logout);
 			SET(C_GetAttributeValue); SET(C_FindObjectsInit); SET(C_FindObjects);
 			SET(C_FindObjectsFinal); SET(C_SignInit); SET(C_Sign);
-			SET(C_GenerateKeyPair); SET(C_DestroyObject);
+			SET(C_GenerateKeyPair); SET(C_DestroyObject); SET(C_Finalize);
 			table.C_GetFunctionList = C_GetFunctionList;
 			loaded = 1;
 		}
