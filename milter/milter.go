@@ -3,8 +3,6 @@ package milter
 import (
 	"context"
 	"crypto"
-	"crypto/ed25519"
-	"crypto/rsa"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -347,20 +345,9 @@ func (m *session) sign(ctx context.Context, msg *signer.Message, signing policy.
 	}
 	sigs := make([]Signature, len(ids))
 	for i, id := range ids {
-		sigs[i] = Signature{Domain: id.Domain, Selector: id.Selector, Algorithm: algorithmOf(id.Key)}
+		sigs[i] = Signature{Domain: id.Domain, Selector: id.Selector, Algorithm: signer.Algorithm(id.Key)}
 	}
 	return fields, sigs, nil
-}
-
-// algorithmOf is the a= tag a key signs with.
-func algorithmOf(k crypto.Signer) string {
-	switch k.Public().(type) {
-	case *rsa.PublicKey:
-		return "rsa-sha256"
-	case ed25519.PublicKey:
-		return "ed25519-sha256"
-	}
-	return "unknown"
 }
 
 func (m *session) signers(ctx context.Context, signing policy.Signing) ([]signer.Identity, error) {

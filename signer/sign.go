@@ -352,3 +352,16 @@ func WriteSigned(w io.Writer, fields []string, m *Message) (int64, error) {
 	}
 	return n, nil
 }
+
+// Algorithm is the a= tag a signature by k carries: "rsa-sha256" or
+// "ed25519-sha256" ("unknown" for a key Sign refuses). Reports and
+// metrics name signatures by it.
+func Algorithm(k crypto.Signer) string {
+	switch k.Public().(type) {
+	case *rsa.PublicKey:
+		return "rsa-sha256"
+	case ed25519.PublicKey:
+		return "ed25519-sha256"
+	}
+	return "unknown"
+}

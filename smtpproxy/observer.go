@@ -1,9 +1,6 @@
 package smtpproxy
 
 import (
-	"crypto"
-	"crypto/ed25519"
-	"crypto/rsa"
 	"errors"
 	"fmt"
 
@@ -67,17 +64,6 @@ type SignatureReport struct {
 	Domain, Selector string
 	// Algorithm is the a= tag: "rsa-sha256" or "ed25519-sha256".
 	Algorithm string
-}
-
-// algorithmOf is the a= tag a key signs with.
-func algorithmOf(k crypto.Signer) string {
-	switch k.Public().(type) {
-	case *rsa.PublicKey:
-		return "rsa-sha256"
-	case ed25519.PublicKey:
-		return "ed25519-sha256"
-	}
-	return "unknown"
 }
 
 // outcomeOf classifies the reply a client got at the end of DATA.

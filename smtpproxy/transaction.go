@@ -279,7 +279,7 @@ func (tx *transaction) sign(msg *signer.Message) ([]string, error) {
 	}
 	tx.signed = true
 	for _, id := range ids {
-		tx.sigs = append(tx.sigs, SignatureReport{Domain: id.Domain, Selector: id.Selector, Algorithm: algorithmOf(id.Key)})
+		tx.sigs = append(tx.sigs, SignatureReport{Domain: id.Domain, Selector: id.Selector, Algorithm: signer.Algorithm(id.Key)})
 	}
 	return fields, nil
 }
