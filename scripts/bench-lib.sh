@@ -80,7 +80,8 @@ message_size_limit = 52428800
 default_process_limit = 200
 biff = no
 ${4:+smtpd_milters = $4
-milter_default_action = tempfail}
+milter_default_action = tempfail
+milter_protocol = 6}
 CF
   cat > "$d/etc/master.cf" <<CF
 127.0.0.1:$2 inet n - n - - smtpd

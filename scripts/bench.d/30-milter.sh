@@ -34,10 +34,7 @@ done
 id postfix >/dev/null 2>&1 && getent group postdrop >/dev/null || skip "no postfix user or postdrop group"
 
 lib_workdir dkimgw-bench-milter
-postfixes=()
-lib_before_cleanup() {
-  for d in "${postfixes[@]}"; do postfix -c "$d" stop >/dev/null 2>&1 || postfix -c "$d" abort >/dev/null 2>&1 || true; done
-}
+source scripts/bench-lib.sh # make_postfix, start_postfix, start_opendkim; stops them on exit
 
 # dkimgw milter: its token, an RSA-2048 key, a loopback inet socket.
 softhsm_token bench 1234
@@ -65,95 +62,9 @@ gw_pid=$!; pids+=("$gw_pid")
 wait_port "$gw_port" "dkimgw milter" "$gw_pid" || { cat "$work/dkimgw.log"; exit 1; }
 
 # OpenDKIM: sign mode, an RSA-2048 file key, a loopback inet socket.
-mkdir "$work/opendkim"
-openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$work/opendkim/odk.private" 2>/dev/null
-chmod 600 "$work/opendkim/odk.private"
-odk_port=$(free_port)
-cat > "$work/opendkim/opendkim.conf" <<CONF
-Mode                    s
-Domain                  example.com
-Selector                odk
-KeyFile                 $work/opendkim/odk.private
-Canonicalization        relaxed/relaxed
-SignatureAlgorithm      rsa-sha256
-Socket                  inet:$odk_port@127.0.0.1
-PidFile                 $work/opendkim/opendkim.pid
-InternalHosts           127.0.0.1
-Syslog                  no
-RequireSafeKeys         false
-Background              no
-CONF
-opendkim -f -x "$work/opendkim/opendkim.conf" > "$work/opendkim/log" 2>&1 &
-odk_pid=$!; pids+=("$odk_pid")
-wait_port "$odk_port" opendkim "$odk_pid" || { cat "$work/opendkim/log"; skip "opendkim did not start"; }
+start_opendkim || skip "opendkim did not start"
+odk_port=$milter_port
 
-# A throwaway Postfix: its own config, queue and data directories, pure
-# relay to RELAYHOST through MILTER, listening on 127.0.0.1:PORT only.
-make_postfix() { # make_postfix NAME PORT RELAYHOST MILTER
-  local d=$work/postfix-$1
-  mkdir -p "$d/etc" "$d/queue" "$d/data"
-  chown postfix "$d/data"
-  cat > "$d/etc/main.cf" <<CF
-compatibility_level = 3.6
-config_directory = $d/etc
-queue_directory = $d/queue
-data_directory = $d/data
-mail_owner = postfix
-setgid_group = postdrop
-maillog_file = $d/maillog
-maillog_file_prefixes = $d
-myhostname = postfix-$1.bench.test
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mydestination =
-local_recipient_maps =
-local_transport = error:local delivery is disabled
-alias_maps =
-alias_database =
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-relayhost = $3
-smtp_dns_support_level = disabled
-smtp_tls_security_level = none
-smtpd_tls_security_level = none
-biff = no
-smtpd_milters = $4
-milter_default_action = tempfail
-milter_protocol = 6
-CF
-  cat > "$d/etc/master.cf" <<CF
-127.0.0.1:$2 inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-CF
-}
-
-start_postfix() { # start_postfix NAME PORT
-  local d=$work/postfix-$1
-  postfixes+=("$d/etc")
-  if ! postfix -c "$d/etc" start > "$d/start.log" 2>&1 || ! wait_port "$2" "postfix $1"; then
-    cat "$d/start.log"; [ -f "$d/maillog" ] && tail -20 "$d/maillog"
-    skip "the throwaway Postfix ($1) did not start"
-  fi
-}
-stop_postfix() { postfix -c "$work/postfix-$1/etc" stop >/dev/null 2>&1 || true; sleep 0.5; }
 
 # One smtp-sink per configuration, dumping every message (as user postfix)
 # so that the signatures can be counted; the dump costs both the same.
@@ -181,7 +92,7 @@ results=$work/results.txt
 : > "$results"
 run() { # run NAME ROUND PORT MILTER_PID
   local name=$1 round=$2 port=$3 mpid=$4 dump=$work/dump-$1 t0 t1 b0 b1 c0 c1 have=0
-  start_postfix "$name" "$port"
+  start_postfix "$name" "$port" || skip "the throwaway Postfix ($name) did not start"
   # Warm-up (also proves the path signs): 20 messages, then clear the dump.
   timeout 60 smtp-source -s 5 -m 20 -l "$L" -f news@example.com -t reader@example.net -S warm 127.0.0.1:"$port" ||
     { tail -20 "$work/postfix-$name/maillog"; exit 1; }
