@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"os"
 	"runtime"
 	"strings"
 	"testing"
@@ -70,6 +71,21 @@ func TestHelpSpellsFlagsOneWay(t *testing.T) {
 			if strings.HasPrefix(line, "  -") && !strings.HasPrefix(line, "  --") {
 				t.Errorf("%v --help lists a flag as %q", args, line)
 			}
+		}
+	}
+}
+
+// TestDefaultConfigMissing: a command run without --config on a machine
+// that has no /etc/dkimgw/dkimgw.yaml says that it read the default and
+// how to name another file, instead of only "no such file".
+func TestDefaultConfigMissing(t *testing.T) {
+	if _, err := os.Stat(defaultConfig); err == nil {
+		t.Skipf("this machine has %s", defaultConfig)
+	}
+	for _, args := range [][]string{{"config", "check"}, {"serve"}, {"rotate", "status"}} {
+		r := runCLI(t, nil, "", args...)
+		if r.code != exitConfig || !strings.Contains(r.stderr, "give --config FILE") {
+			t.Errorf("dkimgw %s: exit %d, stderr %q; want %d and a hint to give --config", strings.Join(args, " "), r.code, r.stderr, exitConfig)
 		}
 	}
 }

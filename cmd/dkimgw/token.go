@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"time"
 
@@ -116,5 +117,10 @@ func (f *tokenFlags) withTimeout(ctx context.Context) (context.Context, context.
 // loadConfig loads a configuration file; without hsm.uri it takes the
 // token URI from $DKIMGW_HSM, as the commands without a file do.
 func loadConfig(getenv func(string) string, path string) (*policy.Config, error) {
-	return policy.LoadWith(path, policy.LoadOptions{HSMURI: getenv(hsmEnv)})
+	cfg, err := policy.LoadWith(path, policy.LoadOptions{HSMURI: getenv(hsmEnv)})
+	if err != nil && path == defaultConfig && errors.Is(err, fs.ErrNotExist) {
+		// The user may not know a default was read at all.
+		return nil, fmt.Errorf("%w\n(%s is the default; give --config FILE)", err, defaultConfig)
+	}
+	return cfg, err
 }
