@@ -103,6 +103,20 @@ func (r *run) window(d time.Duration, upto float64) {
 
 func (r *run) lifted() { r.faultEnd = time.Now() }
 
+// sinkFault is the drive of the upstream scenarios: from a quarter of the
+// run, the sink shows fault for d or until progress upto, then recovers.
+func sinkFault(fault testenv.UpstreamFault, d time.Duration, upto float64) func(*run) {
+	return func(r *run) {
+		if !r.at(0.25) {
+			return
+		}
+		r.sink.SetFault(fault)
+		r.window(d, upto)
+		r.sink.SetFault(testenv.UpstreamOK)
+		r.lifted()
+	}
+}
+
 // mustHit fails the run when its fault was never hit: such a run proves
 // nothing.
 func (r *run) mustHit(what string, n int) {
@@ -179,60 +193,28 @@ var scenarios = []scenario{
 		name: "upstream-421", title: "upstream answers 421",
 		about: "For 2 s (or a third of the run) the upstream greets new connections with 421 and answers MAIL FROM on open ones with 421, closing them.",
 		n:     count(100),
-		drive: func(r *run) {
-			if !r.at(0.25) {
-				return
-			}
-			r.sink.SetFault(testenv.Upstream421)
-			r.window(2*time.Second, 0.6)
-			r.sink.SetFault(testenv.UpstreamOK)
-			r.lifted()
-		},
+		drive: sinkFault(testenv.Upstream421, 2*time.Second, 0.6),
 		after: func(r *run, res *result) { r.mustHit("421", r.sink.Faulted()); r.mustTempFail(res) },
 	},
 	{
 		name: "upstream-stall", title: "upstream stalls past the timeout",
 		about: "For 7 s (4 s in the short form) the upstream reads nothing: no greeting on new connections, and a message in DATA is left unread. upstream.timeout is 2 s, so the gateway gives up on it first.",
 		n:     count(100), upstreamTimeout: 2 * time.Second,
-		drive: func(r *run) {
-			if !r.at(0.25) {
-				return
-			}
-			r.sink.SetFault(testenv.UpstreamStall)
-			r.window(longShort(7*time.Second, 4*time.Second), 0.75)
-			r.sink.SetFault(testenv.UpstreamOK)
-			r.lifted()
-		},
+		drive: sinkFault(testenv.UpstreamStall, longShort(7*time.Second, 4*time.Second), 0.75),
 		after: func(r *run, res *result) { r.mustHit("stall", r.sink.Faulted()); r.mustTempFail(res) },
 	},
 	{
 		name: "upstream-drop-data", title: "upstream drops the connection in DATA",
 		about: "For 2 s (or a third of the run) the upstream reads the first bytes of each message and closes the connection.",
 		n:     count(100),
-		drive: func(r *run) {
-			if !r.at(0.25) {
-				return
-			}
-			r.sink.SetFault(testenv.UpstreamDropMidData)
-			r.window(2*time.Second, 0.6)
-			r.sink.SetFault(testenv.UpstreamOK)
-			r.lifted()
-		},
+		drive: sinkFault(testenv.UpstreamDropMidData, 2*time.Second, 0.6),
 		after: func(r *run, res *result) { r.mustHit("drop in DATA", r.sink.Faulted()); r.mustTempFail(res) },
 	},
 	{
 		name: "upstream-drop-dot", title: "upstream drops the connection after the final dot",
 		about: "For 2 s (or a third of the run) the upstream reads and keeps each whole message, then closes the connection without replying. The gateway cannot know the message arrived and defers it; the client's retry makes a duplicate (RFC 1047).",
 		n:     count(100),
-		drive: func(r *run) {
-			if !r.at(0.25) {
-				return
-			}
-			r.sink.SetFault(testenv.UpstreamDropAfterDot)
-			r.window(2*time.Second, 0.6)
-			r.sink.SetFault(testenv.UpstreamOK)
-			r.lifted()
-		},
+		drive: sinkFault(testenv.UpstreamDropAfterDot, 2*time.Second, 0.6),
 		after: func(r *run, res *result) { r.mustHit("drop after dot", r.sink.Faulted()); r.mustTempFail(res) },
 	},
 	{
