@@ -16,8 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/miekg/dns"
-
 	"github.com/dkimgw/dkimgw/hsm"
 	"github.com/dkimgw/dkimgw/rotation"
 	"github.com/dkimgw/dkimgw/testenv"
@@ -99,24 +97,6 @@ func (rr *rotationRun) waitActive(t *testing.T, gw *gateway) {
 	}
 }
 
-// lookup asks BIND, over TCP, for a name's TXT values.
-func (rr *rotationRun) lookup(name string) ([]string, error) {
-	m := new(dns.Msg)
-	m.SetQuestion(dns.Fqdn(name), dns.TypeTXT)
-	c := &dns.Client{Net: "tcp", Timeout: 5 * time.Second}
-	resp, _, err := c.Exchange(m, rr.srv.Addr)
-	if err != nil {
-		return nil, err
-	}
-	var vals []string
-	for _, a := range resp.Answer {
-		if txt, ok := a.(*dns.TXT); ok {
-			vals = append(vals, strings.Join(txt.Txt, ""))
-		}
-	}
-	return vals, nil
-}
-
 // published returns the record BIND serves now for every selector serve
 // ever signed with (owner → value): the records the messages are
 // verified against. A selector withdrawn or revoked already fails t: the
@@ -130,7 +110,7 @@ func (rr *rotationRun) published(t *testing.T, gw *gateway) map[string]string {
 			if _, ok := records[name]; ok {
 				continue
 			}
-			vals, err := rr.lookup(name)
+			vals, err := rr.srv.TXT(name)
 			switch {
 			case err != nil:
 				t.Errorf("look up %s in BIND: %v", name, err)

@@ -185,6 +185,25 @@ func tryStartDNS(t testing.TB, impl, zone string, opts DNSOptions) (*DNSServer, 
 // Log returns what the server has logged so far.
 func (s *DNSServer) Log() string { return s.log.String() }
 
+// TXT asks the server, over TCP, for name's TXT values, each record's
+// strings joined: what a verifier sees.
+func (s *DNSServer) TXT(name string) ([]string, error) {
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), dns.TypeTXT)
+	c := &dns.Client{Net: "tcp", Timeout: 5 * time.Second}
+	resp, _, err := c.Exchange(m, s.Addr)
+	if err != nil {
+		return nil, err
+	}
+	var vals []string
+	for _, rr := range resp.Answer {
+		if txt, ok := rr.(*dns.TXT); ok {
+			vals = append(vals, strings.Join(txt.Txt, ""))
+		}
+	}
+	return vals, nil
+}
+
 // KeyFile writes key's secret to a file of its own (base64, one line) and
 // returns its path, the form dkimgw reads a TSIG secret from.
 func (s *DNSServer) KeyFile(t testing.TB, key TSIGKey) string {

@@ -48,7 +48,7 @@ func TestServeDriftWatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	name := hsm.RecordName(r.domain(), sel)
-	orig, err := r.lookup(name)
+	orig, err := r.srv.TXT(name)
 	if err != nil || len(orig) != 1 {
 		t.Fatalf("lookup %s: %q %v", name, orig, err)
 	}

@@ -467,7 +467,7 @@ func checkFleet(t *testing.T, f *fleet) {
 		if has != (inToken[k.Selector] == 1) {
 			t.Errorf("%s is %s but the token holds %d keys for it", k.Selector, k.State, inToken[k.Selector])
 		}
-		vals, err := f.dns.lookup(hsm.RecordName(f.domain, k.Selector))
+		vals, err := f.dns.srv.TXT(hsm.RecordName(f.domain, k.Selector))
 		if err != nil {
 			t.Fatal(err)
 		}

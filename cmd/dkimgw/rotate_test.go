@@ -13,8 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/miekg/dns"
-
 	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/dnspub"
 	"github.com/dkimgw/dkimgw/hsm"
@@ -152,18 +150,9 @@ func (e *rotEnv) rotateUntil(timeout time.Duration, what string, done func() boo
 // served asks the test server for name's TXT values.
 func (e *rotEnv) served(name string) []string {
 	e.t.Helper()
-	m := new(dns.Msg)
-	m.SetQuestion(dns.Fqdn(name), dns.TypeTXT)
-	c := &dns.Client{Net: "tcp", Timeout: 5 * time.Second}
-	resp, _, err := c.Exchange(m, e.dns.Addr)
+	vals, err := e.dns.TXT(name)
 	if err != nil {
 		e.t.Fatalf("query %s: %v", name, err)
-	}
-	var vals []string
-	for _, rr := range resp.Answer {
-		if txt, ok := rr.(*dns.TXT); ok {
-			vals = append(vals, strings.Join(txt.Txt, ""))
-		}
 	}
 	return vals
 }

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/emersion/go-msgauth/dkim"
-	"github.com/miekg/dns"
 
 	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/hsm"
@@ -62,24 +61,6 @@ func (r *rotServe) domain() string { return strings.TrimSuffix(r.srv.Zone, ".") 
 
 func (r *rotServe) start() { r.gw = startGateway(r.t, r.bin, r.cfg) }
 
-// lookup asks the DNS server, over TCP, for a name's TXT values.
-func (r *rotServe) lookup(name string) ([]string, error) {
-	m := new(dns.Msg)
-	m.SetQuestion(dns.Fqdn(name), dns.TypeTXT)
-	c := &dns.Client{Net: "tcp", Timeout: 5 * time.Second}
-	resp, _, err := c.Exchange(m, r.srv.Addr)
-	if err != nil {
-		return nil, err
-	}
-	var vals []string
-	for _, rr := range resp.Answer {
-		if txt, ok := rr.(*dns.TXT); ok {
-			vals = append(vals, strings.Join(txt.Txt, ""))
-		}
-	}
-	return vals, nil
-}
-
 // verifyLive verifies msg with go-msgauth against what DNS serves now;
 // it returns the records it used and the selectors that signed.
 func (r *rotServe) verifyLive(msg []byte) (map[string]string, []string, error) {
@@ -87,7 +68,7 @@ func (r *rotServe) verifyLive(msg []byte) (map[string]string, []string, error) {
 	var mu sync.Mutex // go-msgauth verifies the signatures in parallel
 	vs, err := dkim.VerifyWithOptions(bytes.NewReader(msg), &dkim.VerifyOptions{
 		LookupTXT: func(name string) ([]string, error) {
-			vals, err := r.lookup(name)
+			vals, err := r.srv.TXT(name)
 			if err == nil && len(vals) == 1 {
 				mu.Lock()
 				used[strings.TrimSuffix(strings.ToLower(name), ".")] = vals[0]
@@ -198,7 +179,7 @@ func (r *rotServe) relayDuring(timeout time.Duration, done func() bool) []sent {
 		// the grace period) or go away, never to another key.
 		for _, m := range msgs {
 			for name, rec := range m.records {
-				vals, err := r.lookup(name)
+				vals, err := r.srv.TXT(name)
 				if err != nil {
 					t.Fatalf("lookup %s: %v", name, err)
 				}
@@ -311,7 +292,7 @@ func TestServeRotation(t *testing.T) {
 				var want []wantSig
 				for _, sel := range strings.Split(key, ",") {
 					name := hsm.RecordName(r.domain(), sel)
-					vals, _ := r.lookup(name)
+					vals, _ := r.srv.TXT(name)
 					if len(vals) != 1 || vals[0] == rotation.RevokedRecord {
 						ok = false
 						break
@@ -378,7 +359,7 @@ func TestServeRotationKill9(t *testing.T) {
 		t.Errorf("the token holds %d keys, want 2", len(infos))
 	}
 	for _, k := range st {
-		if vals, _ := r.lookup(hsm.RecordName(k.Domain, k.Selector)); len(vals) != 1 || vals[0] != k.Record {
+		if vals, _ := r.srv.TXT(hsm.RecordName(k.Domain, k.Selector)); len(vals) != 1 || vals[0] != k.Record {
 			t.Errorf("%s: DNS serves %q", k.Selector, vals)
 		}
 	}
@@ -562,7 +543,7 @@ func TestServeEmergencyRotation(t *testing.T) {
 	if !saw451 {
 		t.Log("the replacement was active before the first message after the emergency (no 451 seen)")
 	}
-	if vals, _ := r.lookup(hsm.RecordName(r.domain(), old)); len(vals) != 1 || vals[0] != rotation.RevokedRecord {
+	if vals, _ := r.srv.TXT(hsm.RecordName(r.domain(), old)); len(vals) != 1 || vals[0] != rotation.RevokedRecord {
 		t.Errorf("the compromised selector's record is %q, want revoked", vals)
 	}
 }
