@@ -78,3 +78,38 @@ func TestSpoolMemoryBudget(t *testing.T) {
 		t.Errorf("unbounded budget: on disk %v, counted %d", m.OnDisk(), unbounded.Used())
 	}
 }
+
+// SizeHint: a message declared larger than MemoryLimit is spooled on disk
+// from its first byte and takes nothing from the budget; one declared
+// within the limit, or not declared, stays in memory; either way the
+// message comes back intact, whatever the hint says.
+func TestSpoolSizeHint(t *testing.T) {
+	body := strings.Repeat(strings.Repeat("h", 70)+"\r\n", 100) // ~7 KB
+	msg := hdr + body
+	tests := []struct {
+		name   string
+		hint   int64
+		onDisk bool
+	}{
+		{"no hint", 0, false},
+		{"declared within the limit", 64 << 10, false},
+		{"declared at the limit", 1 << 20, false},
+		{"declared over the limit", 1<<20 + 1, true},
+		{"declared far over its real size", 20_000_000, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := NewMemoryBudget(0)
+			m := spoolString(t, msg, SpoolOptions{Dir: t.TempDir(), MemoryLimit: 1 << 20, Budget: b, SizeHint: tt.hint})
+			if m.OnDisk() != tt.onDisk {
+				t.Errorf("on disk %v, want %v", m.OnDisk(), tt.onDisk)
+			}
+			if tt.onDisk && b.Used() != 0 {
+				t.Errorf("a message spooled on disk holds %d bytes of the budget", b.Used())
+			}
+			if got := readAll(t, m); got != msg {
+				t.Errorf("message came back different (%d bytes, want %d)", len(got), len(msg))
+			}
+		})
+	}
+}

@@ -88,6 +88,16 @@ type SpoolOptions struct {
 	// past its limit goes to its temporary file at once (and gives back
 	// what it held in memory).
 	Budget *MemoryBudget
+	// SizeHint is the size the sender declared for the message (SMTP
+	// SIZE=, RFC 1870); zero or less means none. A message declared
+	// larger than MemoryLimit goes to its temporary file from its first
+	// byte: it would end up there anyway, and holding its first
+	// MemoryLimit bytes in memory until then is what made many large
+	// messages received at once cost MemoryLimit each. A wrong hint
+	// costs only that choice: a message declared smaller than it is
+	// still moves to its file at MemoryLimit, one declared larger is
+	// spooled on disk.
+	SizeHint int64
 }
 
 // MemoryBudget is a bound on the spool memory many messages hold at
@@ -289,7 +299,7 @@ func Spool(ctx context.Context, r io.Reader, opts SpoolOptions) (*Message, error
 	if opts.MaxHeaderBytes <= 0 {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
-	s := &spooler{opts: opts, body: newRelaxedBody(sha256.New())}
+	s := &spooler{opts: opts, body: newRelaxedBody(sha256.New()), toDisk: opts.SizeHint > opts.MemoryLimit}
 	m, err := s.run(ctx, r)
 	if err != nil {
 		s.discard()
@@ -321,6 +331,9 @@ type spooler struct {
 	// hashOnly keeps the header section and the body hash, not the
 	// message (a Stream).
 	hashOnly bool
+	// toDisk sends the message to its file from the first byte
+	// (SpoolOptions.SizeHint).
+	toDisk bool
 
 	// Store.
 	mem     [][]byte
@@ -575,7 +588,7 @@ func (s *spooler) store(p []byte) error {
 		return nil
 	}
 	if s.w == nil {
-		if s.memSize+int64(len(p)) <= s.opts.MemoryLimit && s.memStore(p) {
+		if !s.toDisk && s.memSize+int64(len(p)) <= s.opts.MemoryLimit && s.memStore(p) {
 			return nil
 		}
 		if err := s.createFile(); err != nil {
