@@ -258,7 +258,7 @@ func (f fileReader) Read(p []byte) (int, error) { return f.r.Read(p) }
 func (f fileReader) WriteTo(w io.Writer) (int64, error) {
 	bp := readBuffers.Get().(*[]byte)
 	defer readBuffers.Put(bp)
-	return io.CopyBuffer(w, struct{ io.Reader }{f.r}, *bp) // the struct hides nothing but keeps CopyBuffer off WriteTo
+	return io.CopyBuffer(w, f.r, *bp)
 }
 
 // Close releases the message's memory and its temporary file. It is
