@@ -1312,15 +1312,20 @@ func (c *Conn) writeResponse(code int, enhCode EnhancedCode, text ...string) {
 	// transform each single line with \n, into separate lines
 	text = strings.Split(strings.Join(text, "\n"), "\n")
 
+	// The whole reply is buffered and flushed once: one write system call
+	// per reply, where PrintfLine per line made one per line (nine for a
+	// typical EHLO reply).
+	w := c.text.W
 	lastLineIndex := len(text) - 1
 	for i := 0; i < lastLineIndex; i++ {
-		c.text.PrintfLine("%d-%v", code, text[i])
+		fmt.Fprintf(w, "%d-%v\r\n", code, text[i])
 	}
 	if enhCode == NoEnhancedCode {
-		c.text.PrintfLine("%d %v", code, text[lastLineIndex])
+		fmt.Fprintf(w, "%d %v\r\n", code, text[lastLineIndex])
 	} else {
-		c.text.PrintfLine("%d %v.%v.%v %v", code, enhCode[0], enhCode[1], enhCode[2], text[lastLineIndex])
+		fmt.Fprintf(w, "%d %v.%v.%v %v\r\n", code, enhCode[0], enhCode[1], enhCode[2], text[lastLineIndex])
 	}
+	w.Flush()
 }
 
 func (c *Conn) writeError(code int, enhCode EnhancedCode, err error) {
