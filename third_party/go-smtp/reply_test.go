@@ -201,3 +201,57 @@ func (l *countingListener) Accept() (net.Conn, error) {
 	}
 	return wc, nil
 }
+
+// TestPipelinedRepliesOneWrite checks that the replies to commands a
+// client pipelines (RFC 2920) leave together once the server has read
+// them all, and that a reply held back is never lost: not before the
+// server waits for input, not when it closes the connection.
+func TestPipelinedRepliesOneWrite(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conns := make(chan *writeCounter, 1)
+	s := NewServer(new(countBackend))
+	s.Domain = "localhost"
+	go s.Serve(&countingListener{Listener: l, conns: conns})
+	defer s.Close()
+
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	r := textproto.NewReader(bufio.NewReader(c))
+	expect := func(codes ...int) {
+		t.Helper()
+		for _, code := range codes {
+			if _, msg, err := r.ReadResponse(code); err != nil {
+				t.Fatalf("want %d: %v %q", code, err, msg)
+			}
+		}
+	}
+	expect(220)
+	wc := <-conns
+	io.WriteString(c, "EHLO client.test\r\n")
+	expect(250)
+
+	before := len(wc.snapshot())
+	io.WriteString(c, "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n")
+	expect(250, 250, 250, 354)
+	if n := len(wc.snapshot()) - before; n != 1 {
+		t.Errorf("replies to MAIL, RCPT, RCPT, DATA in one packet left in %d writes, want 1", n)
+	}
+
+	// The end of the message, a pipelined RSET and NOOP, then a QUIT with
+	// junk after it: the 221 is held back behind the junk, and must still
+	// reach the client before the connection closes.
+	io.WriteString(c, "From: a@example.com\r\n\r\nbody\r\n.\r\nRSET\r\nNOOP\r\n")
+	expect(250, 250, 250)
+	io.WriteString(c, "QUIT\r\nNOOP\r\n")
+	expect(221)
+	if _, err := r.ReadLine(); err != io.EOF {
+		t.Errorf("after 221: %v, want the connection closed (EOF)", err)
+	}
+}
