@@ -1035,6 +1035,10 @@ func (c *Conn) handleData(arg string) {
 	r.limited = false
 	io.Copy(ioutil.Discard, r) // Make sure all the data has been consumed
 	c.writeResponse(code, enhancedCode, msg)
+	// The reply that ends a message is never held back behind the
+	// commands pipelined after it: a 250 says the message is delivered,
+	// and the client must not wait for the next command's work to see it.
+	c.flush()
 }
 
 func (c *Conn) handleBdat(arg string) {
@@ -1134,6 +1138,7 @@ func (c *Conn) handleBdat(arg string) {
 		io.Copy(ioutil.Discard, chunk)
 
 		c.writeResponse(dataErrorToStatus(err))
+		c.flush() // ends the message: see handleData
 
 		if err == errPanic {
 			c.flush()
@@ -1160,6 +1165,7 @@ func (c *Conn) handleBdat(arg string) {
 		} else {
 			c.writeResponse(dataErrorToStatus(err))
 		}
+		c.flush() // ends the message: see handleData
 
 		if err == errPanic {
 			c.flush()

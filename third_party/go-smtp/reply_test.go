@@ -244,11 +244,18 @@ func TestPipelinedRepliesOneWrite(t *testing.T) {
 		t.Errorf("replies to MAIL, RCPT, RCPT, DATA in one packet left in %d writes, want 1", n)
 	}
 
-	// The end of the message, a pipelined RSET and NOOP, then a QUIT with
-	// junk after it: the 221 is held back behind the junk, and must still
-	// reach the client before the connection closes.
+	// The end of the message, then a pipelined RSET and NOOP: the reply
+	// to the message leaves at once, on its own, not held back behind the
+	// commands after it; those two leave together.
+	before = len(wc.snapshot())
 	io.WriteString(c, "From: a@example.com\r\n\r\nbody\r\n.\r\nRSET\r\nNOOP\r\n")
 	expect(250, 250, 250)
+	if w := wc.snapshot()[before:]; len(w) < 2 || !strings.HasPrefix(string(w[0]), "250 ") || strings.Count(string(w[0]), "\r\n") != 1 {
+		t.Errorf("end of message with RSET and NOOP pipelined after it: writes %q, want the message's 250 alone first", w)
+	}
+
+	// A QUIT with junk after it: the 221 is held back behind the junk,
+	// and must still reach the client before the connection closes.
 	io.WriteString(c, "QUIT\r\nNOOP\r\n")
 	expect(221)
 	if _, err := r.ReadLine(); err != io.EOF {
