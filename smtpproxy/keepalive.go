@@ -21,49 +21,73 @@ const maxJunk = 50
 // 300s). Every upstream.keepalive after the last command, it sends NOOP.
 //
 // It is the only user of the connection between start and end; end is
-// called before anything else uses it again.
+// called before anything else uses it again. It is a timer, not a
+// goroutine: almost every message ends long before the first NOOP is
+// due, and a goroutine per message that only waits cost a start and two
+// hand-offs between threads each time.
 type keepalive struct {
-	stop chan struct{}
-	done chan struct{}
-	once sync.Once
-	err  error // the NOOP that failed; read after done
+	ctx   context.Context
+	up    *upConn
+	every time.Duration
+
+	mu      sync.Mutex
+	t       *time.Timer
+	ended   bool
+	running chan struct{} // closed when the NOOP in flight is done; nil when none is
+	err     error         // the NOOP that failed
 }
 
 func startKeepalive(ctx context.Context, up *upConn, every time.Duration) *keepalive {
-	ka := &keepalive{stop: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(ka.done)
-		t := time.NewTimer(time.Until(up.lastUsed.Add(every)))
-		defer t.Stop()
-		for {
-			select {
-			case <-ka.stop:
-				return
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			}
-			release := up.dc.bind(ctx)
-			err := up.c.Noop()
-			if !release() && err == nil {
-				err = context.Cause(ctx)
-			}
-			up.junk++
-			up.lastUsed = time.Now()
-			if err != nil {
-				ka.err = err
-				return
-			}
-			t.Reset(every)
-		}
-	}()
+	ka := &keepalive{ctx: ctx, up: up, every: every}
+	ka.mu.Lock()
+	ka.t = time.AfterFunc(time.Until(up.lastUsed.Add(every)), ka.noop)
+	ka.mu.Unlock()
 	return ka
+}
+
+// noop runs in the timer's goroutine: one NOOP, then the timer is set for
+// the next, unless end was called or the NOOP failed.
+func (ka *keepalive) noop() {
+	ka.mu.Lock()
+	if ka.ended || ka.err != nil || ka.ctx.Err() != nil {
+		ka.mu.Unlock()
+		return
+	}
+	done := make(chan struct{})
+	ka.running = done
+	ka.mu.Unlock()
+
+	release := ka.up.dc.bind(ka.ctx)
+	err := ka.up.c.Noop()
+	if !release() && err == nil {
+		err = context.Cause(ka.ctx)
+	}
+	ka.up.junk++
+	ka.up.lastUsed = time.Now()
+
+	ka.mu.Lock()
+	ka.running = nil
+	if err != nil {
+		ka.err = err
+	} else if !ka.ended {
+		ka.t.Reset(ka.every)
+	}
+	ka.mu.Unlock()
+	close(done)
 }
 
 // end stops the keepalive, waits for a NOOP in flight, and returns the
 // error of the one that failed, if any. It may be called more than once.
 func (ka *keepalive) end() error {
-	ka.once.Do(func() { close(ka.stop) })
-	<-ka.done
+	ka.mu.Lock()
+	ka.ended = true
+	ka.t.Stop()
+	running := ka.running
+	ka.mu.Unlock()
+	if running != nil {
+		<-running
+	}
+	ka.mu.Lock()
+	defer ka.mu.Unlock()
 	return ka.err
 }

@@ -1,6 +1,7 @@
 package smtpproxy
 
 import (
+	"runtime/metrics"
 	"strings"
 	"testing"
 	"time"
@@ -123,5 +124,31 @@ func TestJunkRetiresConnection(t *testing.T) {
 		if got := p.idleCount(); got != tt.wantIdle {
 			t.Errorf("after a connection with %d junk commands: %d idle, want %d", tt.junk, got, tt.wantIdle)
 		}
+	}
+}
+
+// TestKeepaliveStartsNoGoroutine: a message that ends before its first
+// NOOP is due (almost all of them) costs a timer, not a goroutine and the
+// hand-offs to start and stop it.
+func TestKeepaliveStartsNoGoroutine(t *testing.T) {
+	const n = 200
+	sample := []metrics.Sample{{Name: "/sched/goroutines-created:goroutines"}}
+	metrics.Read(sample)
+	before := sample[0].Value.Uint64()
+	up := &upConn{lastUsed: time.Now()}
+	for range n {
+		ka := startKeepalive(t.Context(), up, time.Hour)
+		if err := ka.end(); err != nil {
+			t.Fatalf("end: %v", err)
+		}
+	}
+	metrics.Read(sample)
+	// Other tests' servers may start a few goroutines meanwhile; one per
+	// keepalive would be n.
+	if created := sample[0].Value.Uint64() - before; created >= n/4 {
+		t.Errorf("%d keepalives started %d goroutines, want none", n, created)
+	}
+	if up.junk != 0 {
+		t.Errorf("%d NOOPs sent, want none before one is due", up.junk)
 	}
 }

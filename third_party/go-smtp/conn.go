@@ -24,10 +24,13 @@ import (
 const errThreshold = 3
 
 type Conn struct {
-	conn   net.Conn
-	text   *textproto.Conn
-	server *Server
-	helo   string
+	conn net.Conn
+	text *textproto.Conn
+	// holdReplies: a reply to a pipelined command waits in text.W for
+	// the replies after it (see writeResponse).
+	holdReplies bool
+	server      *Server
+	helo        string
 
 	// Number of errors witnessed on this connection
 	errCount int
@@ -71,6 +74,12 @@ func (c *Conn) init() {
 		Writer: c.conn,
 		Closer: c.conn,
 	}
+	// LMTP reads DATA in one goroutine while this one writes the replies
+	// per recipient: there every reply is flushed at once instead.
+	c.holdReplies = !c.server.LMTP
+	if c.holdReplies {
+		rwc.Reader = flushBeforeRead{c.lineLimitReader, c}
+	}
 
 	if c.server.Debug != nil {
 		rwc = struct {
@@ -94,6 +103,29 @@ func (c *Conn) init() {
 // serverReadBuffer is the size of a server connection's read buffer.
 const serverReadBuffer = 16 << 10
 
+// flushBeforeRead sends the replies held back for a pipelining client
+// (see writeResponse) before the connection waits for more input, so a
+// reply is never held while the client waits for it.
+type flushBeforeRead struct {
+	r io.Reader
+	c *Conn
+}
+
+func (f flushBeforeRead) Read(p []byte) (int, error) {
+	if err := f.c.flush(); err != nil {
+		return 0, err
+	}
+	return f.r.Read(p)
+}
+
+// flush writes the replies held back in the write buffer, if any.
+func (c *Conn) flush() error {
+	if c.text == nil || c.text.W.Buffered() == 0 {
+		return nil
+	}
+	return c.text.W.Flush()
+}
+
 // Commands are dispatched to the appropriate handler functions.
 func (c *Conn) handle(cmd string, arg string) {
 	// If panic happens during command handling - send 421 response
@@ -101,6 +133,7 @@ func (c *Conn) handle(cmd string, arg string) {
 	defer func() {
 		if err := recover(); err != nil {
 			c.writeResponse(421, EnhancedCode{4, 0, 0}, "Internal server error")
+			c.flush()
 			c.Close()
 
 			stack := debug.Stack()
@@ -147,6 +180,7 @@ func (c *Conn) handle(cmd string, arg string) {
 		c.handleData(arg)
 	case "QUIT":
 		c.writeResponse(221, EnhancedCode{2, 0, 0}, "Bye")
+		c.flush()
 		c.Close()
 	case "AUTH":
 		c.handleAuth(arg)
@@ -222,6 +256,7 @@ func (c *Conn) protocolError(code int, ec EnhancedCode, msg string) {
 	c.errCount++
 	if c.errCount > errThreshold {
 		c.writeResponse(500, EnhancedCode{5, 5, 1}, "Too many errors. Quiting now")
+		c.flush()
 		c.Close()
 	}
 }
@@ -936,6 +971,10 @@ func (c *Conn) handleStartTLS() {
 	}
 
 	c.writeResponse(220, EnhancedCode{2, 0, 0}, "Ready to start TLS")
+	// The handshake reads the connection directly, not through
+	// flushBeforeRead; anything pipelined after STARTTLS is discarded
+	// with the old reader below.
+	c.flush()
 
 	// Upgrade to TLS
 	tlsConn := tls.Server(c.conn, c.server.TLSConfig)
@@ -996,6 +1035,10 @@ func (c *Conn) handleData(arg string) {
 	r.limited = false
 	io.Copy(ioutil.Discard, r) // Make sure all the data has been consumed
 	c.writeResponse(code, enhancedCode, msg)
+	// The reply that ends a message is never held back behind the
+	// commands pipelined after it: a 250 says the message is delivered,
+	// and the client must not wait for the next command's work to see it.
+	c.flush()
 }
 
 func (c *Conn) handleBdat(arg string) {
@@ -1095,8 +1138,10 @@ func (c *Conn) handleBdat(arg string) {
 		io.Copy(ioutil.Discard, chunk)
 
 		c.writeResponse(dataErrorToStatus(err))
+		c.flush() // ends the message: see handleData
 
 		if err == errPanic {
+			c.flush()
 			c.Close()
 		}
 
@@ -1120,8 +1165,10 @@ func (c *Conn) handleBdat(arg string) {
 		} else {
 			c.writeResponse(dataErrorToStatus(err))
 		}
+		c.flush() // ends the message: see handleData
 
 		if err == errPanic {
+			c.flush()
 			c.Close()
 			return
 		}
@@ -1262,6 +1309,7 @@ func (c *Conn) handleDataLMTP() {
 	// If done gets false, the panic occurred in LMTPData and the connection
 	// should be closed.
 	if !<-done {
+		c.flush()
 		c.Close()
 	}
 }
@@ -1280,6 +1328,7 @@ func dataErrorToStatus(err error) (code int, enchCode EnhancedCode, msg string) 
 
 func (c *Conn) Reject() {
 	c.writeResponse(421, EnhancedCode{4, 4, 5}, "Too busy. Try again later.")
+	c.flush()
 	c.Close()
 }
 
@@ -1312,14 +1361,25 @@ func (c *Conn) writeResponse(code int, enhCode EnhancedCode, text ...string) {
 	// transform each single line with \n, into separate lines
 	text = strings.Split(strings.Join(text, "\n"), "\n")
 
+	// The whole reply is buffered and flushed once: one write system call
+	// per reply, where PrintfLine per line made one per line (nine for a
+	// typical EHLO reply). While the client's next command is already in
+	// the read buffer (PIPELINING, RFC 2920: MAIL, RCPT and DATA in one
+	// packet), the reply waits for the replies to the commands after it:
+	// flushBeforeRead sends them all in one write before the connection
+	// next waits for input.
+	w := c.text.W
 	lastLineIndex := len(text) - 1
 	for i := 0; i < lastLineIndex; i++ {
-		c.text.PrintfLine("%d-%v", code, text[i])
+		fmt.Fprintf(w, "%d-%v\r\n", code, text[i])
 	}
 	if enhCode == NoEnhancedCode {
-		c.text.PrintfLine("%d %v", code, text[lastLineIndex])
+		fmt.Fprintf(w, "%d %v\r\n", code, text[lastLineIndex])
 	} else {
-		c.text.PrintfLine("%d %v.%v.%v %v", code, enhCode[0], enhCode[1], enhCode[2], text[lastLineIndex])
+		fmt.Fprintf(w, "%d %v.%v.%v %v\r\n", code, enhCode[0], enhCode[1], enhCode[2], text[lastLineIndex])
+	}
+	if !c.holdReplies || c.text.R.Buffered() == 0 {
+		w.Flush()
 	}
 }
 

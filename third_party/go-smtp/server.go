@@ -154,6 +154,9 @@ func (s *Server) handleConn(c *Conn) error {
 	s.locker.Unlock()
 
 	defer func() {
+		// A last reply held back for a pipelining client (a 221, a 421, a
+		// 500 before closing) still goes out.
+		c.flush()
 		c.Close()
 
 		s.locker.Lock()
