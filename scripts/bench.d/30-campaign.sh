@@ -158,17 +158,36 @@ for round in $(seq "$ROUNDS"); do
 done
 
 # Latency at half the peak rate: (b) rsa, 4 KB, 20 sessions, paced at
-# half its median rate above.
+# half its median rate above; (a) direct at the same rate right after, so
+# that the machine's own tail (client, sink and scheduler on the same
+# cores) is measured beside dkimgw's. CAMPAIGN_ROUNDS rounds, medians.
 if [[ " $SIZES " == *" 4096 "* ]] && [[ " $SESSIONS " == *" 20 "* ]]; then
   half=$("$PY" -c 'import sys, statistics
 rates = [int(l.split()[4]) / float(l.split()[5]) for l in open(sys.argv[1]) if l.split()[:3] == ["rsa", "4096", "20"]]
 print("%.0f" % (statistics.median(rates) / 2))' "$results")
   echo
-  echo "command: smtpload -addr 127.0.0.1:${PORT[rsa]} -sessions 20 -size 4096 -duration ${SECS}s -rate $half   (half the median peak rate of (b) rsa 4 KB x 20)"
-  out=$(load "${PORT[rsa]}" 20 4096 -duration "${SECS}s" -rate "$half")
-  echo "half rate: $out"
-  awk -v out="$out" 'BEGIN { split(out, kv, " "); for (i in kv) { split(kv[i], p, "="); v[p[1]] = p[2] }
-    printf "half rate: p99 / p50 = %.2f (target <= 3)\n", v["p99_ms"] / v["p50_ms"] }'
+  for path in rsa direct; do
+    echo "command: smtpload -addr 127.0.0.1:${PORT[$path]} -sessions 20 -size 4096 -duration ${SECS}s -rate $half   ($path; half the median peak rate of (b) rsa 4 KB x 20)"
+  done
+  : > "$work/half"
+  for round in $(seq "$ROUNDS"); do
+    for path in rsa direct; do
+      out=$(load "${PORT[$path]}" 20 4096 -duration "${SECS}s" -rate "$half")
+      echo "half rate, round $round, $path: $out"
+      echo "$path $out" >> "$work/half"
+    done
+  done
+  "$PY" - "$work/half" <<'PY'
+import sys, statistics
+r = {}
+for l in open(sys.argv[1]):
+    path, *kv = l.split()
+    v = dict(x.split("=") for x in kv)
+    r.setdefault(path, []).append(float(v["p99_ms"]) / float(v["p50_ms"]))
+for path in ("rsa", "direct"):
+    print("half rate: %s p99 / p50 = %.2f (median; rounds %s)%s" % (path, statistics.median(r[path]), " / ".join("%.2f" % x for x in r[path]),
+          " (target <= 3)" if path == "rsa" else " (the machine without dkimgw, same rate)"))
+PY
 fi
 
 # Profiles of (b), 20 sessions, each size: CPU over the middle of a run;
