@@ -152,6 +152,13 @@ type Message struct {
 	mem    [][]byte // the whole message in memChunk pieces, when it fits in memory
 	file   *os.File // the whole message, when it does not
 	path   string   // the file's name, if it could not be unlinked at once
+
+	// A message from SpoolAt is read from its source again: its first
+	// srcSize bytes, normalised, plus the empty line that ends the header
+	// section if headerEnd.
+	src       io.ReaderAt
+	srcSize   int64
+	headerEnd bool
 }
 
 // headerField is one field of the header section as it was received
@@ -187,6 +194,8 @@ func (m *Message) Open() (io.ReadCloser, error) {
 		return nil, errors.New("signer: message already closed")
 	case m.hashOnly:
 		return nil, errors.New("signer: message was streamed, not kept: only Sign can use it")
+	case m.src != nil:
+		return newSourceReader(m.src, m.srcSize, m.headerEnd), nil
 	case m.file != nil:
 		// ReadAt does not move the file offset, so readers do not
 		// interfere with one another.
@@ -239,6 +248,7 @@ func (m *Message) Close() error {
 	}
 	m.closed = true
 	m.mem = nil
+	m.src = nil
 	m.budget.give(m.held)
 	m.held = 0
 	var errs []error
@@ -289,7 +299,7 @@ func Spool(ctx context.Context, r io.Reader, opts SpoolOptions) (*Message, error
 	if opts.MaxHeaderBytes <= 0 {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
-	s := &spooler{opts: opts, body: newRelaxedBody(sha256.New())}
+	s := newSpooler(opts, false)
 	m, err := s.run(ctx, r)
 	if err != nil {
 		s.discard()
@@ -303,13 +313,13 @@ func Spool(ctx context.Context, r io.Reader, opts SpoolOptions) (*Message, error
 type spooler struct {
 	opts SpoolOptions
 
-	pendingCR bool   // the last input byte was a CR whose fate the next byte decides
-	norm      []byte // write's buffer for input it must normalise
-	size      int64  // normalised bytes so far
-	lastLF    bool   // the last normalised byte was LF (or nothing was written yet)
+	ends   lineEnds
+	emitFn func([]byte) error // s.emit, made once
+	size   int64              // normalised bytes so far
 
 	// Header section state.
 	inBody      bool
+	headerEnd   bool // finish added the empty line that ends the header section
 	headerBytes int
 	lineNo      int
 	line        []byte // the current header line, without its CRLF
@@ -331,6 +341,15 @@ type spooler struct {
 	w       *bufio.Writer
 }
 
+// newSpooler returns a spooler for a message; hashOnly keeps only the
+// header section and the body hash.
+func newSpooler(opts SpoolOptions, hashOnly bool) *spooler {
+	s := &spooler{opts: opts, body: newRelaxedBody(sha256.New()), hashOnly: hashOnly}
+	s.ends.lastLF = true
+	s.emitFn = s.emit
+	return s
+}
+
 var crlf = []byte("\r\n")
 
 // readBuffers recycles Spool's read buffers: a gateway spools many small
@@ -338,7 +357,6 @@ var crlf = []byte("\r\n")
 var readBuffers = sync.Pool{New: func() any { b := make([]byte, readChunk); return &b }}
 
 func (s *spooler) run(ctx context.Context, r io.Reader) (*Message, error) {
-	s.lastLF = true
 	bp := readBuffers.Get().(*[]byte)
 	defer readBuffers.Put(bp)
 	buf := *bp
@@ -350,7 +368,7 @@ func (s *spooler) run(ctx context.Context, r io.Reader) (*Message, error) {
 		}
 		n, rerr := r.Read(buf)
 		if n > 0 {
-			if err := s.write(buf[:n]); err != nil {
+			if err := s.ends.write(buf[:n], s.emitFn); err != nil {
 				return nil, err
 			}
 		}
@@ -364,18 +382,29 @@ func (s *spooler) run(ctx context.Context, r io.Reader) (*Message, error) {
 	return s.finish()
 }
 
+// lineEnds normalises line endings to CRLF, piece by piece: a bare LF
+// or a lone CR becomes CRLF, nothing else changes. A message read from
+// its source again (SpoolAt) goes through a lineEnds of its own, so it
+// comes out exactly as it was normalised when spooled.
+type lineEnds struct {
+	pendingCR bool   // the last input byte was a CR whose fate the next byte decides
+	lastLF    bool   // the last byte passed on was LF, or none was yet (set it true to start)
+	norm      []byte // write's buffer for input it must normalise
+}
+
 // write normalises p's line endings and passes the result on to emit:
 // input that already uses CRLF passes through in one piece, other input
 // is normalised into one buffer and passed on in one piece too, so that
 // the body hash sees whole lines.
-func (s *spooler) write(p []byte) error {
-	if s.pendingCR {
+func (l *lineEnds) write(p []byte, emit func([]byte) error) error {
+	if l.pendingCR {
 		// CRLF, or a lone CR: either way one CRLF.
-		s.pendingCR = false
+		l.pendingCR = false
 		if len(p) > 0 && p[0] == '\n' {
 			p = p[1:]
 		}
-		if err := s.emit(crlf); err != nil {
+		l.lastLF = true
+		if err := emit(crlf); err != nil {
 			return err
 		}
 	}
@@ -384,9 +413,10 @@ func (s *spooler) write(p []byte) error {
 		if i == 0 {
 			return nil
 		}
-		return s.emit(p)
+		l.lastLF = p[len(p)-1] == '\n'
+		return emit(p)
 	}
-	out := append(s.norm[:0], p[:i]...)
+	out := append(l.norm[:0], p[:i]...)
 	for rest := p[i:]; len(rest) > 0; {
 		j := bytes.IndexByte(rest, '\n')
 		var seg []byte
@@ -411,14 +441,25 @@ func (s *spooler) write(p []byte) error {
 		if j >= 0 {
 			out = append(out, '\r', '\n')
 		} else if endCR {
-			s.pendingCR = true
+			l.pendingCR = true
 		}
 	}
-	s.norm = out
+	l.norm = out
 	if len(out) == 0 {
 		return nil
 	}
-	return s.emit(out)
+	l.lastLF = out[len(out)-1] == '\n'
+	return emit(out)
+}
+
+// end completes normalisation at the end of the input: a CR left
+// pending, or a last line without a line ending, gets its CRLF.
+func (l *lineEnds) end(emit func([]byte) error) error {
+	if l.pendingCR || !l.lastLF {
+		l.pendingCR, l.lastLF = false, true
+		return emit(crlf)
+	}
+	return nil
 }
 
 // cleanPrefix returns how many bytes at the start of p need no
@@ -448,7 +489,6 @@ func (s *spooler) emit(p []byte) error {
 		// ErrTooLarge carries the package prefix.
 		return fmt.Errorf("%w: more than %d bytes", ErrTooLarge, s.opts.MaxMessageBytes)
 	}
-	s.lastLF = p[len(p)-1] == '\n'
 	if err := s.store(p); err != nil {
 		return err
 	}
@@ -720,18 +760,11 @@ func (s *spooler) discard() {
 
 // finish completes normalisation at EOF and checks the header section.
 func (s *spooler) finish() (*Message, error) {
-	if s.pendingCR {
-		s.pendingCR = false
-		if err := s.emit(crlf); err != nil {
-			return nil, err
-		}
-	}
-	if !s.lastLF {
-		if err := s.emit(crlf); err != nil {
-			return nil, err
-		}
+	if err := s.ends.end(s.emitFn); err != nil {
+		return nil, err
 	}
 	if !s.inBody && s.size > 0 {
+		s.headerEnd = true
 		if err := s.emit(crlf); err != nil {
 			return nil, err
 		}
@@ -753,6 +786,7 @@ func (s *spooler) finish() (*Message, error) {
 		budget:     s.opts.Budget,
 		held:       s.held,
 		hashOnly:   s.hashOnly,
+		headerEnd:  s.headerEnd,
 		mem:        s.mem,
 		file:       s.file,
 		path:       s.path,
