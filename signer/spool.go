@@ -6,9 +6,9 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
+	"math/bits"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"os"
 	"path/filepath"
@@ -799,25 +799,42 @@ func (s *spooler) finish() (*Message, error) {
 // are dropped. Unlike go-msgauth's, it counts pending empty lines instead
 // of buffering them, so its memory does not grow with the input.
 type relaxedBody struct {
-	h          hash.Hash
+	h          bodyHash
 	out        []byte // canonical bytes waiting to be hashed
 	blankLines int    // empty lines seen but not yet known not to be trailing
 	wsp        bool   // whitespace seen that needs an SP if the line goes on
 	content    bool   // the current line has content
 }
 
-func newRelaxedBody(h hash.Hash) *relaxedBody {
+// bodyHash is what relaxedBody hashes the canonical body with: a
+// hash.Hash, or a hashPipe, which runs one beside the canonicalisation.
+type bodyHash interface {
+	Write(p []byte) (int, error) // never fails
+	Sum(b []byte) []byte
+}
+
+func newRelaxedBody(h bodyHash) *relaxedBody {
 	return &relaxedBody{h: h, out: make([]byte, 0, 4<<10)}
 }
 
 // Write takes normalised bytes (CR occurs only before LF) and never fails.
 func (b *relaxedBody) Write(p []byte) {
+	// Plain lines end at a tab. Where the next one is is looked up once
+	// per tab, not once per line: text rarely has any.
+	tab := bytes.IndexByte(p, '\t')
 	for len(p) > 0 {
 		if !b.content && !b.wsp {
 			// At the start of a line: the lines canonicalisation leaves
 			// as they are go to the hash straight from p.
-			if n := b.plainLines(p); n > 0 {
+			lim := len(p)
+			if tab >= 0 {
+				lim = tab
+			}
+			if n := b.plainLines(p[:lim]); n > 0 {
 				p = p[n:]
+				if tab >= 0 {
+					tab -= n
+				}
 				continue
 			}
 		}
@@ -828,25 +845,20 @@ func (b *relaxedBody) Write(p []byte) {
 		}
 		b.write(p[:n])
 		p = p[n:]
+		if tab >= 0 {
+			if tab -= n; tab < 0 {
+				tab = bytes.IndexByte(p, '\t')
+			}
+		}
 	}
 }
 
 // plainLines hashes the whole lines at the start of p that relaxed
-// canonicalisation leaves unchanged (not empty, no tab, no run of
-// spaces, no space at the end), after the empty lines pending before
-// them, and returns their length.
+// canonicalisation leaves unchanged (not empty, no run of spaces, no
+// space at the end; the caller cuts p before any tab), after the empty
+// lines pending before them, and returns their length.
 func (b *relaxedBody) plainLines(p []byte) int {
-	n := 0
-	for {
-		j := bytes.IndexByte(p[n:], '\n')
-		if j < 2 || p[n+j-1] != '\r' {
-			break
-		}
-		if line := p[n : n+j-1]; line[len(line)-1] == ' ' || !plainLine(line) {
-			break
-		}
-		n += j + 1
-	}
+	n := plainRun(p)
 	if n == 0 {
 		return 0
 	}
@@ -862,43 +874,77 @@ func (b *relaxedBody) plainLines(p []byte) int {
 	return n
 }
 
-// plainLine reports whether line has no tab and no two spaces in a row.
-// It looks at 8 bytes at a time: in running text spaces are too frequent
-// for bytes.Index(line, "  ") to skip ahead.
-func plainLine(line []byte) bool {
+// plainRun returns the length of the whole lines at the start of p,
+// which holds no tab and starts a line, that have content, no two spaces
+// in a row and no space at the end: the lines relaxed canonicalisation
+// leaves as they are. p is normalised: a CR is always followed by LF.
+//
+// It looks at 8 bytes at a time over the whole run rather than line by
+// line, since most lines of most messages are plain: it finds the first
+// byte that makes a line not plain and cuts before that line.
+func plainRun(p []byte) int {
+	if len(p) == 0 || p[0] == '\r' || p[0] == '\n' {
+		return 0 // an empty line first
+	}
 	const (
 		ones   = 0x0101010101010101
-		low7   = 0x7f7f7f7f7f7f7f7f
+		highs  = 0x8080808080808080
 		spaces = ' ' * ones
-		tabs   = '\t' * ones
+		crs    = '\r' * ones
 	)
-	// zeros has the high bit of each byte of x that is zero, and only
-	// those (no borrow between bytes).
-	zeros := func(x uint64) uint64 { return ^((x&low7 + low7) | x | low7) }
-	var prev uint64 // the last word's space mask
-	i := 0
-	for ; i+8 <= len(line); i += 8 {
-		w := binary.LittleEndian.Uint64(line[i:])
-		if zeros(w^tabs) != 0 {
-			return false
+	// For each word, sp and cr have the high bit of each byte that is a
+	// space, or a CR, by the usual (x-1) &^ x test on w xor the byte. It
+	// also marks a 0x01 byte right above a marked one, which here can
+	// only be a '!' after a space (after a CR always comes LF): such a
+	// line is taken for not plain, and only costs the slower path. bad
+	// then marks a space followed by a space or by the CR that ends its
+	// line, and a CR two bytes after another (the CR of an empty line),
+	// also across words (prevSp, prevCR).
+	var sp, cr, bad uint64
+	q := p
+	// Two words at a time when none is bad: they are independent, so
+	// the processor works on both at once.
+	for len(q) >= 16 {
+		w0, w1 := binary.LittleEndian.Uint64(q), binary.LittleEndian.Uint64(q[8:])
+		s0, c0, s1, c1 := w0^spaces, w0^crs, w1^spaces, w1^crs
+		sp0, cr0 := (s0-ones)&^s0&highs, (c0-ones)&^c0&highs
+		sp1, cr1 := (s1-ones)&^s1&highs, (c1-ones)&^c1&highs
+		b0 := sp0&((sp0|cr0)>>8) | sp>>56&(sp0|cr0) | cr0&(cr0<<16|cr>>48)
+		b1 := sp1&((sp1|cr1)>>8) | sp0>>56&(sp1|cr1) | cr1&(cr1<<16|cr0>>48)
+		if b0|b1 != 0 {
+			break // the word loop below finds which
 		}
-		sp := zeros(w ^ spaces)
-		// Byte k and k+1 both spaces; or the last word's last byte and
-		// this word's first.
-		if sp&(sp>>8) != 0 || prev>>63&sp != 0 {
-			return false
-		}
-		prev = sp
+		sp, cr = sp1, cr1
+		q = q[16:]
 	}
-	lastSpace := prev>>63 != 0
-	for ; i < len(line); i++ {
-		c := line[i]
-		if c == '\t' || c == ' ' && lastSpace {
-			return false
+	for len(q) >= 8 {
+		w := binary.LittleEndian.Uint64(q)
+		prevSp, prevCR := sp, cr
+		s, c := w^spaces, w^crs
+		sp = (s - ones) &^ s & highs
+		cr = (c - ones) &^ c & highs
+		bad = sp&((sp|cr)>>8) | prevSp>>56&(sp|cr) | cr&(cr<<16|prevCR>>48)
+		if bad != 0 {
+			break
 		}
-		lastSpace = c == ' '
+		q = q[8:]
 	}
-	return true
+	if bad == 0 && len(q) > 0 {
+		var tail [8]byte // zero bytes are neither space nor CR
+		copy(tail[:], q)
+		w := binary.LittleEndian.Uint64(tail[:])
+		prevSp, prevCR := sp, cr
+		s, c := w^spaces, w^crs
+		sp = (s - ones) &^ s & highs
+		cr = (c - ones) &^ c & highs
+		bad = sp&((sp|cr)>>8) | prevSp>>56&(sp|cr) | cr&(cr<<16|prevCR>>48)
+	}
+	end := len(p)
+	if bad != 0 {
+		end = len(p) - len(q) + bits.TrailingZeros64(bad)/8
+	}
+	// The lines before the one that holds the first mark.
+	return bytes.LastIndexByte(p[:end], '\n') + 1
 }
 
 // write canonicalises p byte by byte.
