@@ -2,8 +2,10 @@ package signer
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 )
 
@@ -41,6 +43,9 @@ func SpoolAt(ctx context.Context, src io.ReaderAt, size int64, opts SpoolOptions
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
 	s := newSpooler(opts, true)
+	hp := newHashPipe(sha256.New())
+	defer hp.finish() // a no-op after the Sum of a message spooled in full
+	s.body = newRelaxedBody(hp)
 	buf := make([]byte, min(sourceChunk, size))
 	for off := int64(0); off < size; {
 		// As in Spool: a cancelled command should not read on.
@@ -181,3 +186,78 @@ func (r *sourceReader) WriteTo(w io.Writer) (int64, error) {
 }
 
 func (r *sourceReader) Close() error { return nil }
+
+// hashPipe hashes what is written to it on a goroutine of its own, so
+// that SHA-256, which alone takes about as long as everything else done
+// to a byte, runs beside the reading, normalising and canonicalising of
+// a large message on a second core. Write copies into one of a few
+// buffers and hands each full one over; it blocks only when the hash
+// falls behind by all of them.
+type hashPipe struct {
+	h    hash.Hash
+	cur  []byte      // being filled
+	full chan []byte // to the hashing goroutine; closed by finish
+	free chan []byte // hashed, back for filling
+	done chan struct{}
+	sum  []byte // set by finish
+}
+
+// hashPipeBuffers and hashPipeBufSize bound what a hashPipe holds: 1 MiB,
+// enough for the hash never to wait for the reader, or the reader for
+// the hash, over a block or two of the source.
+const (
+	hashPipeBuffers = 4
+	hashPipeBufSize = 256 << 10
+)
+
+func newHashPipe(h hash.Hash) *hashPipe {
+	p := &hashPipe{h: h, full: make(chan []byte, hashPipeBuffers), free: make(chan []byte, hashPipeBuffers), done: make(chan struct{})}
+	for range hashPipeBuffers - 1 {
+		p.free <- make([]byte, 0, hashPipeBufSize)
+	}
+	p.cur = make([]byte, 0, hashPipeBufSize)
+	go func() {
+		defer close(p.done)
+		for b := range p.full {
+			h.Write(b) // hash.Hash.Write never fails
+			p.free <- b[:0]
+		}
+	}()
+	return p
+}
+
+func (p *hashPipe) Write(b []byte) (int, error) {
+	n := len(b)
+	for len(b) > 0 {
+		k := copy(p.cur[len(p.cur):cap(p.cur)], b)
+		p.cur = p.cur[:len(p.cur)+k]
+		b = b[k:]
+		if len(p.cur) == cap(p.cur) {
+			p.full <- p.cur
+			p.cur = <-p.free
+		}
+	}
+	return n, nil
+}
+
+// Sum waits for everything written to be hashed and returns the hash
+// appended to b. Nothing may be written after it.
+func (p *hashPipe) Sum(b []byte) []byte {
+	p.finish()
+	return append(b, p.sum...)
+}
+
+// finish hashes what is left and ends the goroutine. It is idempotent:
+// a failed SpoolAt calls it to end the goroutine.
+func (p *hashPipe) finish() {
+	if p.sum != nil {
+		return
+	}
+	if len(p.cur) > 0 {
+		p.full <- p.cur
+	}
+	p.cur = nil
+	close(p.full)
+	<-p.done
+	p.sum = p.h.Sum(nil)
+}
