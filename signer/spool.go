@@ -417,6 +417,26 @@ func (l *lineEnds) write(p []byte, emit func([]byte) error) error {
 		return emit(p)
 	}
 	out := append(l.norm[:0], p[:i]...)
+	if bytes.IndexByte(p[i:], '\r') < 0 {
+		// No CR at all, as in a file written on Unix: one search per
+		// line, for its LF, which becomes CRLF.
+		rest := p[i:]
+		for {
+			j := bytes.IndexByte(rest, '\n')
+			if j < 0 {
+				out = append(out, rest...)
+				break
+			}
+			out = append(append(out, rest[:j]...), '\r', '\n')
+			rest = rest[j+1:]
+		}
+		l.norm = out
+		if len(out) == 0 {
+			return nil
+		}
+		l.lastLF = out[len(out)-1] == '\n'
+		return emit(out)
+	}
 	for rest := p[i:]; len(rest) > 0; {
 		j := bytes.IndexByte(rest, '\n')
 		var seg []byte
