@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"sync/atomic"
 )
 
 // ErrChanged is returned (wrapped) when the source of a message from
@@ -153,36 +154,97 @@ func (r *sourceReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// WriteTo writes the rest of the message to w in blocks of the source's
-// size, without a copy where the source needs no normalisation. Its
-// errors say whether reading or writing failed.
+// writeBlocks is how many blocks of the source WriteTo has in hand: one
+// being read and normalised while the others are written.
+const writeBlocks = 3
+
+// writeBlock is one block of the source on its way to the writer: the
+// buffers it was read and normalised into, and the pieces to write,
+// which lie in them (or are crlf).
+type writeBlock struct {
+	in, norm []byte
+	out      [][]byte
+}
+
+// WriteTo writes the rest of the message to w, in blocks of the source's
+// size, without a copy where the source needs no normalisation. Writing
+// runs on a goroutine of its own, so that for a large message the system
+// calls that write it take place beside the reading and normalising of
+// the next blocks. Its errors say whether reading or writing failed.
 func (r *sourceReader) WriteTo(w io.Writer) (int64, error) {
 	var written int64
-	emit := func(p []byte) error {
-		n, err := w.Write(p)
+	if r.pos < len(r.pending) {
+		n, err := w.Write(r.pending[r.pos:])
 		written += int64(n)
-		if err == nil && n < len(p) {
+		r.pos += n
+		if err == nil && r.pos < len(r.pending) {
 			err = io.ErrShortWrite
 		}
 		if err != nil {
-			return fmt.Errorf("signer: write signed message: %w", err)
+			return written, fmt.Errorf("signer: write signed message: %w", err)
 		}
-		return nil
 	}
-	if r.pos < len(r.pending) {
-		if err := emit(r.pending[r.pos:]); err != nil {
-			return written, err
-		}
-		r.pos = len(r.pending)
+
+	full := make(chan *writeBlock, writeBlocks)
+	free := make(chan *writeBlock, writeBlocks)
+	for range writeBlocks {
+		free <- &writeBlock{}
 	}
-	for {
-		if err := r.step(emit); err != nil {
-			if err == io.EOF {
-				return written, nil
+	var (
+		werr    error
+		failed  atomic.Bool
+		wdone   = make(chan struct{})
+		wbytes  int64
+		readErr error
+	)
+	go func() {
+		defer close(wdone)
+		for b := range full {
+			for _, p := range b.out {
+				if werr != nil {
+					break
+				}
+				n, err := w.Write(p)
+				wbytes += int64(n)
+				if err == nil && n < len(p) {
+					err = io.ErrShortWrite
+				}
+				if err != nil {
+					werr = fmt.Errorf("signer: write signed message: %w", err)
+					failed.Store(true)
+				}
 			}
-			return written, err
+			free <- b
+		}
+	}()
+	for !failed.Load() {
+		b := <-free
+		r.in, r.ends.norm, b.out = b.in, b.norm, b.out[:0]
+		err := r.step(func(p []byte) error {
+			b.out = append(b.out, p)
+			return nil
+		})
+		b.in, b.norm = r.in, r.ends.norm
+		r.in, r.ends.norm = nil, nil // b's now, until it comes back
+		if len(b.out) > 0 {
+			full <- b
+		} else {
+			free <- b
+		}
+		if err != nil {
+			if err != io.EOF {
+				readErr = err
+			}
+			break
 		}
 	}
+	close(full)
+	<-wdone
+	written += wbytes
+	if werr != nil {
+		return written, werr
+	}
+	return written, readErr
 }
 
 func (r *sourceReader) Close() error { return nil }

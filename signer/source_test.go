@@ -255,3 +255,37 @@ func FuzzSpoolAt(f *testing.F) {
 		}
 	})
 }
+
+// failingWriter takes n bytes, then fails.
+type failingWriter struct{ n int }
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	if len(p) <= w.n {
+		w.n -= len(p)
+		return len(p), nil
+	}
+	k := w.n
+	w.n = 0
+	return k, errors.New("disk full")
+}
+
+// TestSpoolAtWriteFails: a write error in the middle of a large message
+// ends WriteSigned with that error, once prefixed, and the count of the
+// bytes written.
+func TestSpoolAtWriteFails(t *testing.T) {
+	msg := "From: joe@example.com\n\n" + strings.Repeat("body line\n", 100000)
+	m, err := SpoolAt(t.Context(), strings.NewReader(msg), int64(len(msg)), SpoolOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for _, limit := range []int{0, 10, 300000, int(m.Size()) - 1} {
+		n, err := WriteSigned(&failingWriter{n: limit}, nil, m)
+		if err == nil || !strings.Contains(err.Error(), "disk full") || strings.Count(err.Error(), "signer:") != 1 {
+			t.Errorf("after %d bytes: error %v", limit, err)
+		}
+		if n != int64(limit) {
+			t.Errorf("after %d bytes: WriteSigned reports %d", limit, n)
+		}
+	}
+}
