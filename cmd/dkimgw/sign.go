@@ -95,8 +95,16 @@ func runSign(ctx context.Context, c *cli, args []string) int {
 		return failf(c, exitUsage, "sign: --expire %q is not a duration; write it like --expire 7d, --expire 168h or --expire 90m (0: no x= tag)", expireArg)
 	}
 
-	// The token and keys come first: a configuration problem is reported
-	// before stdin is read.
+	// A file on stdin is checked and hashed while the token opens: with
+	// a large message, both take tens of milliseconds. A pipe is read
+	// only once the token and keys are there. Either way a token problem
+	// is what is reported, whatever the message.
+	in := storedStdin(c.stdin)
+	var early *pendingSpool
+	if in != nil {
+		early = startSpoolAt(ctx, in)
+		defer early.abandon()
+	}
 	tokCtx, cancel := tf.withTimeout(ctx)
 	defer cancel()
 	tok, code := tf.open(tokCtx, c, errorLogger(c))
@@ -113,10 +121,9 @@ func runSign(ctx context.Context, c *cli, args []string) int {
 		ids = append(ids, signer.Identity{Domain: domain, Selector: sel, Key: key})
 	}
 
-	in := storedStdin(c.stdin)
 	var msg *signer.Message
-	if in != nil {
-		msg, err = signer.SpoolAt(ctx, io.NewSectionReader(in.f, in.off, in.size), in.size, signer.SpoolOptions{})
+	if early != nil {
+		msg, err = early.wait()
 	} else {
 		msg, err = signer.Spool(ctx, c.stdin, signer.SpoolOptions{})
 	}
@@ -216,6 +223,42 @@ func (in *storedInput) unchanged() error {
 			in.mod.UTC().Format(time.RFC3339Nano), fi.ModTime().UTC().Format(time.RFC3339Nano))
 	}
 	return nil
+}
+
+// pendingSpool is a SpoolAt running on its own goroutine.
+type pendingSpool struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	msg    *signer.Message
+	err    error
+	taken  bool
+}
+
+func startSpoolAt(ctx context.Context, in *storedInput) *pendingSpool {
+	ctx, cancel := context.WithCancel(ctx)
+	p := &pendingSpool{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		p.msg, p.err = signer.SpoolAt(ctx, io.NewSectionReader(in.f, in.off, in.size), in.size, signer.SpoolOptions{})
+	}()
+	return p
+}
+
+// wait returns SpoolAt's result; the caller closes the message.
+func (p *pendingSpool) wait() (*signer.Message, error) {
+	<-p.done
+	p.taken = true
+	return p.msg, p.err
+}
+
+// abandon stops the SpoolAt if it still runs and closes a message no one
+// took (the token failed first).
+func (p *pendingSpool) abandon() {
+	p.cancel()
+	<-p.done
+	if !p.taken && p.msg != nil {
+		p.msg.Close() // held nothing but the file, which stdin's owner closes
+	}
 }
 
 // consume leaves stdin's offset at the end of the message, as reading it

@@ -340,3 +340,24 @@ func TestStoredInputUnchanged(t *testing.T) {
 		t.Error("a strings.Reader is taken for a stored file")
 	}
 }
+
+// TestSignFileTokenErrorFirst: a file is read while the token opens, but
+// a token problem is still what sign reports, as with a pipe, even when
+// the message would be refused too.
+func TestSignFileTokenErrorFirst(t *testing.T) {
+	uri, _ := signToken(t)
+	path := filepath.Join(t.TempDir(), "msg.eml")
+	if err := os.WriteFile(path, []byte("Subject: no From\n\nbody\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out bytes.Buffer
+	code, stderr := runSignWith(t, uri, f, &out, "--selector", "nokey")
+	if code != exitUnavailable || !strings.Contains(stderr, "not found") || out.Len() != 0 {
+		t.Errorf("exit %d, stderr %q, %d bytes out; want 69, key not found", code, stderr, out.Len())
+	}
+}
