@@ -15,7 +15,7 @@ import (
 // it is read again: the source changed while the message was being
 // signed. Whatever was written of the message must be discarded; sign it
 // again once it no longer changes.
-var ErrChanged = errors.New("signer: message changed while being signed")
+var ErrChanged = errors.New("signer: message changed while it was being signed")
 
 // sourceChunk is the size of each read from a SpoolAt source. A file in
 // the page cache is read at memory speed, so a system call per 32 KiB

@@ -133,7 +133,7 @@ func runSign(ctx context.Context, c *cli, args []string) int {
 		case errors.As(err, &refused):
 			return failf(c, exitDataErr, "%s", refused.Reason)
 		case errors.Is(err, signer.ErrChanged):
-			return failf(c, exitTempFail, "stdin changed while it was being read (%v); nothing was written: sign it again once the file no longer changes", err)
+			return failf(c, exitTempFail, "%v; nothing was written: sign it again once the file on stdin no longer changes", err)
 		}
 		return failf(c, exitTempFail, "%v", err)
 	}
@@ -156,7 +156,7 @@ func runSign(ctx context.Context, c *cli, args []string) int {
 	w := bufio.NewWriterSize(c.stdout, 64<<10)
 	if _, err := signer.WriteSigned(w, fields, msg); err != nil {
 		if errors.Is(err, signer.ErrChanged) {
-			return failf(c, exitTempFail, "stdin changed while it was being signed (%v): discard what was written on stdout and sign it again once the file no longer changes", err)
+			return failf(c, exitTempFail, "%v; discard what was written on stdout and sign it again once the file on stdin no longer changes", err)
 		}
 		return failf(c, exitFailure, "%v", err)
 	}
@@ -164,7 +164,7 @@ func runSign(ctx context.Context, c *cli, args []string) int {
 		return failf(c, exitFailure, "write signed message: %v", err)
 	}
 	if err := in.unchanged(); err != nil {
-		return failf(c, exitTempFail, "%v: discard what was written on stdout and sign it again once the file no longer changes", err)
+		return failf(c, exitTempFail, "%v; discard what was written on stdout and sign it again once the file no longer changes", err)
 	}
 	in.consume()
 	return exitOK
