@@ -46,6 +46,14 @@ const (
 
 	// memChunk is the size of the pieces a message in memory is kept in.
 	memChunk = 64 << 10
+
+	// firstPiece is the size of a message's first piece in memory; each
+	// next one is twice the last, up to memChunk.
+	firstPiece = 8 << 10
+
+	// fileBuffer is the size of a spool file's write buffer: several of
+	// the reads a network connection gives per write to the file.
+	fileBuffer = 64 << 10
 )
 
 // ErrTooLarge is returned (wrapped) by Spool when the normalised message
@@ -88,6 +96,16 @@ type SpoolOptions struct {
 	// past its limit goes to its temporary file at once (and gives back
 	// what it held in memory).
 	Budget *MemoryBudget
+	// SizeHint is the size the sender declared for the message (SMTP
+	// SIZE=, RFC 1870); zero or less means none. A message declared
+	// larger than MemoryLimit goes to its temporary file from its first
+	// byte: it would end up there anyway, and holding its first
+	// MemoryLimit bytes in memory until then is what made many large
+	// messages received at once cost MemoryLimit each. A wrong hint
+	// costs only that choice: a message declared smaller than it is
+	// still moves to its file at MemoryLimit, one declared larger is
+	// spooled on disk.
+	SizeHint int64
 }
 
 // MemoryBudget is a bound on the spool memory many messages hold at
@@ -199,7 +217,7 @@ func (m *Message) Open() (io.ReadCloser, error) {
 	case m.file != nil:
 		// ReadAt does not move the file offset, so readers do not
 		// interfere with one another.
-		return io.NopCloser(io.NewSectionReader(m.file, 0, m.size)), nil
+		return io.NopCloser(fileReader{io.NewSectionReader(m.file, 0, m.size)}), nil
 	default:
 		return &memReader{chunks: slices.Clone(m.mem)}, nil
 	}
@@ -237,6 +255,20 @@ func (r *memReader) WriteTo(w io.Writer) (int64, error) {
 }
 
 func (r *memReader) Close() error { return nil }
+
+// fileReader reads a message from its spool file. Its WriteTo copies
+// through a pooled buffer: io.Copy would allocate 32 KiB for every
+// message relayed from disk, garbage that many large messages relayed at
+// once pile up until the next collection.
+type fileReader struct{ r *io.SectionReader }
+
+func (f fileReader) Read(p []byte) (int, error) { return f.r.Read(p) }
+
+func (f fileReader) WriteTo(w io.Writer) (int64, error) {
+	bp := readBuffers.Get().(*[]byte)
+	defer readBuffers.Put(bp)
+	return io.CopyBuffer(w, f.r, *bp)
+}
 
 // Close releases the message's memory and its temporary file. It is
 // idempotent. Readers from Open fail after Close.
@@ -300,6 +332,7 @@ func Spool(ctx context.Context, r io.Reader, opts SpoolOptions) (*Message, error
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
 	s := newSpooler(opts, false)
+	s.toDisk = opts.SizeHint > opts.MemoryLimit
 	m, err := s.run(ctx, r)
 	if err != nil {
 		s.discard()
@@ -331,6 +364,9 @@ type spooler struct {
 	// hashOnly keeps the header section and the body hash, not the
 	// message (a Stream).
 	hashOnly bool
+	// toDisk sends the message to its file from the first byte
+	// (SpoolOptions.SizeHint).
+	toDisk bool
 
 	// Store.
 	mem     [][]byte
@@ -355,6 +391,61 @@ var crlf = []byte("\r\n")
 // readBuffers recycles Spool's read buffers: a gateway spools many small
 // messages, and a fresh 32 KiB buffer for each is most of the garbage.
 var readBuffers = sync.Pool{New: func() any { b := make([]byte, readChunk); return &b }}
+
+// fileWriters recycles the spool files' write buffers. A buffer is needed
+// only while its message is received; given back as soon as the message
+// is in its file, the next message takes it instead of a new one.
+var fileWriters = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, fileBuffer) }}
+
+// memPieces recycles the pieces of messages that moved to their files,
+// one pool per piece size (8, 16, 32 and 64 KiB): with many large
+// messages at once, each one's memory_limit of pieces otherwise became
+// garbage at the moment it moved, and the heap grew by as much before the
+// next collection.
+var memPieces [4]sync.Pool
+
+// newPiece returns an empty piece of size bytes.
+func newPiece(size int) []byte {
+	if i := pieceClass(size); i >= 0 {
+		if p, ok := memPieces[i].Get().(*[]byte); ok {
+			return (*p)[:0]
+		}
+	}
+	return make([]byte, 0, size)
+}
+
+// pieceClass is the memPieces index of a piece of size bytes, or -1.
+func pieceClass(size int) int {
+	for i := range memPieces {
+		if size == firstPiece<<i {
+			return i
+		}
+	}
+	return -1
+}
+
+// releaseWriter gives the file writer back; it must be flushed (or the
+// message abandoned).
+func (s *spooler) releaseWriter() {
+	if s.w != nil {
+		s.w.Reset(nil)
+		fileWriters.Put(s.w)
+		s.w = nil
+	}
+}
+
+// releasePieces gives the pieces in memory back, for a message that
+// moved to its file or was abandoned: nothing else refers to them.
+func (s *spooler) releasePieces() {
+	for _, c := range s.mem {
+		if i := pieceClass(cap(c)); i >= 0 {
+			memPieces[i].Put(&c)
+		}
+	}
+	s.mem = nil
+	s.opts.Budget.give(s.held)
+	s.held = 0
+}
 
 func (s *spooler) run(ctx context.Context, r io.Reader) (*Message, error) {
 	bp := readBuffers.Get().(*[]byte)
@@ -635,7 +726,7 @@ func (s *spooler) store(p []byte) error {
 		return nil
 	}
 	if s.w == nil {
-		if s.memSize+int64(len(p)) <= s.opts.MemoryLimit && s.memStore(p) {
+		if !s.toDisk && s.memSize+int64(len(p)) <= s.opts.MemoryLimit && s.memStore(p) {
 			return nil
 		}
 		if err := s.createFile(); err != nil {
@@ -646,9 +737,7 @@ func (s *spooler) store(p []byte) error {
 				return fmt.Errorf("signer: write spool file: %w", err)
 			}
 		}
-		s.mem = nil
-		s.opts.Budget.give(s.held)
-		s.held = 0
+		s.releasePieces() // the writer copied them or wrote them out
 	}
 	if _, err := s.w.Write(p); err != nil {
 		return fmt.Errorf("signer: write spool file: %w", err)
@@ -672,7 +761,7 @@ func (s *spooler) memStore(p []byte) bool {
 		last = cap(s.mem[n-1])
 	}
 	for rest := len(p) - free; rest > 0; k++ {
-		size := 8 << 10
+		size := firstPiece
 		if last > 0 {
 			size = min(memChunk, 2*last)
 		}
@@ -691,7 +780,7 @@ func (s *spooler) memStore(p []byte) bool {
 	next := 0
 	for len(p) > 0 {
 		if n := len(s.mem); n == 0 || len(s.mem[n-1]) == cap(s.mem[n-1]) {
-			s.mem = append(s.mem, make([]byte, 0, sizes[next]))
+			s.mem = append(s.mem, newPiece(sizes[next]))
 			next++
 		}
 		last := &s.mem[len(s.mem)-1]
@@ -717,7 +806,8 @@ func (s *spooler) createFile() error {
 	if err := os.Remove(f.Name()); err != nil {
 		s.path = f.Name()
 	}
-	s.w = bufio.NewWriterSize(f, 64<<10)
+	s.w = fileWriters.Get().(*bufio.Writer)
+	s.w.Reset(f)
 	return nil
 }
 
@@ -767,9 +857,8 @@ func isSpoolName(name string) bool {
 
 // discard releases the store after a failed Spool.
 func (s *spooler) discard() {
-	s.mem = nil
-	s.opts.Budget.give(s.held)
-	s.held = 0
+	s.releasePieces()
+	s.releaseWriter() // what it holds is abandoned with the message
 	if s.file != nil {
 		_ = s.file.Close() // the message is abandoned; its bytes do not matter
 	}
@@ -797,6 +886,7 @@ func (s *spooler) finish() (*Message, error) {
 		if err := s.w.Flush(); err != nil {
 			return nil, fmt.Errorf("signer: write spool file: %w", err)
 		}
+		s.releaseWriter()
 	}
 	return &Message{
 		fields:     s.fields,

@@ -172,6 +172,9 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 	tx := &transaction{
 		ss: ss, st: st, client: cl, start: time.Now(), mailFrom: from,
 	}
+	if opts != nil {
+		tx.declared = opts.Size
+	}
 	tx.ctx, tx.cancel = context.WithCancel(ss.ctx)
 	ss.cc.setInTx(true)
 

@@ -26,8 +26,9 @@ type transaction struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	up     *upConn
-	inData atomic.Bool
+	up       *upConn
+	inData   atomic.Bool
+	declared int64 // the message's size by MAIL's SIZE= (0: not given)
 
 	// For the log line.
 	mailFrom     string
@@ -201,6 +202,7 @@ func (tx *transaction) spoolSign(r io.Reader, deliver func(fields []string, msg 
 		Budget:          tx.ss.srv.spoolBudget,
 		MaxHeaderBytes:  set.Spool.MaxHeaderBytes,
 		MaxMessageBytes: set.MaxMessageBytes,
+		SizeHint:        tx.declared,
 	})
 	if err != nil {
 		// go-smtp reads (and discards) the rest of the message before it

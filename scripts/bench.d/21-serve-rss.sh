@@ -3,7 +3,8 @@
 # message (dual-signed, RSA-2048 + Ed25519 in SoftHSM), smtp-source as the
 # client and smtp-sink as the upstream. The spool keeps 1 MiB of a message
 # in memory and the rest in an unlinked temp file, so RSS must stay far
-# below 50 x 20 MB. Everything is on 127.0.0.1, bounded by `timeout`, and
+# below 50 x 20 MB. A message MAIL declares larger than the limit (SIZE=)
+# goes to its temp file from the first byte. Everything is on 127.0.0.1, bounded by `timeout`, and
 # every process started here is stopped on exit.
 #
 # Knobs: RSS_SESSIONS (default 50), RSS_BODY_BYTES (20000000),
@@ -42,6 +43,7 @@ echo
 cat > "$work/client.py" <<'PY'
 import socket, sys, threading
 host, port, n, body_bytes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+declare = sys.argv[5:] != ["nosize"]  # MAIL FROM ... SIZE=, as Postfix and Exim send it
 line = b"x" * 78 + b"\r\n"
 body = line * (body_bytes // len(line))
 barrier = threading.Barrier(n, timeout=120)
@@ -56,7 +58,7 @@ def client(i):
         s = socket.create_connection((host, port), timeout=240)
         f = s.makefile("rb")
         reply(f)
-        for cmd, want in ((b"EHLO client.bench.test", "250"), (b"MAIL FROM:<news@example.com> SIZE=%d" % (len(body) + 200), "250"),
+        for cmd, want in ((b"EHLO client.bench.test", "250"), (b"MAIL FROM:<news@example.com>" + (b" SIZE=%d" % (len(body) + 200) if declare else b""), "250"),
                           (b"RCPT TO:<reader@example.net>", "250"), (b"DATA", "354")):
             s.sendall(cmd + b"\r\n")
             r = reply(f)
@@ -150,3 +152,8 @@ run "all-in-DATA client" "$PY" "$work/client.py" 127.0.0.1 PORT "$S" "$L"
 # default, 256 MiB, does not bind with 50 messages of at most 1 MiB each in
 # memory): past it, messages go to their temp files at once.
 SPOOL_TOTAL=${RSS_MEMORY_TOTAL:-16777216} run "all-in-DATA client, spool.memory_total" "$PY" "$work/client.py" 127.0.0.1 PORT "$S" "$L"
+# A client that declares no SIZE= (a message is spooled in memory until it
+# passes spool.memory_limit): the worst case, with the default
+# memory_total and with the bound above.
+run "all-in-DATA client without SIZE=" "$PY" "$work/client.py" 127.0.0.1 PORT "$S" "$L" nosize
+SPOOL_TOTAL=${RSS_MEMORY_TOTAL:-16777216} run "all-in-DATA client without SIZE=, spool.memory_total" "$PY" "$work/client.py" 127.0.0.1 PORT "$S" "$L" nosize

@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/emersion/go-sasl"
@@ -174,15 +175,29 @@ func (c *Client) setConn(conn net.Conn) {
 		Writer: w,
 		Closer: conn,
 	}
+	// Commands go through textproto's 4 KiB buffer; messages through a
+	// larger one that Data takes from dataWriters (see there).
 	c.text = textproto.NewConn(rwc)
-	// Messages are written through this buffer: 64 KiB instead of
-	// bufio's 4 KiB makes a sixteenth of the write system calls for
-	// large messages; a client has few connections.
-	c.text.W = bufio.NewWriterSize(rwc, clientWriteBuffer)
 }
 
-// clientWriteBuffer is the size of a client connection's write buffer.
+// clientWriteBuffer is the size of the buffer messages are written
+// through: 64 KiB instead of bufio's 4 KiB makes a sixteenth of the write
+// system calls for large messages.
 const clientWriteBuffer = 64 << 10
+
+// dataWriters recycles the message write buffers: a connection holds one
+// only from DATA to the end of the message, not while it waits (idle in
+// a pool, or for its client to send the message), when 64 KiB per
+// connection added up with many connections.
+var dataWriters = sync.Pool{New: func() interface{} { return bufio.NewWriterSize(nil, clientWriteBuffer) }}
+
+// dataWriter returns the dot-stuffing writer for a message, over a
+// buffer from dataWriters that its Close gives back.
+func (c *Client) dataWriter() *dotWriter {
+	bw := dataWriters.Get().(*bufio.Writer)
+	bw.Reset(c.text.W) // empty: every command flushes it
+	return &dotWriter{w: bw, out: c.text.W}
+}
 
 // Close closes the connection.
 func (c *Client) Close() error {
@@ -716,7 +731,7 @@ func (c *Client) Data() (*DataCommand, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &DataCommand{client: c, wc: &dotWriter{w: c.text.W}}, nil
+	return &DataCommand{client: c, wc: c.dataWriter()}, nil
 }
 
 // SendMail will use an existing connection to send an email from

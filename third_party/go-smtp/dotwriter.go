@@ -3,6 +3,7 @@ package smtp
 import (
 	"bufio"
 	"bytes"
+	"errors"
 )
 
 // dotWriter dot-stuffs a message for DATA as net/textproto's DotWriter
@@ -13,7 +14,13 @@ import (
 type dotWriter struct {
 	w     *bufio.Writer
 	state int
+	// out, if not nil, is the connection's own writer under w: Close
+	// flushes it too and gives w back to dataWriters.
+	out *bufio.Writer
 }
+
+// errDataWriterClosed is a write to a message writer after its Close.
+var errDataWriterClosed = errors.New("smtp: data writer closed")
 
 // States of dotWriter, as in net/textproto.
 const (
@@ -24,6 +31,9 @@ const (
 )
 
 func (d *dotWriter) Write(b []byte) (n int, err error) {
+	if d.w == nil {
+		return 0, errDataWriterClosed
+	}
 	for n < len(b) {
 		if d.state == wstateBegin || d.state == wstateBeginLine {
 			if b[n] == '.' {
@@ -83,6 +93,9 @@ func (d *dotWriter) after(b []byte) int {
 }
 
 func (d *dotWriter) Close() error {
+	if d.w == nil {
+		return errDataWriterClosed
+	}
 	switch d.state {
 	default:
 		d.w.WriteByte('\r')
@@ -93,5 +106,14 @@ func (d *dotWriter) Close() error {
 	case wstateBeginLine:
 		d.w.Write([]byte(".\r\n"))
 	}
-	return d.w.Flush()
+	err := d.w.Flush()
+	if d.out != nil {
+		if err == nil {
+			err = d.out.Flush()
+		}
+		d.w.Reset(nil)
+		dataWriters.Put(d.w)
+		d.w = nil
+	}
+	return err
 }

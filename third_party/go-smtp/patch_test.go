@@ -449,7 +449,8 @@ func TestDataReaderReturnsWhatArrived(t *testing.T) {
 
 // Large messages cross the server's read buffer and the client's write
 // buffer: each fill or flush is a system call, so both are larger than
-// bufio's 4 KiB default.
+// bufio's 4 KiB default. The client holds its large buffer only while it
+// writes a message: between messages, bufio's default.
 func TestDataBufferSizes(t *testing.T) {
 	a, b := net.Pipe()
 	defer a.Close()
@@ -459,7 +460,34 @@ func TestDataBufferSizes(t *testing.T) {
 		t.Errorf("server read buffer %d bytes, want %d", got, serverReadBuffer)
 	}
 	cl := NewClient(b)
-	if got := cl.text.W.Size(); got != clientWriteBuffer || got < 64<<10 {
-		t.Errorf("client write buffer %d bytes, want %d", got, clientWriteBuffer)
+	if got := cl.text.W.Size(); got > 4<<10 {
+		t.Errorf("client write buffer between messages %d bytes, want bufio's 4 KiB", got)
+	}
+	dw := cl.dataWriter()
+	if got := dw.w.Size(); got != clientWriteBuffer || got < 64<<10 {
+		t.Errorf("client write buffer for a message %d bytes, want %d", got, clientWriteBuffer)
+	}
+
+	// The message goes out whole through both buffers; once closed, the
+	// writer refuses more (its buffer may serve another connection).
+	msg := strings.Repeat(".dot-stuffed line\r\n", 10_000) // ~190 KB: several fills of both buffers
+	got := make(chan string, 1)
+	go func() { all, _ := io.ReadAll(a); got <- string(all) }()
+	if _, err := dw.Write([]byte(msg)); err != nil {
+		t.Fatalf("Write: %v", err)
+	}
+	if err := dw.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if _, err := dw.Write([]byte("late\r\n")); !errors.Is(err, errDataWriterClosed) {
+		t.Errorf("Write after Close: %v, want %v", err, errDataWriterClosed)
+	}
+	if err := dw.Close(); !errors.Is(err, errDataWriterClosed) {
+		t.Errorf("second Close: %v, want %v", err, errDataWriterClosed)
+	}
+	b.Close()
+	want := strings.ReplaceAll("\r\n"+msg, "\r\n.", "\r\n..")[2:] + ".\r\n"
+	if s := <-got; s != want {
+		t.Errorf("the connection got %d bytes, want %d dot-stuffed ones", len(s), len(want))
 	}
 }
