@@ -6,6 +6,8 @@ import (
 	"crypto"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -127,4 +129,47 @@ func BenchmarkDualSignBody(b *testing.B) {
 		}
 		b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msgs/s")
 	})
+}
+
+// BenchmarkSpoolAt is `dkimgw sign < file`'s work per byte, on 8 MiB of
+// campaign text in a file, with LF line ends (as written by most tools)
+// and CRLF: checking and hashing the message (SpoolAt), and writing it out
+// again from the file (WriteSigned, to io.Discard).
+func BenchmarkSpoolAt(b *testing.B) {
+	crlfMsg := benchMessage(8 << 20)
+	for name, msg := range map[string][]byte{"LF": bytes.ReplaceAll(crlfMsg, []byte("\r\n"), []byte("\n")), "CRLF": crlfMsg} {
+		path := filepath.Join(b.TempDir(), "msg.eml")
+		if err := os.WriteFile(path, msg, 0o600); err != nil {
+			b.Fatal(err)
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { f.Close() })
+		b.Run(name+"/spool", func(b *testing.B) {
+			b.SetBytes(int64(len(msg)))
+			b.ReportAllocs()
+			for b.Loop() {
+				m, err := SpoolAt(context.Background(), f, int64(len(msg)), SpoolOptions{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				m.Close()
+			}
+		})
+		m, err := SpoolAt(context.Background(), f, int64(len(msg)), SpoolOptions{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run(name+"/write", func(b *testing.B) {
+			b.SetBytes(int64(len(msg)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := WriteSigned(io.Discard, nil, m); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }

@@ -11,6 +11,9 @@
 // DKIM-Signature field per [Identity] from that single body hash, so a
 // dual-signed message (rsa-sha256 + ed25519-sha256) costs one pass over
 // the body, and [WriteSigned] writes the fields followed by the message.
+// [SpoolAt] is [Spool] for a message already stored whole, such as a file:
+// it keeps no copy, and the message is read again from where it is stored
+// when it is written.
 //
 // What every signature looks like (docs/architecture.md, "Signing defaults"):
 // c=relaxed/relaxed; t= always; x= when [Options.Expire] is set; never l=

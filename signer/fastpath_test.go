@@ -104,15 +104,46 @@ func FuzzNormaliseAndBodyHash(f *testing.F) {
 	})
 }
 
-func TestPlainLine(t *testing.T) {
-	for _, line := range []string{
-		"", "a", " ", "a b", "a  b", "\t", "abcdefgh", "abcdefg  ", "abcdefg \x20h", "abcdefgh ijklmnop", "abcdefg\x20 ijk",
-		"1234567 ", "1234567  ", "12345678 ", "12345678  ", "1234567 \x201234", "x\ty", "12345678\t", strings.Repeat("ab ", 20),
-		strings.Repeat("ab ", 20) + " ", "\x80\xa0 \xff", "a\x00 \x00b", " \x20", "\x21\x21", "\x09\x08",
-	} {
-		want := !strings.Contains(line, "\t") && !strings.Contains(line, "  ")
-		if got := plainLine([]byte(line)); got != want {
-			t.Errorf("plainLine(%q) = %v, want %v", line, got, want)
+// refPlainRun is plainRun line by line: the whole lines at the start of
+// p that have content, no two spaces in a row and no space at the end.
+func refPlainRun(p string) int {
+	n := 0
+	for {
+		line, _, ok := strings.Cut(p[n:], "\r\n")
+		if !ok || line == "" || strings.Contains(line, "  ") || strings.HasSuffix(line, " ") {
+			return n
+		}
+		n += len(line) + 2
+	}
+}
+
+// TestPlainRun holds plainRun, which reads 8 bytes at a time, to the
+// line-by-line rule: all short strings of a, space and CRLF, at every
+// alignment, and lines of every length around the word size.
+func TestPlainRun(t *testing.T) {
+	var cases []string
+	var gen func(prefix string, n int)
+	gen = func(prefix string, n int) {
+		cases = append(cases, prefix)
+		if n == 0 {
+			return
+		}
+		for _, s := range []string{"a", " ", "\r\n"} {
+			gen(prefix+s, n-1)
+		}
+	}
+	gen("", 9)
+	for n := 1; n < 40; n++ {
+		line := strings.Repeat("x", n)
+		cases = append(cases, line+"\r\n"+line+"\r\n", line+" \r\n", line+"  y\r\n", line+"\r\n\r\n", " "+line+"\r\n", line+" "+line+"\r\n"+line)
+	}
+	for _, c := range cases {
+		for pad := range 8 { // every alignment of c to the words plainRun reads
+			p := strings.Repeat("z", pad) + "\r\n" + c
+			want := refPlainRun(p)
+			if got := plainRun([]byte(p)); got != want {
+				t.Fatalf("plainRun(%q) = %d, want %d", p, got, want)
+			}
 		}
 	}
 }

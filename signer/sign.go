@@ -345,6 +345,11 @@ func WriteSigned(w io.Writer, fields []string, m *Message) (int64, error) {
 		return n, err
 	}
 	defer r.Close()
+	if sr, ok := r.(*sourceReader); ok {
+		// Its errors say whether reading the source or writing failed.
+		k, err := sr.WriteTo(w)
+		return n + k, err
+	}
 	k, err := io.Copy(w, r)
 	n += k
 	if err != nil {

@@ -8,8 +8,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
+	"math/bits"
 	"os"
 	"path/filepath"
 	"slices"
@@ -170,6 +170,13 @@ type Message struct {
 	mem    [][]byte // the whole message in memChunk pieces, when it fits in memory
 	file   *os.File // the whole message, when it does not
 	path   string   // the file's name, if it could not be unlinked at once
+
+	// A message from SpoolAt is read from its source again: its first
+	// srcSize bytes, normalised, plus the empty line that ends the header
+	// section if headerEnd.
+	src       io.ReaderAt
+	srcSize   int64
+	headerEnd bool
 }
 
 // headerField is one field of the header section as it was received
@@ -205,6 +212,8 @@ func (m *Message) Open() (io.ReadCloser, error) {
 		return nil, errors.New("signer: message already closed")
 	case m.hashOnly:
 		return nil, errors.New("signer: message was streamed, not kept: only Sign can use it")
+	case m.src != nil:
+		return newSourceReader(m.src, m.srcSize, m.headerEnd), nil
 	case m.file != nil:
 		// ReadAt does not move the file offset, so readers do not
 		// interfere with one another.
@@ -271,6 +280,7 @@ func (m *Message) Close() error {
 	}
 	m.closed = true
 	m.mem = nil
+	m.src = nil
 	m.budget.give(m.held)
 	m.held = 0
 	var errs []error
@@ -321,7 +331,8 @@ func Spool(ctx context.Context, r io.Reader, opts SpoolOptions) (*Message, error
 	if opts.MaxHeaderBytes <= 0 {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
-	s := &spooler{opts: opts, body: newRelaxedBody(sha256.New()), toDisk: opts.SizeHint > opts.MemoryLimit}
+	s := newSpooler(opts, false)
+	s.toDisk = opts.SizeHint > opts.MemoryLimit
 	m, err := s.run(ctx, r)
 	if err != nil {
 		s.discard()
@@ -335,13 +346,13 @@ func Spool(ctx context.Context, r io.Reader, opts SpoolOptions) (*Message, error
 type spooler struct {
 	opts SpoolOptions
 
-	pendingCR bool   // the last input byte was a CR whose fate the next byte decides
-	norm      []byte // write's buffer for input it must normalise
-	size      int64  // normalised bytes so far
-	lastLF    bool   // the last normalised byte was LF (or nothing was written yet)
+	ends   lineEnds
+	emitFn func([]byte) error // s.emit, made once
+	size   int64              // normalised bytes so far
 
 	// Header section state.
 	inBody      bool
+	headerEnd   bool // finish added the empty line that ends the header section
 	headerBytes int
 	lineNo      int
 	line        []byte // the current header line, without its CRLF
@@ -364,6 +375,15 @@ type spooler struct {
 	file    *os.File
 	path    string
 	w       *bufio.Writer
+}
+
+// newSpooler returns a spooler for a message; hashOnly keeps only the
+// header section and the body hash.
+func newSpooler(opts SpoolOptions, hashOnly bool) *spooler {
+	s := &spooler{opts: opts, body: newRelaxedBody(sha256.New()), hashOnly: hashOnly}
+	s.ends.lastLF = true
+	s.emitFn = s.emit
+	return s
 }
 
 var crlf = []byte("\r\n")
@@ -428,7 +448,6 @@ func (s *spooler) releasePieces() {
 }
 
 func (s *spooler) run(ctx context.Context, r io.Reader) (*Message, error) {
-	s.lastLF = true
 	bp := readBuffers.Get().(*[]byte)
 	defer readBuffers.Put(bp)
 	buf := *bp
@@ -440,7 +459,7 @@ func (s *spooler) run(ctx context.Context, r io.Reader) (*Message, error) {
 		}
 		n, rerr := r.Read(buf)
 		if n > 0 {
-			if err := s.write(buf[:n]); err != nil {
+			if err := s.ends.write(buf[:n], s.emitFn); err != nil {
 				return nil, err
 			}
 		}
@@ -454,18 +473,29 @@ func (s *spooler) run(ctx context.Context, r io.Reader) (*Message, error) {
 	return s.finish()
 }
 
+// lineEnds normalises line endings to CRLF, piece by piece: a bare LF
+// or a lone CR becomes CRLF, nothing else changes. A message read from
+// its source again (SpoolAt) goes through a lineEnds of its own, so it
+// comes out exactly as it was normalised when spooled.
+type lineEnds struct {
+	pendingCR bool   // the last input byte was a CR whose fate the next byte decides
+	lastLF    bool   // the last byte passed on was LF, or none was yet (set it true to start)
+	norm      []byte // write's buffer for input it must normalise
+}
+
 // write normalises p's line endings and passes the result on to emit:
 // input that already uses CRLF passes through in one piece, other input
 // is normalised into one buffer and passed on in one piece too, so that
 // the body hash sees whole lines.
-func (s *spooler) write(p []byte) error {
-	if s.pendingCR {
+func (l *lineEnds) write(p []byte, emit func([]byte) error) error {
+	if l.pendingCR {
 		// CRLF, or a lone CR: either way one CRLF.
-		s.pendingCR = false
+		l.pendingCR = false
 		if len(p) > 0 && p[0] == '\n' {
 			p = p[1:]
 		}
-		if err := s.emit(crlf); err != nil {
+		l.lastLF = true
+		if err := emit(crlf); err != nil {
 			return err
 		}
 	}
@@ -474,9 +504,30 @@ func (s *spooler) write(p []byte) error {
 		if i == 0 {
 			return nil
 		}
-		return s.emit(p)
+		l.lastLF = p[len(p)-1] == '\n'
+		return emit(p)
 	}
-	out := append(s.norm[:0], p[:i]...)
+	out := append(l.norm[:0], p[:i]...)
+	if bytes.IndexByte(p[i:], '\r') < 0 {
+		// No CR at all, as in a file written on Unix: one search per
+		// line, for its LF, which becomes CRLF.
+		rest := p[i:]
+		for {
+			j := bytes.IndexByte(rest, '\n')
+			if j < 0 {
+				out = append(out, rest...)
+				break
+			}
+			out = append(append(out, rest[:j]...), '\r', '\n')
+			rest = rest[j+1:]
+		}
+		l.norm = out
+		if len(out) == 0 {
+			return nil
+		}
+		l.lastLF = out[len(out)-1] == '\n'
+		return emit(out)
+	}
 	for rest := p[i:]; len(rest) > 0; {
 		j := bytes.IndexByte(rest, '\n')
 		var seg []byte
@@ -501,14 +552,25 @@ func (s *spooler) write(p []byte) error {
 		if j >= 0 {
 			out = append(out, '\r', '\n')
 		} else if endCR {
-			s.pendingCR = true
+			l.pendingCR = true
 		}
 	}
-	s.norm = out
+	l.norm = out
 	if len(out) == 0 {
 		return nil
 	}
-	return s.emit(out)
+	l.lastLF = out[len(out)-1] == '\n'
+	return emit(out)
+}
+
+// end completes normalisation at the end of the input: a CR left
+// pending, or a last line without a line ending, gets its CRLF.
+func (l *lineEnds) end(emit func([]byte) error) error {
+	if l.pendingCR || !l.lastLF {
+		l.pendingCR, l.lastLF = false, true
+		return emit(crlf)
+	}
+	return nil
 }
 
 // cleanPrefix returns how many bytes at the start of p need no
@@ -538,7 +600,6 @@ func (s *spooler) emit(p []byte) error {
 		// ErrTooLarge carries the package prefix.
 		return fmt.Errorf("%w: more than %d bytes", ErrTooLarge, s.opts.MaxMessageBytes)
 	}
-	s.lastLF = p[len(p)-1] == '\n'
 	if err := s.store(p); err != nil {
 		return err
 	}
@@ -808,18 +869,11 @@ func (s *spooler) discard() {
 
 // finish completes normalisation at EOF and checks the header section.
 func (s *spooler) finish() (*Message, error) {
-	if s.pendingCR {
-		s.pendingCR = false
-		if err := s.emit(crlf); err != nil {
-			return nil, err
-		}
-	}
-	if !s.lastLF {
-		if err := s.emit(crlf); err != nil {
-			return nil, err
-		}
+	if err := s.ends.end(s.emitFn); err != nil {
+		return nil, err
 	}
 	if !s.inBody && s.size > 0 {
+		s.headerEnd = true
 		if err := s.emit(crlf); err != nil {
 			return nil, err
 		}
@@ -842,6 +896,7 @@ func (s *spooler) finish() (*Message, error) {
 		budget:     s.opts.Budget,
 		held:       s.held,
 		hashOnly:   s.hashOnly,
+		headerEnd:  s.headerEnd,
 		mem:        s.mem,
 		file:       s.file,
 		path:       s.path,
@@ -854,25 +909,42 @@ func (s *spooler) finish() (*Message, error) {
 // are dropped. Unlike go-msgauth's, it counts pending empty lines instead
 // of buffering them, so its memory does not grow with the input.
 type relaxedBody struct {
-	h          hash.Hash
+	h          bodyHash
 	out        []byte // canonical bytes waiting to be hashed
 	blankLines int    // empty lines seen but not yet known not to be trailing
 	wsp        bool   // whitespace seen that needs an SP if the line goes on
 	content    bool   // the current line has content
 }
 
-func newRelaxedBody(h hash.Hash) *relaxedBody {
+// bodyHash is what relaxedBody hashes the canonical body with: a
+// hash.Hash, or a hashPipe, which runs one beside the canonicalisation.
+type bodyHash interface {
+	Write(p []byte) (int, error) // never fails
+	Sum(b []byte) []byte
+}
+
+func newRelaxedBody(h bodyHash) *relaxedBody {
 	return &relaxedBody{h: h, out: make([]byte, 0, 4<<10)}
 }
 
 // Write takes normalised bytes (CR occurs only before LF) and never fails.
 func (b *relaxedBody) Write(p []byte) {
+	// Plain lines end at a tab. Where the next one is is looked up once
+	// per tab, not once per line: text rarely has any.
+	tab := bytes.IndexByte(p, '\t')
 	for len(p) > 0 {
 		if !b.content && !b.wsp {
 			// At the start of a line: the lines canonicalisation leaves
 			// as they are go to the hash straight from p.
-			if n := b.plainLines(p); n > 0 {
+			lim := len(p)
+			if tab >= 0 {
+				lim = tab
+			}
+			if n := b.plainLines(p[:lim]); n > 0 {
 				p = p[n:]
+				if tab >= 0 {
+					tab -= n
+				}
 				continue
 			}
 		}
@@ -883,25 +955,20 @@ func (b *relaxedBody) Write(p []byte) {
 		}
 		b.write(p[:n])
 		p = p[n:]
+		if tab >= 0 {
+			if tab -= n; tab < 0 {
+				tab = bytes.IndexByte(p, '\t')
+			}
+		}
 	}
 }
 
 // plainLines hashes the whole lines at the start of p that relaxed
-// canonicalisation leaves unchanged (not empty, no tab, no run of
-// spaces, no space at the end), after the empty lines pending before
-// them, and returns their length.
+// canonicalisation leaves unchanged (not empty, no run of spaces, no
+// space at the end; the caller cuts p before any tab), after the empty
+// lines pending before them, and returns their length.
 func (b *relaxedBody) plainLines(p []byte) int {
-	n := 0
-	for {
-		j := bytes.IndexByte(p[n:], '\n')
-		if j < 2 || p[n+j-1] != '\r' {
-			break
-		}
-		if line := p[n : n+j-1]; line[len(line)-1] == ' ' || !plainLine(line) {
-			break
-		}
-		n += j + 1
-	}
+	n := plainRun(p)
 	if n == 0 {
 		return 0
 	}
@@ -917,43 +984,77 @@ func (b *relaxedBody) plainLines(p []byte) int {
 	return n
 }
 
-// plainLine reports whether line has no tab and no two spaces in a row.
-// It looks at 8 bytes at a time: in running text spaces are too frequent
-// for bytes.Index(line, "  ") to skip ahead.
-func plainLine(line []byte) bool {
+// plainRun returns the length of the whole lines at the start of p,
+// which holds no tab and starts a line, that have content, no two spaces
+// in a row and no space at the end: the lines relaxed canonicalisation
+// leaves as they are. p is normalised: a CR is always followed by LF.
+//
+// It looks at 8 bytes at a time over the whole run rather than line by
+// line, since most lines of most messages are plain: it finds the first
+// byte that makes a line not plain and cuts before that line.
+func plainRun(p []byte) int {
+	if len(p) == 0 || p[0] == '\r' || p[0] == '\n' {
+		return 0 // an empty line first
+	}
 	const (
 		ones   = 0x0101010101010101
-		low7   = 0x7f7f7f7f7f7f7f7f
+		highs  = 0x8080808080808080
 		spaces = ' ' * ones
-		tabs   = '\t' * ones
+		crs    = '\r' * ones
 	)
-	// zeros has the high bit of each byte of x that is zero, and only
-	// those (no borrow between bytes).
-	zeros := func(x uint64) uint64 { return ^((x&low7 + low7) | x | low7) }
-	var prev uint64 // the last word's space mask
-	i := 0
-	for ; i+8 <= len(line); i += 8 {
-		w := binary.LittleEndian.Uint64(line[i:])
-		if zeros(w^tabs) != 0 {
-			return false
+	// For each word, sp and cr have the high bit of each byte that is a
+	// space, or a CR, by the usual (x-1) &^ x test on w xor the byte. It
+	// also marks a 0x01 byte right above a marked one, which here can
+	// only be a '!' after a space (after a CR always comes LF): such a
+	// line is taken for not plain, and only costs the slower path. bad
+	// then marks a space followed by a space or by the CR that ends its
+	// line, and a CR two bytes after another (the CR of an empty line),
+	// also across words (prevSp, prevCR).
+	var sp, cr, bad uint64
+	q := p
+	// Two words at a time when none is bad: they are independent, so
+	// the processor works on both at once.
+	for len(q) >= 16 {
+		w0, w1 := binary.LittleEndian.Uint64(q), binary.LittleEndian.Uint64(q[8:])
+		s0, c0, s1, c1 := w0^spaces, w0^crs, w1^spaces, w1^crs
+		sp0, cr0 := (s0-ones)&^s0&highs, (c0-ones)&^c0&highs
+		sp1, cr1 := (s1-ones)&^s1&highs, (c1-ones)&^c1&highs
+		b0 := sp0&((sp0|cr0)>>8) | sp>>56&(sp0|cr0) | cr0&(cr0<<16|cr>>48)
+		b1 := sp1&((sp1|cr1)>>8) | sp0>>56&(sp1|cr1) | cr1&(cr1<<16|cr0>>48)
+		if b0|b1 != 0 {
+			break // the word loop below finds which
 		}
-		sp := zeros(w ^ spaces)
-		// Byte k and k+1 both spaces; or the last word's last byte and
-		// this word's first.
-		if sp&(sp>>8) != 0 || prev>>63&sp != 0 {
-			return false
-		}
-		prev = sp
+		sp, cr = sp1, cr1
+		q = q[16:]
 	}
-	lastSpace := prev>>63 != 0
-	for ; i < len(line); i++ {
-		c := line[i]
-		if c == '\t' || c == ' ' && lastSpace {
-			return false
+	for len(q) >= 8 {
+		w := binary.LittleEndian.Uint64(q)
+		prevSp, prevCR := sp, cr
+		s, c := w^spaces, w^crs
+		sp = (s - ones) &^ s & highs
+		cr = (c - ones) &^ c & highs
+		bad = sp&((sp|cr)>>8) | prevSp>>56&(sp|cr) | cr&(cr<<16|prevCR>>48)
+		if bad != 0 {
+			break
 		}
-		lastSpace = c == ' '
+		q = q[8:]
 	}
-	return true
+	if bad == 0 && len(q) > 0 {
+		var tail [8]byte // zero bytes are neither space nor CR
+		copy(tail[:], q)
+		w := binary.LittleEndian.Uint64(tail[:])
+		prevSp, prevCR := sp, cr
+		s, c := w^spaces, w^crs
+		sp = (s - ones) &^ s & highs
+		cr = (c - ones) &^ c & highs
+		bad = sp&((sp|cr)>>8) | prevSp>>56&(sp|cr) | cr&(cr<<16|prevCR>>48)
+	}
+	end := len(p)
+	if bad != 0 {
+		end = len(p) - len(q) + bits.TrailingZeros64(bad)/8
+	}
+	// The lines before the one that holds the first mark.
+	return bytes.LastIndexByte(p[:end], '\n') + 1
 }
 
 // write canonicalises p byte by byte.

@@ -1,7 +1,6 @@
 package signer
 
 import (
-	"crypto/sha256"
 	"errors"
 )
 
@@ -26,7 +25,7 @@ func NewStream(opts SpoolOptions) *Stream {
 	if opts.MaxHeaderBytes <= 0 {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
-	s := &spooler{opts: opts, body: newRelaxedBody(sha256.New()), hashOnly: true, lastLF: true}
+	s := newSpooler(opts, true)
 	return &Stream{s: s}
 }
 
@@ -43,7 +42,7 @@ func (st *Stream) Write(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	if err := st.s.write(p); err != nil {
+	if err := st.s.ends.write(p, st.s.emitFn); err != nil {
 		st.err = err
 		return 0, err
 	}
