@@ -4,7 +4,9 @@
 # client and smtp-sink as the upstream. The spool keeps 1 MiB of a message
 # in memory and the rest in an unlinked temp file, so RSS must stay far
 # below 50 x 20 MB. A message MAIL declares larger than the limit (SIZE=)
-# goes to its temp file from the first byte. Everything is on 127.0.0.1, bounded by `timeout`, and
+# goes to its temp file from the first byte. At the end, `dkimgw sign` of
+# the same message, for the relay's MB per CPU-second. Everything is on
+# 127.0.0.1, bounded by `timeout`, and
 # every process started here is stopped on exit.
 #
 # Knobs: RSS_SESSIONS (default 50), RSS_BODY_BYTES (20000000),
@@ -139,6 +141,7 @@ print(f"dkimgw log: {n} transactions, all 250 and signed (rsa, ed); message size
 PY
   awk -v t0="$t0" -v t1="$t1" -v n="$S" -v l="$L" -v c="$(( c1 - c0 ))" -v hz="$(getconf CLK_TCK)" 'BEGIN { s = t1 - t0
     printf "wall: %.2f s for %d messages of %d body bytes (%.0f MB/s end to end); dkimgw CPU %.1f s (%.0f MB per CPU second)\n", s, n, l, n * l / 1e6 / s, c / hz, n * l / 1e6 / (c / hz) }'
+  awk -v n="$S" -v l="$L" -v c="$(( c1 - c0 ))" -v hz="$(getconf CLK_TCK)" -v name="$name" 'BEGIN { printf "%.0f %s\n", n * l / 1e6 / (c / hz), name }' >> "$work/relay-rates"
   echo "messages in DATA at once in dkimgw (max sampled): $max_files of $S"
   echo "RSS: after start $(mb "$rss0"); after a 4 KB warm-up $(mb "$rss1") (peak so far $(mb "$hwm1")); max sampled during the run $(mb "$max_rss"); after $(mb "$rss2")"
   echo "PEAK RSS (VmHWM): $(mb "$hwm"), next to $S x $(awk -v l="$L" 'BEGIN { printf "%.0f MB", l / 1e6 }') = $(awk -v l="$L" -v n="$S" 'BEGIN { printf "%.0f MB", n * l / 1e6 }') of messages:" \
@@ -157,3 +160,52 @@ SPOOL_TOTAL=${RSS_MEMORY_TOTAL:-16777216} run "all-in-DATA client, spool.memory_
 # memory_total and with the bound above.
 run "all-in-DATA client without SIZE=" "$PY" "$work/client.py" 127.0.0.1 PORT "$S" "$L" nosize
 SPOOL_TOTAL=${RSS_MEMORY_TOTAL:-16777216} run "all-in-DATA client without SIZE=, spool.memory_total" "$PY" "$work/client.py" 127.0.0.1 PORT "$S" "$L" nosize
+
+# dkimgw sign of the message the all-in-DATA client sends, for the relay's
+# MB per CPU-second above: from the file (read twice, no spool file) and
+# from a pipe (spooled to a temp file past memory_limit, as the relay does).
+"$PY" - "$work/one.eml" "$L" <<'PY'
+import sys
+line = b"x" * 78 + b"\r\n"
+with open(sys.argv[1], "wb") as f:
+    f.write(b"From: <news@example.com>\r\nTo: <reader@example.net>\r\nSubject: big 0\r\n\r\n")
+    f.write(line * (int(sys.argv[2]) // len(line)))
+PY
+size=$(stat -c %s "$work/one.eml")
+echo "### dkimgw sign of the same message ($size bytes), dual-signed like the relay, 5 runs each"
+echo "command: bin/dkimgw sign --domain example.com --selector rsa --selector ed < one.eml > out.eml        (wall and CPU: getrusage of the child)"
+echo "command: cat one.eml | bin/dkimgw sign --domain example.com --selector rsa --selector ed > out.eml"
+DKIMGW_HSM=$URI "$PY" - "$BIN" "$work/one.eml" "$work/out.eml" <<'PY' | tee "$work/sign-rates"
+import os, resource, subprocess, sys, time
+bin, src, dst = sys.argv[1:4]
+size = os.path.getsize(src)
+cmd = [bin, "sign", "--domain", "example.com", "--selector", "rsa", "--selector", "ed"]
+for how in ("file", "pipe"):
+    for i in range(5):
+        r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            if how == "file":
+                p = subprocess.run(cmd, stdin=fin, stdout=fout)
+            else:
+                cat = subprocess.Popen(["cat"], stdin=fin, stdout=subprocess.PIPE)
+                p = subprocess.run(cmd, stdin=cat.stdout, stdout=fout)
+                cat.stdout.close(); cat.wait()
+        t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        if p.returncode != 0:
+            sys.exit(f"dkimgw sign exited {p.returncode}")
+        # cat's CPU is the pipe's writer, not dkimgw's: small, and counted alike for every run
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        print("sign from a %s: %.3f s wall, %.3f s CPU: %d MB/s wall, %d MB per CPU-second" % (how, t1 - t0, cpu, size / 1e6 / (t1 - t0), size / 1e6 / cpu))
+PY
+"$PY" - "$work/relay-rates" "$work/sign-rates" <<'PY'
+import re, statistics, sys
+relay = {l.split(" ", 1)[1].strip(): float(l.split()[0]) for l in open(sys.argv[1])}
+sign = {}
+for l in open(sys.argv[2]):
+    m = re.match(r"sign from a (\w+): .*: (\d+) MB/s wall, (\d+) MB per CPU-second", l)
+    sign.setdefault(m[1], []).append((float(m[2]), float(m[3])))
+r = relay["all-in-DATA client"]
+for how, v in sign.items():
+    wall, cpu = statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)
+    print("relay (all-in-DATA client) %.0f MB per CPU-second / sign from a %s: %.2f x its MB/s (wall, median %.0f), %.2f x its MB per CPU-second (median %.0f)" % (r, how, r / wall, wall, r / cpu, cpu))
+PY
