@@ -195,7 +195,9 @@ func dkimTag(v, tag string) string {
 // never reach the log.
 func TestAuthBruteForceSlowedPerSourceAndLogged(t *testing.T) {
 	h := authHarness(t, "")
-	base := 100 * time.Millisecond
+	// 250ms: on a loaded machine the AUTH exchange itself once took 1s,
+	// which a 100ms base (800ms after four failures) left no room for.
+	base := 250 * time.Millisecond
 	h.srv.auth.setDelays(base, 10*time.Second)
 	guess := func(src string, i int) time.Duration {
 		c := startTLSFrom(t, src, h.addr)
@@ -212,7 +214,7 @@ func TestAuthBruteForceSlowedPerSourceAndLogged(t *testing.T) {
 		t.Errorf("4th guess from 127.0.0.1 answered after %v, want at least %v", last, want)
 	}
 	// A different address starts from the base delay: it waits about
-	// 100ms, far less than the 800ms 127.0.0.1 has reached.
+	// 250ms, far less than the 2s 127.0.0.1 has reached.
 	if other := guess("127.0.0.2", 0); other >= base<<3 {
 		t.Errorf("first guess from 127.0.0.2 answered after %v: slowed by another address's failures", other)
 	}
