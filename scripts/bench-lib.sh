@@ -83,28 +83,7 @@ ${4:+smtpd_milters = $4
 milter_default_action = tempfail
 milter_protocol = 6}
 CF
-  cat > "$d/etc/master.cf" <<CF
-127.0.0.1:$2 inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-CF
+  { echo "127.0.0.1:$2 inet n - n - - smtpd"; cat testenv/postfix-master.cf; } > "$d/etc/master.cf"
 }
 
 # start_postfix NAME PORT starts the instance make_postfix wrote.

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	_ "embed"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -152,32 +153,12 @@ func StartPostfix(t testing.TB, opts PostfixOptions) *Postfix {
 	if err := os.WriteFile(filepath.Join(p.dir, "main.cf"), main.Bytes(), 0o644); err != nil {
 		t.Fatalf("testenv: postfix: %v", err)
 	}
-	// Every service unchrooted: a chroot would lack the temp paths.
+	// smtpd unchrooted unless asked, like the services after it.
 	chroot := "n"
 	if opts.ChrootSMTPD {
 		chroot = "y"
 	}
-	master := fmt.Sprintf(`%s inet n - %s - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-`, p.addr, chroot)
+	master := fmt.Sprintf("%s inet n - %s - - smtpd\n", p.addr, chroot) + postfixServices
 	if err := os.WriteFile(filepath.Join(p.dir, "master.cf"), []byte(master), 0o644); err != nil {
 		t.Fatalf("testenv: postfix: %v", err)
 	}
@@ -191,6 +172,11 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 	}
 	return p
 }
+
+// postfixServices are the master.cf lines after the smtpd line.
+//
+//go:embed postfix-master.cf
+var postfixServices string
 
 // postfixRelayFile is the Postfix configuration of docker-compose.yml,
 // whose block between "# BEGIN relay through dkimgw" and "# END relay
