@@ -179,23 +179,17 @@ admin: {listen: ""}
 	}
 	defer busy.Close()
 	portInUse := write("port-in-use.yaml", strings.Replace(mustRead(t, good), `"127.0.0.1:0"`, `"`+busy.Addr().String()+`"`, 1), 0o600)
-	rotating := config("rotating", uri, `domains:
+	const rotatingDomains = `domains:
   example.com: {selectors: [rsa]}
   rot.example.com: {rotation: {publisher: byhand}}
 dns:
   publishers: {byhand: {type: manual}}
   check_servers: ["127.0.0.1:1"]
   timeout: 1s
-`)
+`
+	rotating := config("rotating", uri, rotatingDomains)
 	// The same on a fresh state, where dns check has nothing to ask.
-	rotatingFresh := config("rotating-fresh", uri, `domains:
-  example.com: {selectors: [rsa]}
-  rot.example.com: {rotation: {publisher: byhand}}
-dns:
-  publishers: {byhand: {type: manual}}
-  check_servers: ["127.0.0.1:1"]
-  timeout: 1s
-`)
+	rotatingFresh := config("rotating-fresh", uri, rotatingDomains)
 	rotatingWrongPIN := strings.Replace(mustRead(t, rotating), uri, wrongPINFile, 1)
 	rotatingWrongPINConf := write("rotating-wrong-pin.yaml", rotatingWrongPIN, 0o600)
 	// The audit review of a token with nothing wrong in it: only a
