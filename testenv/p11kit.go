@@ -155,6 +155,18 @@ func (s *P11KitServer) URIWithPINFile(t testing.TB) string {
 	return fmt.Sprintf("pkcs11:token=%s?module-path=%s&pin-source=file:%s", url.PathEscape(s.Label), P11KitClientModule(), path)
 }
 
+// DirectURI and DirectEnv address the same token with SoftHSM loaded in
+// the calling process, bypassing the server: for a test that prepares
+// what the server's clients cannot do themselves (an Ed25519 key, which
+// p11-kit's RPC does not carry).
+func (s *P11KitServer) DirectURI() string {
+	return fmt.Sprintf("pkcs11:token=%s?module-path=%s&pin-value=%s", url.PathEscape(s.Label), SoftHSMModule, url.PathEscape(s.PIN))
+}
+
+// DirectEnv is the NAME=VALUE that points SoftHSM at the server's token
+// store; see DirectURI.
+func (s *P11KitServer) DirectEnv() string { return softhsmEnv + "=" + s.conf }
+
 // Restart starts the server (again) on the same socket and token, and
 // waits until the socket accepts connections. The server must not run.
 func (s *P11KitServer) Restart() {

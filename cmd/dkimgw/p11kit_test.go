@@ -87,6 +87,42 @@ func TestP11Kit(t *testing.T) {
 		t.Errorf("keys generate ed25519 through p11-kit: exit %d, %q; want %d naming the missing mechanism", code, errText, exitUnavailable)
 	}
 
+	// An Ed25519 key made in the token directly (SoftHSM can) is listed
+	// through p11-kit, but as unusable; sign refuses it as a missing
+	// mechanism (exit 69), not as a token failure.
+	code, _, errText = runBin(t, bin, []string{s.DirectEnv()}, nil, "keys", "generate", "--hsm", s.DirectURI(), "--audit-log", audit,
+		"--domain", "example.com", "--selector", "ed1", "--algorithm", "ed25519")
+	if code != exitOK {
+		t.Fatalf("keys generate ed25519 in SoftHSM directly: exit %d\n%s", code, errText)
+	}
+	t.Run("Ed25519Unusable", func(t *testing.T) {
+		code, out, errText := runBin(t, bin, env, nil, "keys", "list", "--json", "--hsm", uri)
+		if code != exitOK {
+			t.Fatalf("keys list: exit %d\n%s", code, errText)
+		}
+		var keys []keyJSON
+		if err := json.Unmarshal(out, &keys); err != nil {
+			t.Fatalf("keys list --json: %v\n%s", err, out)
+		}
+		found := false
+		for _, k := range keys {
+			if k.Selector == "ed1" {
+				found = true
+				if k.Usable || !strings.Contains(k.Problem, "CKM_EDDSA") {
+					t.Errorf("keys list through p11-kit shows ed1 usable=%v problem=%q; want unusable, naming CKM_EDDSA", k.Usable, k.Problem)
+				}
+			}
+		}
+		if !found {
+			t.Fatalf("keys list through p11-kit does not show ed1: %s", out)
+		}
+		msg := testMessage("a@example.com", "b@example.net", "ed@p11kit.test", "p11-kit", "Ed25519.\r\n")
+		code, out, errText = runBin(t, bin, env, []byte(msg), "sign", "--hsm", uri, "--domain", "example.com", "--selector", "ed1")
+		if code != exitKeyUnusable || len(out) != 0 || !strings.Contains(errText, "CKM_EDDSA") {
+			t.Errorf("sign with ed1 through p11-kit: exit %d, %d bytes out, %q; want %d, nothing, naming CKM_EDDSA", code, len(out), errText, exitKeyUnusable)
+		}
+	})
+
 	t.Run("KeysList", func(t *testing.T) {
 		code, out, errText := runBin(t, bin, env, nil, "keys", "list", "--json", "--hsm", uri)
 		if code != exitOK {
@@ -96,10 +132,12 @@ func TestP11Kit(t *testing.T) {
 		if err := json.Unmarshal(out, &keys); err != nil {
 			t.Fatalf("keys list --json: %v\n%s", err, out)
 		}
-		if len(keys) != 1 {
-			t.Fatalf("keys list shows %d keys, want rsa1 alone: %+v", len(keys), keys)
+		var k keyJSON
+		for _, key := range keys {
+			if key.Selector == "rsa1" {
+				k = key
+			}
 		}
-		k := keys[0]
 		if k.Selector != "rsa1" || k.Algorithm != "rsa-2048" || k.Extractable || !k.Sensitive || !k.NeverExtractable ||
 			!k.AlwaysSensitive || !k.Local || k.Decrypt || k.Unwrap || k.Derive || !k.Usable {
 			t.Errorf("keys list through p11-kit: %+v; want a sensitive, never-extractable, local, sign-only, usable rsa-2048 key", k)
