@@ -123,6 +123,14 @@ func TestP11Kit(t *testing.T) {
 		}
 	})
 
+	t.Run("ServerAbsent", func(t *testing.T) {
+		absent := "unix:path=" + filepath.Join(t.TempDir(), "absent.sock")
+		code, _, errText := runBin(t, bin, []string{testenv.P11KitAddressEnv + "=" + absent}, nil, "keys", "list", "--hsm", uri)
+		if code != exitConfig || !strings.Contains(errText, "$P11_KIT_SERVER_ADDRESS says (now: "+absent+")") {
+			t.Errorf("keys list with no p11-kit server: exit %d, %q; want %d and a hint naming the server's address", code, errText, exitConfig)
+		}
+	})
+
 	t.Run("KeysList", func(t *testing.T) {
 		code, out, errText := runBin(t, bin, env, nil, "keys", "list", "--json", "--hsm", uri)
 		if code != exitOK {
