@@ -10,7 +10,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -120,6 +122,18 @@ func TestP11Kit(t *testing.T) {
 		code, out, errText = runBin(t, bin, env, []byte(msg), "sign", "--hsm", uri, "--domain", "example.com", "--selector", "ed1")
 		if code != exitKeyUnusable || len(out) != 0 || !strings.Contains(errText, "CKM_EDDSA") {
 			t.Errorf("sign with ed1 through p11-kit: exit %d, %d bytes out, %q; want %d, nothing, naming CKM_EDDSA", code, len(out), errText, exitKeyUnusable)
+		}
+		// A configuration that names it is refused before serve starts.
+		cfg := gwConfig{uri: uri, upstream: "127.0.0.1:1", clientDomains: []string{"example.com"},
+			domains: map[string][]string{"example.com": {"rsa1", "ed1"}}}
+		path := filepath.Join(t.TempDir(), "dkimgw.yaml")
+		text := cfg.yaml() + fmt.Sprintf("audit: {path: %q}\n", filepath.Join(t.TempDir(), "audit.log"))
+		if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		code, _, errText = runBin(t, bin, env, nil, "config", "check", "--config", path)
+		if code != exitUnavailable || !strings.Contains(errText, "ed1") || !strings.Contains(errText, "CKM_EDDSA") {
+			t.Errorf("config check with ed1 through p11-kit: exit %d, %q; want %d naming ed1 and CKM_EDDSA", code, errText, exitUnavailable)
 		}
 	})
 
