@@ -521,7 +521,27 @@ func (t *Token) loadKey(ctx context.Context, domain, selector, label string) (*K
 	if why := UnsafeReason(k.info); why != "" {
 		return nil, errorf("%w: %s: %s; generate a new key with 'dkimgw keys generate'", ErrUnsafeKey, label, why)
 	}
+	if mech := t.MissingSignMechanism(k.info.Algorithm); mech != "" {
+		return nil, errorf("%w: %s is %s, but token %q does not offer %s, the mechanism that signs with it (p11-kit's client, for one, carries no EdDSA); use an RSA selector", ErrMechanismMissing, label, k.info.Algorithm, t.Info().Label, mech)
+	}
 	return k, nil
+}
+
+// MissingSignMechanism returns the name of the mechanism dkimgw signs
+// with keys of alg when the token does not offer it, else "". A key can
+// be in a token that cannot sign with it: a module in front of the
+// token, such as p11-kit's client, may pass only some mechanisms on.
+func (t *Token) MissingSignMechanism(alg Algorithm) string {
+	if alg == Ed25519 {
+		if _, ok := t.hasMechanism(ckmEdDSA); !ok {
+			return "CKM_EDDSA"
+		}
+		return ""
+	}
+	if _, ok := t.hasMechanism(pkcs11.CKM_RSA_PKCS); !ok {
+		return "CKM_RSA_PKCS"
+	}
+	return ""
 }
 
 // Keys lists every dkimgw key in the token (private keys labelled

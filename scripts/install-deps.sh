@@ -7,6 +7,8 @@ set -euo pipefail
 packages=(
   softhsm2            # the PKCS#11 token of tests and the demo
   opensc              # pkcs11-tool: an independent look at token objects
+  p11-kit             # p11-kit server: the token in a process of its own, behind a Unix socket
+  p11-kit-modules     # p11-kit-client.so: the module dkimgw loads to reach that server
   python3-dkim        # dkimpy, independent verifier
   python3-nacl        # dkimpy's Ed25519
   libmail-dkim-perl   # Perl Mail::DKIM, independent verifier

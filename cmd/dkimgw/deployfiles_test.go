@@ -132,6 +132,42 @@ func TestSystemdUnit(t *testing.T) {
 	}
 }
 
+// TestTokenSystemdUnit checks deploy/dkimgw-token.service (p11-kit server
+// in front of SoftHSM, docs/operations.md) with systemd-analyze verify,
+// and that it keeps the socket, user and environment the documentation
+// and dkimgw.service name.
+func TestTokenSystemdUnit(t *testing.T) {
+	found := testenv.Require(t, "systemd-analyze", "/usr/bin/p11-kit")
+	unit, err := os.ReadFile(filepath.Join(repoRoot, "deploy", "dkimgw-token.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw, err := os.ReadFile(filepath.Join(repoRoot, "deploy", "dkimgw.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"ExecStart=/usr/bin/p11-kit server -f -u dkimgw -g dkimgw -n /run/dkimgw-token/pkcs11.sock --provider /usr/lib/softhsm/libsofthsm2.so pkcs11:token=dkim",
+		"Environment=SOFTHSM2_CONF=/etc/dkimgw-token/softhsm2.conf", "RuntimeDirectory=dkimgw-token",
+		"CapabilityBoundingSet=CAP_CHOWN", "Before=dkimgw.service",
+	} {
+		if !strings.Contains(string(unit), want) {
+			t.Errorf("deploy/dkimgw-token.service lacks %q", want)
+		}
+	}
+	if want := "#Environment=P11_KIT_SERVER_ADDRESS=unix:path=/run/dkimgw-token/pkcs11.sock"; !strings.Contains(string(gw), want) {
+		t.Errorf("deploy/dkimgw.service lacks %q", want)
+	}
+	path := filepath.Join(t.TempDir(), "dkimgw-token.service")
+	if err := os.WriteFile(path, unit, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.CommandContext(t.Context(), found[0], "verify", "--man=no", path).CombinedOutput()
+	if err != nil || len(out) > 0 {
+		t.Errorf("systemd-analyze verify deploy/dkimgw-token.service: %v\n%s", err, out)
+	}
+}
+
 // TestDockerfile: the image is built with the Go version go.mod asks for,
 // and keeps the shape the documentation describes.
 func TestDockerfile(t *testing.T) {

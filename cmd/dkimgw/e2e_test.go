@@ -108,6 +108,9 @@ type gwConfig struct {
 	// admin is the admin: section; empty means a listener on a port the
 	// kernel picks, without TLS or token.
 	admin string
+	// env is added to the gateway's environment (NAME=VALUE; a later
+	// value of a name wins).
+	env []string
 }
 
 func standardConfig(uri, upstream string) gwConfig {
@@ -202,7 +205,7 @@ func startGatewayAs(t *testing.T, bin string, cfg gwConfig, cmd string) *gateway
 	gw.writeConfig(cfg)
 	gw.cmd = exec.Command(bin, cmd, "--config", gw.config)
 	// SOFTHSM2_CONF comes from testenv.Main through the environment.
-	gw.cmd.Env = os.Environ()
+	gw.cmd.Env = append(os.Environ(), cfg.env...)
 	// Never outlive the test binary, even when it is killed.
 	gw.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	// One pipe for stdout and stderr, whose write end only the child

@@ -165,7 +165,9 @@ func keysList(ctx context.Context, c *cli, args []string) int {
 attributes as the token reports them. A key that is or was extractable,
 was imported rather than generated in the token, or may do more than sign
 (decrypt, unwrap, derive, sign with recovery) is listed as not usable,
-with the reason: dkimgw refuses to sign with it.`
+with the reason: dkimgw refuses to sign with it. So is a key whose
+signing mechanism the token does not offer (an Ed25519 key reached
+through p11-kit's client, which carries no EdDSA).`
 	fs := newFlagSet(c, "keys list")
 	var (
 		tf     tokenFlags
@@ -188,6 +190,9 @@ with the reason: dkimgw refuses to sign with it.`
 	list := make([]keyJSON, 0, len(infos))
 	for _, i := range infos {
 		problem := hsm.UnsafeReason(i)
+		if mech := tok.MissingSignMechanism(i.Algorithm); problem == "" && mech != "" {
+			problem = "the token does not offer " + mech + ", the mechanism that signs with it"
+		}
 		list = append(list, keyJSON{
 			Domain: i.Domain, Selector: i.Selector, Algorithm: string(i.Algorithm), Bits: i.Bits,
 			Label: i.Label, ID: i.IDHex(),

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/dkimgw/dkimgw/hsm"
@@ -77,7 +78,15 @@ func tokenExitCode(err error) int {
 // not found, and returns its exit status.
 func failToken(c *cli, err error, format string, args ...any) int {
 	code := failf(c, tokenExitCode(err), format, args...)
-	if errors.Is(err, hsm.ErrTokenNotFound) {
+	if errors.Is(err, hsm.ErrTokenNotFound) && strings.Contains(err.Error(), "p11-kit-client") {
+		// p11-kit's client lists no token when its server is down or
+		// serves another token: it cannot tell the two apart.
+		addr := c.getenv("P11_KIT_SERVER_ADDRESS")
+		if addr == "" {
+			addr = "unset, so $XDG_RUNTIME_DIR/p11-kit/pkcs11"
+		}
+		fmt.Fprintf(c.stderr, "dkimgw: check that the p11-kit server runs, serves this token, and listens where $P11_KIT_SERVER_ADDRESS says (now: %s)\n", addr)
+	} else if errors.Is(err, hsm.ErrTokenNotFound) {
 		conf := c.getenv("SOFTHSM2_CONF")
 		if conf == "" {
 			conf = "unset, so /etc/softhsm/softhsm2.conf"

@@ -7,22 +7,28 @@
 #   (b) rsa:      smtpload -> dkimgw serve (SoftHSM RSA-2048)           -> smtp-sink
 #   (c) dual:     smtpload -> dkimgw serve (SoftHSM RSA-2048 + Ed25519) -> smtp-sink
 #   (d) opendkim: smtpload -> Postfix + OpenDKIM milter (RSA-2048 file key) -> smtp-sink
+#   (e) p11kit:   smtpload -> dkimgw serve (RSA-2048, the token in a p11-kit server
+#                 process in front of SoftHSM, reached through p11-kit-client.so) -> smtp-sink
 #
 # interleaved: each round runs every size × sessions × path once; the
 # median of CAMPAIGN_ROUNDS rounds is reported. smtpload (bench/smtpload)
 # sends for CAMPAIGN_SECONDS, each message on a new connection, and
 # times every message from connect to the reply to its final dot. Every
-# (b)/(c) message is checked in dkimgw's JSON log (250, signed); every (d)
+# (b)/(c)/(e) message is checked in dkimgw's JSON log (250, signed); every (d)
 # message is checked at the sink for exactly one DKIM-Signature; a sample
 # of dkimgw-signed messages of each size is verified with dkimpy. CPU
 # (pprof) and allocation profiles of (b) at each size, 20 sessions, are
 # written to BENCH_PROFILES (default bench-results/profiles) with their
 # top functions. Loopback only, every run bounded by `timeout`, and every
 # process started here stopped on exit. (d) is skipped, with the reason,
-# where Postfix or OpenDKIM cannot run.
+# where Postfix or OpenDKIM cannot run; (e) where p11-kit is missing.
+# For (e) the CPU of the token's process (the p11-kit-remote the server
+# forked for dkimgw's connection: the "HSM") is measured too, apart from
+# dkimgw's.
 #
 # Knobs: CAMPAIGN_SIZES ("4096 102400 1048576"), CAMPAIGN_SESSIONS
-# ("20 100"), CAMPAIGN_ROUNDS (3), CAMPAIGN_SECONDS (4).
+# ("20 100"), CAMPAIGN_ROUNDS (3), CAMPAIGN_SECONDS (4), CAMPAIGN_P11KIT:
+# the SIZE:SESSIONS where (e) runs ("4096:20 102400:20"; "" for none).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/lib.sh
@@ -32,6 +38,8 @@ SESSIONS=${CAMPAIGN_SESSIONS:-20 100}
 ROUNDS=${CAMPAIGN_ROUNDS:-3}
 SECS=${CAMPAIGN_SECONDS:-4}
 PROFILES=${BENCH_PROFILES:-bench-results/profiles}
+P11KIT_AT=${CAMPAIGN_P11KIT-4096:20 102400:20}
+P11KIT_CLIENT=/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/pkcs11/p11-kit-client.so
 RUN_TIMEOUT=$(( SECS + 120 )) # seconds, per run (sending and, for Postfix, delivering)
 
 for tool in smtp-sink softhsm2-util go curl; do
@@ -62,6 +70,36 @@ start_gw() { # start_gw NAME SELECTORS UPSTREAM_PORT
 }
 start_gw rsa "rsa" "$up_port"
 start_gw dual "rsa, ed" "$up_port"
+
+# (e): the same token served by a p11-kit server (its own session, so
+# that its process group holds the server and the p11-kit-remote it
+# forks per connection); the gateway loads p11-kit-client.so and learns
+# the socket from P11_KIT_SERVER_ADDRESS. RSA only: p11-kit's RPC
+# carries no EdDSA.
+p11kit_pgid=
+if [ -n "$P11KIT_AT" ]; then
+  if ! command -v p11-kit >/dev/null || [ ! -f "$P11KIT_CLIENT" ]; then
+    echo "SKIP (e) p11kit: p11-kit or $P11KIT_CLIENT missing (make deps)"; P11KIT_AT=
+  fi
+fi
+if [ -n "$P11KIT_AT" ]; then
+  setsid p11-kit server -f -n "$work/p11kit.sock" --provider "$SOFTHSM_MODULE" "pkcs11:token=bench" > "$work/p11kit.log" 2>&1 &
+  p11kit_pgid=$!; pids+=("$p11kit_pgid")
+  for _ in $(seq 100); do [ -S "$work/p11kit.sock" ] && break; sleep 0.1; done
+  [ -S "$work/p11kit.sock" ] || { cat "$work/p11kit.log"; echo "p11-kit server did not start" >&2; exit 1; }
+  export P11_KIT_SERVER_ADDRESS=unix:path=$work/p11kit.sock
+  URI_SOFTHSM=$URI; URI="pkcs11:token=bench?module-path=$P11KIT_CLIENT&pin-source=file:$work/pin"
+  start_gw p11kit "rsa" "$up_port"
+  URI=$URI_SOFTHSM
+fi
+# hsm_ticks: CPU ticks of every process of the p11-kit server's group
+# (the server, which only accepts, and the p11-kit-remote processes,
+# which sign).
+hsm_ticks() {
+  local t=0 p
+  for p in $(pgrep -g "$p11kit_pgid"); do t=$(( t + $(cpu_ticks "$p" 2>/dev/null || echo 0) )); done
+  echo "$t"
+}
 PORT[direct]=$up_port; PID[direct]=$up_pid
 
 load() { # load PORT SESSIONS SIZE ARGS...: one smtpload run; prints its result line
@@ -72,6 +110,13 @@ load() { # load PORT SESSIONS SIZE ARGS...: one smtpload run; prints its result 
 # A sample of each size, signed by dkimgw (both keys), verified by dkimpy.
 start_sink verify dump; start_gw verify "rsa, ed" "$sink_port"
 for size in $SIZES; do load "${PORT[verify]}" 1 "$size" -count 2 > /dev/null; done
+if [ -n "$P11KIT_AT" ]; then
+  URI="pkcs11:token=bench?module-path=$P11KIT_CLIENT&pin-source=file:$work/pin"
+  start_gw verify-p11kit "rsa" "$sink_port"
+  URI=$URI_SOFTHSM
+  for size in $SIZES; do load "${PORT[verify-p11kit]}" 1 "$size" -count 2 > /dev/null; done
+  kill -TERM "${PID[verify-p11kit]}"; wait "${PID[verify-p11kit]}" || true
+fi
 sleep 0.5
 "$PY" scripts/bench-verify.py "$work/zone" "$work"/dump-verify/* || { echo "dkimgw's signatures do not verify" >&2; exit 1; }
 kill -TERM "${PID[verify]}"; wait "${PID[verify]}" || true
@@ -87,6 +132,7 @@ if [ -z "$no_pf" ]; then
   start_postfix opendkim "${PORT[opendkim]}" || { echo "SKIP (d): the throwaway Postfix did not start"; no_pf="Postfix did not start"; }
 fi
 [ -z "$no_pf" ] && paths="$paths opendkim" || echo "SKIP (d) Postfix + OpenDKIM: $no_pf"
+[ -z "$P11KIT_AT" ] || paths="$paths p11kit"
 
 cat <<EOF
 machine:  $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo); load average before: $(cut -d' ' -f1-3 /proc/loadavg)
@@ -97,23 +143,29 @@ client:   smtpload -addr 127.0.0.1:PORT -sessions S -size SIZE -duration ${SECS}
              log: {format: json}; max_connections_per_ip: 1000) -> the same smtp-sink
 (d)       -> Postfix (throwaway instance, smtpd_milters = inet:127.0.0.1:MILTER: opendkim -f, Mode s,
              RSA-2048 file key, relaxed/relaxed) -> relayhost smtp-sink -d; timed until the sink has them all
-cpu:      utime+stime per message (/proc/PID/stat) of dkimgw, or of opendkim for (d); busy: all cores (/proc/stat)
+(e)       -> bin/dkimgw serve --config p11kit.yaml (selectors [rsa]; hsm.uri module-path=$P11KIT_CLIENT,
+             P11_KIT_SERVER_ADDRESS=unix:path=.../p11kit.sock) -> the same smtp-sink; the token: p11-kit server -f
+             -n .../p11kit.sock --provider $SOFTHSM_MODULE pkcs11:token=bench; only at ${P11KIT_AT:-(none)}
+cpu:      utime+stime per message (/proc/PID/stat) of dkimgw, or of opendkim for (d); for (e) also of the p11-kit
+          server's processes (HSM ms/msg); busy: all cores (/proc/stat)
 rounds:   $ROUNDS; sizes: $SIZES; sessions: $SESSIONS; paths: $paths
 
 EOF
 
-results=$work/results.txt # path size sessions round sent secs p50 p99 cpu_ticks busy
+results=$work/results.txt # path size sessions round sent secs p50 p99 cpu_ticks busy hsm_ticks
 : > "$results"
 field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<< "$2"; }
 
 run() { # run PATH SIZE SESSIONS ROUND
-  local path=$1 size=$2 s=$3 round=$4 port=${PORT[$1]} spid=${PID[$1]} out skip=0 t0 t1 b0 b1 c0 c1 sent secs
+  local path=$1 size=$2 s=$3 round=$4 port=${PORT[$1]} spid=${PID[$1]} out skip=0 t0 t1 b0 b1 c0 c1 h0=0 h1=0 sent secs
+  if [ "$path" = p11kit ] && [[ " $P11KIT_AT " != *" $size:$s "* ]]; then return 0; fi
   load "$port" "$(( s < 20 ? s : 20 ))" "$size" -count 20 > /dev/null || { echo "warm-up of $path failed" >&2; exit 1; }
   if [ "$path" = opendkim ]; then
     for _ in $(seq 600); do [ "$(find "$odk_dump" -type f | wc -l)" -ge 20 ] && break; sleep 0.1; done
     find "$odk_dump" -type f -delete
   fi
-  if [ "$path" = rsa ] || [ "$path" = dual ]; then skip=$(grep -c '"msg":"transaction"' "${LOG[$path]}" || true); fi
+  if [ "$path" = rsa ] || [ "$path" = dual ] || [ "$path" = p11kit ]; then skip=$(grep -c '"msg":"transaction"' "${LOG[$path]}" || true); fi
+  [ "$path" != p11kit ] || h0=$(hsm_ticks)
   c0=$(cpu_ticks "$spid"); b0=$(busy_ticks); t0=$(date +%s.%N)
   out=$(load "$port" "$s" "$size" -duration "${SECS}s") || { echo "$path $size B x $s: smtpload failed: $out" >&2; exit 1; }
   sent=$(field sent "$out"); secs=$(field secs "$out")
@@ -126,8 +178,9 @@ run() { # run PATH SIZE SESSIONS ROUND
     t1=$(date +%s.%N); secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')
   fi
   b1=$(busy_ticks); c1=$(cpu_ticks "$spid")
+  [ "$path" != p11kit ] || h1=$(hsm_ticks)
   case $path in
-    rsa|dual)
+    rsa|dual|p11kit)
       "$PY" - "${LOG[$path]}" "$skip" "$sent" "$path" <<'PY' || exit 1
 import json, sys
 log, skip, n, name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -145,7 +198,7 @@ PY
       find "$odk_dump" -type f -delete
       ;;
   esac
-  echo "$path $size $s $round $sent $secs $(field p50_ms "$out") $(field p99_ms "$out") $(( c1 - c0 )) $(busy "$b0" "$b1")" >> "$results"
+  echo "$path $size $s $round $sent $secs $(field p50_ms "$out") $(field p99_ms "$out") $(( c1 - c0 )) $(busy "$b0" "$b1") $(( h1 - h0 ))" >> "$results"
   printf '%-8s %8s B %4s sessions, round %s: %s\n' "$path" "$size" "$s" "$round" "$out"
 }
 
@@ -213,20 +266,22 @@ import sys, statistics
 hz = int(sys.argv[2])
 rows = {}
 for l in open(sys.argv[1]):
-    path, size, s, rnd, sent, secs, p50, p99, ticks, busy = l.split()
+    path, size, s, rnd, sent, secs, p50, p99, ticks, busy, hticks = l.split()
     size, s, sent, secs = int(size), int(s), int(sent), float(secs)
     rows.setdefault((path, size, s), []).append(dict(
         rate=sent / secs, mbps=sent * size / secs / 1e6, p50=float(p50), p99=float(p99),
-        cpu=int(ticks) / hz * 1000 / max(sent, 1), busy=int(busy)))
-order = ["direct", "rsa", "dual", "opendkim"]
+        cpu=int(ticks) / hz * 1000 / max(sent, 1), busy=int(busy), hsm=int(hticks) / hz * 1000 / max(sent, 1)))
+order = ["direct", "rsa", "dual", "opendkim", "p11kit"]
 M = {}
-print("median of the rounds (msgs/s of each round at the end); CPU: dkimgw's for rsa/dual, opendkim's for opendkim")
-print("%-9s %8s %5s %8s %7s %8s %8s %11s %6s  %s" % ("path", "size", "sess", "msgs/s", "MB/s", "p50 ms", "p99 ms", "CPU ms/msg", "busy", "rounds"))
+print("median of the rounds (msgs/s of each round at the end); CPU: dkimgw's for rsa/dual/p11kit, opendkim's for opendkim;")
+print("HSM: the p11-kit server's processes for p11kit (the token's CPU, outside dkimgw)")
+print("%-9s %8s %5s %8s %7s %8s %8s %11s %11s %6s  %s" % ("path", "size", "sess", "msgs/s", "MB/s", "p50 ms", "p99 ms", "CPU ms/msg", "HSM ms/msg", "busy", "rounds"))
 for (path, size, s), v in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][2], order.index(kv[0][0]))):
     m = {k: statistics.median([r[k] for r in v]) for k in v[0]}
     M[(path, size, s)] = m
     cpu = "-" if path == "direct" else "%.2f" % m["cpu"]
-    print("%-9s %8d %5d %8.0f %7.1f %8.1f %8.1f %11s %5.0f%%  %s" % (path, size, s, m["rate"], m["mbps"], m["p50"], m["p99"], cpu, m["busy"], " / ".join("%.0f" % r["rate"] for r in v)))
+    hsm = "%.2f" % m["hsm"] if path == "p11kit" else "-"
+    print("%-9s %8d %5d %8.0f %7.1f %8.1f %8.1f %11s %11s %5.0f%%  %s" % (path, size, s, m["rate"], m["mbps"], m["p50"], m["p99"], cpu, hsm, m["busy"], " / ".join("%.0f" % r["rate"] for r in v)))
 print()
 get = lambda p, size, s, k: M.get((p, size, s), {}).get(k)
 for s in sorted({k[2] for k in M}):
@@ -238,6 +293,13 @@ for s in sorted({k[2] for k in M}):
     r, o = get("rsa", 4096, s, "rate"), get("opendkim", 4096, s, "rate")
     if r and o:
         print("%3d sessions: 4 KB msgs/s, dkimgw rsa / Postfix + OpenDKIM = %.2f (target >= 5)" % (s, r / o))
+    for size in (4096, 102400):
+        p, o, r = get("p11kit", size, s, "cpu"), get("opendkim", size, s, "cpu"), get("rsa", size, s, "cpu")
+        if p and o:
+            print("%3d sessions: %6d B: dkimgw CPU per message, token in the p11-kit server / OpenDKIM milter's = %.2f (target <= 0.4); in-process token (rsa): %s" % (s, size, p / o, "%.2f" % (r / o) if r else "-"))
+        pr, orate = get("p11kit", size, s, "rate"), get("opendkim", size, s, "rate")
+        if pr and orate:
+            print("%3d sessions: %6d B: msgs/s, dkimgw p11kit / Postfix + OpenDKIM = %.2f" % (s, size, pr / orate))
     for size in sorted({k[1] for k in M}):
         c = get("rsa", size, s, "cpu")
         if c:
