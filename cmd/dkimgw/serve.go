@@ -149,7 +149,7 @@ func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
 		}
 		obs.srv.Store(srv)
 	}
-	ms, err := startMilter(cfg, &ring, obs.m, logger)
+	ms, err := startMilter(cfg, &ring, obs.m, alog.refused, logger)
 	if err != nil {
 		if l != nil {
 			l.Close()
