@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -56,10 +55,6 @@ func TestEtcdReloadKeepsCandidacy(t *testing.T) {
 	st := testenv.SoftHSM(t)
 	etcd := testenv.StartEtcd(t)
 	sink := testenv.NewSMTPSink(t)
-	eps := make([]string, len(etcd.Members))
-	for i, m := range etcd.Members {
-		eps[i] = fmt.Sprintf("%q", m.ClientURL)
-	}
 	uri := st.URIWithPINFile(t)
 	dataDirs := []string{t.TempDir(), t.TempDir()}
 	config := func(i int, ttl string) gwConfig {
@@ -74,13 +69,7 @@ func TestEtcdReloadKeepsCandidacy(t *testing.T) {
 rotation:
   check_every: 500ms
 data_dir: %q
-state:
-  type: etcd
-  endpoints: [%s]
-  prefix: /reload/
-  dial_timeout: 2s
-  lease_ttl: %s
-`, dataDirs[i], strings.Join(eps, ", "), ttl),
+%s`, dataDirs[i], etcdState(etcd, "/reload/", ttl)),
 		}
 	}
 	gws := []*gateway{startGateway(t, bin, config(0, "3s")), startGateway(t, bin, config(1, "3s"))}
