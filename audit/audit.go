@@ -20,6 +20,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/dkimgw/dkimgw/internal/fsync"
 )
 
 // Event names. Rotation transitions are "key " + the state entered
@@ -159,8 +161,8 @@ func Open(path string, opts Options) (*Log, error) {
 	f.Close()
 	if os.IsNotExist(statErr) {
 		// A new file's name must survive a crash as well as its records.
-		if err := syncDir(filepath.Dir(path)); err != nil {
-			return nil, err
+		if err := fsync.Dir(filepath.Dir(path)); err != nil {
+			return nil, fmt.Errorf("audit: fsync the directory of %s: %w", path, err)
 		}
 	}
 	return l, nil
@@ -374,16 +376,4 @@ func (l *Log) append(ctx context.Context, build func(tail) (*Record, error)) (bo
 		return false, fmt.Errorf("audit: fsync %s: %w", l.path, err)
 	}
 	return true, nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("audit: open %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("audit: fsync %s: %w", dir, err)
-	}
-	return nil
 }

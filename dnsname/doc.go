@@ -17,4 +17,8 @@
 // A signing domain has at least two labels; a domain and a selector
 // together must make a DNS name (selector._domainkey.domain) of at most
 // 253 octets.
+//
+// SplitTXT is here for the same reason: the token's zone-file lines and
+// the DNS publishers cut a key record into character-strings the same
+// way.
 package dnsname

@@ -15,6 +15,8 @@ import (
 	"sync"
 
 	"github.com/miekg/dns"
+
+	"github.com/dkimgw/dkimgw/internal/fsync"
 )
 
 // Files of one zone under a Manual's directory, each a list of zone-file
@@ -160,11 +162,10 @@ func writeAtomic(path string, data []byte) error {
 	if err != nil {
 		return fmt.Errorf("dnspub: manual: write %s: %w", path, err)
 	}
-	// The rename is durable once the directory is synced.
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
+	// The rename is durable once the directory is synced; the new
+	// content is in place either way, so a failure here is not the
+	// write's.
+	_ = fsync.Dir(dir)
 	return nil
 }
 

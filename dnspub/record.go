@@ -6,16 +6,14 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/dkimgw/dkimgw/dnsname"
 )
 
 // DefaultTTL is the TTL of a record whose TTL is zero. An hour keeps
 // caches short enough that a withdrawn selector disappears within a
 // working day, and long enough not to load the authoritative servers.
 const DefaultTTL = time.Hour
-
-// maxCharacterString is the longest <character-string> a TXT record can
-// hold (RFC 1035 §3.3); longer values are split.
-const maxCharacterString = 255
 
 // Record is a TXT record in a zone.
 type Record struct {
@@ -91,20 +89,9 @@ func relName(fqdn, zone string) string {
 	return strings.TrimSuffix(fqdn, "."+zone)
 }
 
-// SplitTXT splits a value into character-strings of at most 255 bytes,
-// the form a TXT record's RDATA needs (RFC 1035 §3.3.14).
-func SplitTXT(value string) []string {
-	var parts []string
-	for len(value) > maxCharacterString {
-		parts = append(parts, value[:maxCharacterString])
-		value = value[maxCharacterString:]
-	}
-	return append(parts, value)
-}
-
 // txtRR builds the TXT resource record of r, owned by fqdn.
 func txtRR(fqdn string, r Record) *dns.TXT {
-	parts := SplitTXT(r.Value)
+	parts := dnsname.SplitTXT(r.Value)
 	for i, p := range parts {
 		parts[i] = escapeTXT(p)
 	}

@@ -109,6 +109,19 @@ func TestPKCS11FaultShim(t *testing.T) {
 	}
 	shim.Set(t, testenv.PKCS11FaultSpec{})
 	signsAgain("the hang")
+	// Close once the hung call has returned: with a call in flight the
+	// module is left initialised (hsm.module.release), and with it
+	// SoftHSM, loaded by the shim, with its token list as of this run's
+	// C_Initialize. The next run of this test in the process (-count=2)
+	// then loaded SoftHSM directly, got CKR_CRYPTOKI_ALREADY_INITIALIZED
+	// and did not see its new token.
+	idle := time.Now().Add(15 * time.Second)
+	for tok.Stats().SessionsInUse > 0 {
+		if time.Now().After(idle) {
+			t.Fatalf("the call the hang left running has not returned 15s later")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 
 	// The shim's count falls to 0 once the token is closed and the call
 	// the hang left running (3 s) has returned. (While "all" calls fail,

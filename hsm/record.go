@@ -8,17 +8,14 @@ import (
 	"encoding/base64"
 	"fmt"
 	"strings"
+
+	"github.com/dkimgw/dkimgw/dnsname"
 )
 
 // DefaultRecordTTL is the TTL written into zone-file lines. An hour keeps
 // caches short enough that a withdrawn selector disappears within a working
 // day, and long enough not to load the authoritative servers.
 const DefaultRecordTTL = 3600
-
-// maxCharacterString is the longest <character-string> a TXT record can
-// hold (RFC 1035 §3.3): longer values are split into several strings,
-// which verifiers concatenate (RFC 6376 §3.6.2.2).
-const maxCharacterString = 255
 
 // RecordName is the DNS owner name of a selector's key record, without the
 // trailing dot: "<selector>._domainkey.<domain>" (RFC 6376 §3.6.2.1). It is
@@ -49,17 +46,6 @@ func TXTRecord(pub crypto.PublicKey) (string, error) {
 	}
 }
 
-// SplitTXT splits a record value into character-strings of at most 255
-// bytes, the form a DNS TXT record (and miekg/dns's dns.TXT.Txt) needs.
-func SplitTXT(value string) []string {
-	var parts []string
-	for len(value) > maxCharacterString {
-		parts = append(parts, value[:maxCharacterString])
-		value = value[maxCharacterString:]
-	}
-	return append(parts, value)
-}
-
 // ZoneLine renders a complete zone-file line for a key record, e.g.
 //
 //	s1._domainkey.example.com. 3600 IN TXT "v=DKIM1; k=rsa; p=MIIB..." "..."
@@ -75,7 +61,7 @@ func ZoneLine(domain, selector string, ttl int, pub crypto.PublicKey) (string, e
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s. %d IN TXT", RecordName(domain, selector), ttl)
-	for _, part := range SplitTXT(value) {
+	for _, part := range dnsname.SplitTXT(value) {
 		// Record values are base64 and "v=DKIM1; k=...; p=": no quote or
 		// backslash can occur, so no escaping is needed.
 		b.WriteString(` "` + part + `"`)

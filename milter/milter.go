@@ -44,6 +44,19 @@ type Options struct {
 	// Observer is told what became of each message the milter read to
 	// its end, for metrics. Nil: nobody is told.
 	Observer Observer
+	// Refusals is told of each message a client may not sign for its
+	// From domain. Nil: nobody is told.
+	Refusals Refusals
+}
+
+// Refusals is told of each message whose client may not use its From
+// domain (a *policy.UnauthorizedError), whatever milter.on_unauthorized
+// then does with it: serve counts them for the audit log's summary, as
+// it counts the relay's. A sender no client matches is not one (the
+// relay refuses it before any message, and through an MTA it is most
+// mail from outside).
+type Refusals interface {
+	Unauthorized(client, fromDomain string)
 }
 
 // Observer is told of every message the milter decided on at its end.
@@ -92,6 +105,7 @@ type Server struct {
 	log  *slog.Logger
 	now  func() time.Time
 	obs  Observer
+	ref  Refusals
 	srv  *gomilter.Server
 }
 
@@ -109,7 +123,7 @@ func New(opts Options) (*Server, error) {
 	if opts.Config == nil || opts.Keys == nil {
 		return nil, errors.New("milter: Config and Keys are required")
 	}
-	s := &Server{keys: opts.Keys, log: opts.Logger, now: opts.Now, obs: opts.Observer}
+	s := &Server{keys: opts.Keys, log: opts.Logger, now: opts.Now, obs: opts.Observer, ref: opts.Refusals}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -309,6 +323,9 @@ func (m *session) decide(rep *Report) (*gomilter.Response, []string, string, err
 	}
 	rep.Domain = d
 	signing, err := cfg.Sign(m.client, msg.FromDomain())
+	if ue, ok := errors.AsType[*policy.UnauthorizedError](err); ok && m.client != nil && m.srv.ref != nil {
+		m.srv.ref.Unauthorized(ue.Client, ue.FromDomain)
+	}
 	if err != nil {
 		switch cfg.Milter.OnUnauthorized {
 		case policy.MilterReject:

@@ -47,6 +47,13 @@ type testKeys struct {
 
 	mu      sync.Mutex
 	reports []Report
+	refused []string // "client domain", as Refusals is told
+}
+
+func (k *testKeys) Unauthorized(client, fromDomain string) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.refused = append(k.refused, client+" "+fromDomain)
 }
 
 func (k *testKeys) Message(r Report) {
@@ -109,7 +116,7 @@ func serveMilter(t *testing.T, cfg *policy.Config) (*Server, *testKeys, string) 
 		t.Fatal(err)
 	}
 	keys := &testKeys{key: k}
-	s, err := New(Options{Config: cfg, Keys: keys, Observer: keys, Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
+	s, err := New(Options{Config: cfg, Keys: keys, Observer: keys, Refusals: keys, Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -241,11 +248,17 @@ func TestUnauthorized(t *testing.T) {
 		want                  gomilter.ActionType
 		code                  uint16
 		outcome               Outcome // "": not reported (let go at MAIL FROM)
+		// refused is what Refusals is told: a client's message From a
+		// domain it may not use, as the relay counts them for the audit
+		// log's summary, whatever on_unauthorized does with it.
+		refused []string
 	}{
 		{name: "unknown client, default accept", ip: "198.51.100.1", from: "example.com", want: gomilter.ActionAccept},
 		{name: "unknown client, reject", extra: "  on_unauthorized: reject\n", ip: "198.51.100.1", from: "example.com", want: gomilter.ActionRejectWithCode, code: 550, outcome: OutcomeRefused},
 		{name: "unknown client, tempfail", extra: "  on_unauthorized: tempfail\n", ip: "198.51.100.1", from: "example.com", want: gomilter.ActionRejectWithCode, code: 451, outcome: OutcomeTempfail},
-		{name: "client, domain not its own", extra: "  on_unauthorized: reject\n", ip: "192.0.2.7", from: "example.org", want: gomilter.ActionRejectWithCode, code: 550, outcome: OutcomeRefused},
+		{name: "client, domain not its own", extra: "  on_unauthorized: reject\n", ip: "192.0.2.7", from: "example.org", want: gomilter.ActionRejectWithCode, code: 550, outcome: OutcomeRefused, refused: []string{"campaigns example.org"}},
+		{name: "client, domain not its own, tempfail", extra: "  on_unauthorized: tempfail\n", ip: "192.0.2.7", from: "Example.ORG", want: gomilter.ActionRejectWithCode, code: 451, outcome: OutcomeTempfail, refused: []string{"campaigns example.org"}},
+		{name: "client, domain not its own, accept", ip: "192.0.2.7", from: "example.org", want: gomilter.ActionAccept, outcome: OutcomeUnsigned, refused: []string{"campaigns example.org"}},
 		// A domain without keys is none of the milter's business.
 		{name: "unknown client, domain without keys", extra: "  on_unauthorized: reject\n", ip: "198.51.100.1", from: "example.net", want: gomilter.ActionAccept, outcome: OutcomeUnsigned},
 	} {
@@ -268,6 +281,11 @@ func TestUnauthorized(t *testing.T) {
 			} else if r := keys.report(t); r.Outcome != tc.outcome || len(r.Signatures) != 0 {
 				t.Errorf("report %+v, want outcome %s", r, tc.outcome)
 			}
+			keys.mu.Lock()
+			if !slices.Equal(keys.refused, tc.refused) {
+				t.Errorf("refusals %q, want %q", keys.refused, tc.refused)
+			}
+			keys.mu.Unlock()
 		})
 	}
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/dkimgw/dkimgw/internal/fsync"
 	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/signer"
 )
@@ -59,7 +60,7 @@ func (tx *transaction) capture(dir string, fields []string, msg *signer.Message)
 		err = os.Rename(tmp, filepath.Join(dir, name))
 	}
 	if err == nil {
-		err = syncDir(dir)
+		err = fsync.Dir(dir)
 	}
 	if err != nil {
 		os.Remove(tmp)
@@ -82,18 +83,6 @@ func writeCapture(path string, fields []string, msg *signer.Message) error {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
 		err = cerr
 	}
 	return err

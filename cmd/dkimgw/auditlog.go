@@ -16,6 +16,7 @@ import (
 
 	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/hsm"
+	"github.com/dkimgw/dkimgw/milter"
 	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/rotation"
 )
@@ -230,6 +231,12 @@ func (s *refusalSummary) add(client, domain string) {
 	s.counts[refusalKey{client, domain}]++
 	s.mu.Unlock()
 }
+
+// Unauthorized counts a milter's refusal with the relay's: one summary
+// for both.
+func (s *refusalSummary) Unauthorized(client, fromDomain string) { s.add(client, fromDomain) }
+
+var _ milter.Refusals = (*refusalSummary)(nil)
 
 // flush records what was counted since the last flush.
 func (s *refusalSummary) flush(ctx context.Context, l *audit.Log, logger *slog.Logger) {

@@ -59,12 +59,24 @@ type fleetMsg struct {
 	repliedAt time.Time
 }
 
-func (f *fleet) config(i int) gwConfig {
-	k := f.dns.srv.Keys[0]
-	eps := make([]string, len(f.etcd.Members))
-	for j, m := range f.etcd.Members {
+// etcdState is the state: section of a gateway on c's members under
+// prefix, with lease_ttl ttl.
+func etcdState(c *testenv.EtcdCluster, prefix, ttl string) string {
+	eps := make([]string, len(c.Members))
+	for j, m := range c.Members {
 		eps[j] = strconv.Quote(m.ClientURL)
 	}
+	return fmt.Sprintf(`state:
+  type: etcd
+  endpoints: [%s]
+  prefix: %s
+  dial_timeout: 2s
+  lease_ttl: %s
+`, strings.Join(eps, ", "), prefix, ttl)
+}
+
+func (f *fleet) config(i int) gwConfig {
+	k := f.dns.srv.Keys[0]
 	return gwConfig{
 		uri: f.st.URIWithPINFile(f.t), upstream: f.sink.Addr(),
 		clientDomains: []string{f.domain},
@@ -77,13 +89,7 @@ func (f *fleet) config(i int) gwConfig {
 rotation:
   check_every: 500ms
 data_dir: %q
-state:
-  type: etcd
-  endpoints: [%s]
-  prefix: /e2e/
-  dial_timeout: 2s
-  lease_ttl: 3s
-`, f.dns.srv.Addr, k.Name, k.Algorithm, f.dns.srv.KeyFile(f.t, k), f.dns.srv.Addr, f.t.TempDir(), strings.Join(eps, ", ")),
+%s`, f.dns.srv.Addr, k.Name, k.Algorithm, f.dns.srv.KeyFile(f.t, k), f.dns.srv.Addr, f.t.TempDir(), etcdState(f.etcd, "/e2e/", "3s")),
 	}
 }
 

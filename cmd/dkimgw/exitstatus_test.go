@@ -114,9 +114,13 @@ func TestDocumentedExitStatuses(t *testing.T) {
 		}
 	}
 	tok.Close()
-	if out, err := exec.Command(tool, "--module", st.Module, "--token-label", st.Label, "--login", "--pin", st.PIN,
-		"--keypairgen", "--key-type", "rsa:1024", "--label", "weak._domainkey.example.com", "--id", "0a0b").CombinedOutput(); err != nil {
-		t.Fatalf("pkcs11-tool --keypairgen: %v\n%s", err, out)
+	// The second, alone in a rotating domain, is adopted by rotate's
+	// pass, which then refuses it.
+	for _, weak := range []struct{ label, id string }{{"weak._domainkey.example.com", "0a0b"}, {"weak._domainkey.weakrot.example.com", "0a0c"}} {
+		if out, err := exec.Command(tool, "--module", st.Module, "--token-label", st.Label, "--login", "--pin", st.PIN,
+			"--keypairgen", "--key-type", "rsa:1024", "--label", weak.label, "--id", weak.id).CombinedOutput(); err != nil {
+			t.Fatalf("pkcs11-tool --keypairgen: %v\n%s", err, out)
+		}
 	}
 	// A second token with the audit key, for export-key and verify-log.
 	st2 := testenv.SoftHSM(t)
@@ -190,6 +194,34 @@ dns:
 	rotating := config("rotating", uri, rotatingDomains)
 	// The same on a fresh state, where dns check has nothing to ask.
 	rotatingFresh := config("rotating-fresh", uri, rotatingDomains)
+	rotatingWeak := config("rotating-weak", uri, `domains:
+  example.com: {selectors: [rsa]}
+  weakrot.example.com: {rotation: {algorithms: [rsa-2048], publisher: byhand}}
+dns:
+  publishers: {byhand: {type: manual}}
+  check_servers: ["127.0.0.1:1"]
+  timeout: 1s
+`)
+	// Its state plans rsa-2048 key "weak", as a pass interrupted between
+	// planning and recording the generated key leaves it: the next pass
+	// finds the token's key under that selector, RSA-1024.
+	weakState, err := rotation.OpenBolt(filepath.Join(dir, "rotating-weak-data"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := weakState.Lock(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := weakState.Update(t.Context(), rotation.Change{Key: rotation.Key{
+		Domain: "weakrot.example.com", Selector: "weak", Algorithm: rotation.Algorithm("rsa-2048"),
+		State: rotation.StatePlanned, CreatedAt: time.Now(), Since: time.Now(),
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unlock(); err != nil {
+		t.Fatal(err)
+	}
 	rotatingWrongPIN := strings.Replace(mustRead(t, rotating), uri, wrongPINFile, 1)
 	rotatingWrongPINConf := write("rotating-wrong-pin.yaml", rotatingWrongPIN, 0o600)
 	// The audit review of a token with nothing wrong in it: only a
@@ -381,6 +413,7 @@ dns:
 
 		"rotate 0":         {{args: []string{"rotate", "--config", rotating, "--dry-run"}}, {args: []string{"rotate", "--config", rotating}, want: "generated the key"}},
 		"rotate 64":        {{args: []string{"rotate", "--config", rotating, "--emergency"}, want: "--emergency needs --domain"}},
+		"rotate 69":        {{args: []string{"rotate", "--config", rotatingWeak}, want: "too weak"}},
 		"rotate 75":        {{args: []string{"rotate", "--config", rotating, "--timeout", timeout1ns}}},
 		"rotate 77":        {{args: []string{"rotate", "--config", rotatingWrongPINConf}, want: "PIN incorrect"}},
 		"rotate 78":        {{args: []string{"rotate", "--config", good}, want: "no domain has a rotation policy"}},

@@ -83,7 +83,7 @@ var milterLogOnce sync.Once
 
 // startMilter listens on cfg.Milter.Listen, or returns nil when it is
 // empty.
-func startMilter(cfg *policy.Config, ring *keyring, obs milter.Observer, logger *slog.Logger) (*milterListener, error) {
+func startMilter(cfg *policy.Config, ring *keyring, obs milter.Observer, refused milter.Refusals, logger *slog.Logger) (*milterListener, error) {
 	if cfg.Milter.Listen == "" {
 		return nil, nil
 	}
@@ -93,7 +93,7 @@ func startMilter(cfg *policy.Config, ring *keyring, obs milter.Observer, logger 
 		ml := logger.With("component", "milter")
 		gomilter.LogWarning = func(format string, v ...any) { ml.Warn(fmt.Sprintf(format, v...)) }
 	})
-	srv, err := milter.New(milter.Options{Config: cfg, Keys: ring, Observer: obs, Logger: logger})
+	srv, err := milter.New(milter.Options{Config: cfg, Keys: ring, Observer: obs, Refusals: refused, Logger: logger})
 	if err != nil {
 		return nil, err
 	}

@@ -23,6 +23,7 @@ import (
 
 	gomilter "github.com/d--j/go-milter"
 
+	"github.com/dkimgw/dkimgw/audit"
 	"github.com/dkimgw/dkimgw/policy"
 	"github.com/dkimgw/dkimgw/testenv"
 )
@@ -44,6 +45,7 @@ func TestMilter(t *testing.T) {
 	}{
 		{"PostfixSigns", testMilterPostfixSigns},
 		{"Unauthorized", testMilterUnauthorized},
+		{"UnauthorizedAudited", testMilterUnauthorizedAudited},
 		{"TokenOutage", testMilterTokenOutage},
 		{"ChrootedUnixSocket", testMilterChrootedUnixSocket},
 		{"BesideOpenDKIM", testMilterBesideOpenDKIM},
@@ -230,6 +232,42 @@ func testMilterUnauthorized(t *testing.T, bin string) {
 	}
 	if n := len(withID(c.sink.Messages(), "refused@milter.test")); n != 0 {
 		t.Errorf("the refused message reached the sink %d times", n)
+	}
+}
+
+// testMilterUnauthorizedAudited: a client's message From a domain it may
+// not use, refused by the milter, is in the audit log's summary of
+// refusals as the relay's are: one "authorization refused" record per
+// client and domain, written at the latest when the gateway stops.
+func testMilterUnauthorizedAudited(t *testing.T, bin string) {
+	c := startMilterChain(t, bin, nil, "milter:\n  listen: \"inet:127.0.0.1:0\"\n")
+	// The client (Postfix, 127.0.0.1) now signs for a subdomain only.
+	cfg := c.cfg
+	cfg.clientDomains = []string{"mail.example.com"}
+	cfg.extra = "milter:\n  listen: \"inet:127.0.0.1:0\"\n  on_unauthorized: reject\n"
+	mark := c.gw.mark()
+	c.gw.writeConfig(cfg)
+	c.gw.signal(syscall.SIGHUP)
+	c.gw.waitLog(mark, 30*time.Second, "the reload", func(l logLine) bool { return l.str("msg") == "configuration reloaded" })
+	for i := range 2 {
+		id := fmt.Sprintf("audited-%d@milter.test", i)
+		err := c.submit(t, "a@example.com", "x@example.net", testMessage("a@example.com", "x@example.net", id, "refused", "Refused.\r\n"))
+		if code, ec, _ := smtpCode(err); code != 550 || ec != [3]int{5, 7, 1} {
+			t.Fatalf("submit From a domain the client may not use: %v, want 550 5.7.1", err)
+		}
+	}
+	c.gw.signal(syscall.SIGTERM)
+	if code := c.gw.waitExit(30 * time.Second); code != 0 {
+		t.Fatalf("dkimgw milter exited %d after SIGTERM", code)
+	}
+	var got []audit.Record
+	for _, r := range readAudit(t, filepath.Join(filepath.Dir(c.gw.config), "audit.log")) {
+		if r.Event == audit.EventUnauthorized {
+			got = append(got, r)
+		}
+	}
+	if len(got) != 1 || got[0].Domain != "example.com" || got[0].Details["client"] != "mta" || got[0].Details["messages"] != float64(2) {
+		t.Errorf("authorization refused records %+v, want one for client mta, example.com, 2 messages", got)
 	}
 }
 
@@ -500,7 +538,7 @@ milter: {listen: "inet:127.0.0.1:0", max_connections: 1}
 	if err != nil {
 		t.Fatal(err)
 	}
-	ms, err := startMilter(cfg, &keyring{}, nil, slog.New(slog.NewTextHandler(t.Output(), nil)))
+	ms, err := startMilter(cfg, &keyring{}, nil, nil, slog.New(slog.NewTextHandler(t.Output(), nil)))
 	if err != nil {
 		t.Fatal(err)
 	}

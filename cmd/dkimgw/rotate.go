@@ -145,8 +145,12 @@ func rotateExitCode(err error) int {
 		return exitTempFail
 	case errors.Is(err, hsm.ErrPINIncorrect), errors.Is(err, hsm.ErrPINLocked):
 		return 77
-	case errors.Is(err, hsm.ErrKeyNotFound), errors.Is(err, hsm.ErrUnsafeKey), errors.Is(err, hsm.ErrMechanismMissing):
+	case errors.Is(err, hsm.ErrKeyNotFound), errors.Is(err, hsm.ErrMechanismMissing):
 		return exitUnavailable
+	case errors.Is(err, hsm.ErrUnsafeKey), errors.Is(err, hsm.ErrWeakKey):
+		// The token's key under a planned selector (a pass interrupted
+		// after generating) that dkimgw refuses: as sign and config check.
+		return exitKeyUnusable
 	case hsm.IsTemporary(err), errors.Is(err, context.DeadlineExceeded):
 		return exitTempFail
 	}

@@ -30,6 +30,9 @@ type rotationSetup struct {
 	manuals  map[string]*dnspub.Manual  // by publisher name
 	checkers *zoneCheckers
 	pubs     map[string]*publisher
+	// borrowed: the store belongs to another setup (a reload that kept
+	// the etcd store), which closes it.
+	borrowed bool
 }
 
 // newRotation builds the reconciler of cfg's rotating domains. tok may be
@@ -43,7 +46,7 @@ func newRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger, after 
 // Close closes the state store (a no-op for bbolt; etcd's connections
 // and leases otherwise). The reconciler must not be used afterwards.
 func (s *rotationSetup) Close() error {
-	if s == nil {
+	if s == nil || s.borrowed {
 		return nil
 	}
 	return s.store.Close()
@@ -56,6 +59,17 @@ func newAuditedRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger,
 	if err != nil {
 		return nil, err
 	}
+	s, err := rotationOn(store, cfg, tok, logger, after, lockWait, alog)
+	if err != nil {
+		store.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// rotationOn is newAuditedRotation on a store already open, which it
+// leaves open when it fails.
+func rotationOn(store *stateStore, cfg *policy.Config, tok *hsm.Token, logger *slog.Logger, after func(rotation.Report, error), lockWait time.Duration, alog *audit.Log) (*rotationSetup, error) {
 	s := &rotationSetup{
 		store:    store,
 		policies: map[string]rotation.Policy{},
@@ -78,11 +92,9 @@ func newAuditedRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger,
 		s.policies[d] = p
 		domains[d] = true
 		if err := s.addPublisher(cfg, r.Publisher, logger); err != nil {
-			store.Close()
 			return nil, err
 		}
 		if err := s.checkers.add(cfg, r.Zone, r.Publisher); err != nil {
-			store.Close()
 			return nil, fmt.Errorf("domains.%s.rotation: %w", d, err)
 		}
 	}
@@ -91,6 +103,7 @@ func newAuditedRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger,
 		p.checker = s.checkers
 		rpubs[name] = p
 	}
+	var err error
 	s.rec, err = rotation.New(rotation.Options{
 		Store:      &waitingStore{Store: store, wait: lockWait},
 		Keys:       &tokenKeys{tok: tok, domains: domains},
@@ -102,7 +115,6 @@ func newAuditedRotation(cfg *policy.Config, tok *hsm.Token, logger *slog.Logger,
 		AfterPass:  after,
 	})
 	if err != nil {
-		store.Close()
 		return nil, err
 	}
 	return s, nil

@@ -127,7 +127,7 @@ func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
 	alog.useToken(ctx, tok)
 
 	ring.rk.log = logger
-	rot, err := prepareRotator(ctx, cfg, &ring, logger, alog.log)
+	rot, err := prepareRotator(ctx, cfg, &ring, logger, alog.log, nil)
 	if err != nil {
 		closeToken(ring.token(), time.Now().Add(shortClose), logger)
 		return failf(c, setupExitCode(err), "%s: rotation: %v", path, err)
@@ -149,7 +149,7 @@ func runGateway(ctx context.Context, c *cli, path string, relay bool) int {
 		}
 		obs.srv.Store(srv)
 	}
-	ms, err := startMilter(cfg, &ring, obs.m, logger)
+	ms, err := startMilter(cfg, &ring, obs.m, alog.refused, logger)
 	if err != nil {
 		if l != nil {
 			l.Close()
@@ -333,7 +333,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, ms *milterListener, cur 
 		// sees the new configuration must find its selectors.
 		old := ring.set(tok, keys)
 		oldRot := ring.rot.Load()
-		nrot, err = prepareRotator(kctx, cfg, ring, logger, alog.log)
+		nrot, err = prepareRotator(kctx, cfg, ring, logger, alog.log, rot)
 		if err != nil {
 			err = fmt.Errorf("rotation: %w", err)
 		} else if srv != nil {
@@ -355,6 +355,7 @@ func reload(ctx context.Context, srv *smtpproxy.Server, ms *milterListener, cur 
 		return nil, nil
 	}
 	ms.reload(cfg)
+	nrot.takeOver(rot)
 	rot.stop(time.Now().Add(rotatorStopWait), logger)
 	if nrot != nil {
 		nrot.start(ring, logger)

@@ -139,8 +139,9 @@ type rotator struct {
 	cancel  context.CancelFunc
 	done    chan struct{}
 
-	// election is this gateway's candidacy (etcd only).
-	election *etcdstore.Election
+	// lead is this gateway's candidacy (etcd only), which a reload that
+	// keeps the store hands to the next rotator (takeOver).
+	lead atomic.Pointer[leadership]
 	// storeUp is whether the last read of the etcd store succeeded, and
 	// revision the store revision the keyring's view is at (etcd only).
 	storeUp  atomic.Bool
@@ -152,7 +153,14 @@ type rotator struct {
 // nothing, so that a reload can still refuse. With an etcd store out of
 // reach the keyring keeps what it has (nothing at a first start: the
 // rotating domains get 451 until the watch reads the store).
-func prepareRotator(ctx context.Context, cfg *policy.Config, ring *keyring, logger *slog.Logger, alog *audit.Log) (*rotator, error) {
+//
+// prev is the rotator serving until now (a reload), or nil. When its
+// etcd store has the same settings as cfg's, the new rotator uses that
+// store rather than opening another, so that takeOver can keep the
+// gateway's candidacy: a new store would be a new candidacy, last in
+// line, and a leader would hand its leadership to another gateway on
+// every reload.
+func prepareRotator(ctx context.Context, cfg *policy.Config, ring *keyring, logger *slog.Logger, alog *audit.Log, prev *rotator) (*rotator, error) {
 	if len(cfg.Rotating()) == 0 {
 		ring.setActive(ctx, nil)
 		return nil, nil
@@ -160,7 +168,7 @@ func prepareRotator(ctx context.Context, cfg *policy.Config, ring *keyring, logg
 	ring.rk.log = logger.With("component", "keyring")
 	domains := len(cfg.Rotating())
 	shared := cfg.State.Type == policy.StateEtcd
-	setup, err := newAuditedRotation(cfg, ring.token(), logger, func(rep rotation.Report, err error) {
+	after := func(rep rotation.Report, err error) {
 		// The keyring switches after every pass, from what it recorded;
 		// a pass that could not read every domain's state (it failed
 		// early, or the store did) leaves the keyring as it is. A shared
@@ -169,7 +177,17 @@ func prepareRotator(ctx context.Context, cfg *policy.Config, ring *keyring, logg
 		if !shared && len(rep.Active) == domains {
 			ring.setActive(context.Background(), rep.Active)
 		}
-	}, cfg.Rotation.CheckEvery.D(), alog)
+	}
+	var setup *rotationSetup
+	var err error
+	if old := sameEtcdStore(cfg, prev); old != nil {
+		setup, err = rotationOn(old, cfg, ring.token(), logger, after, cfg.Rotation.CheckEvery.D(), alog)
+		if setup != nil {
+			setup.borrowed = true
+		}
+	} else {
+		setup, err = newAuditedRotation(cfg, ring.token(), logger, after, cfg.Rotation.CheckEvery.D(), alog)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -194,19 +212,45 @@ func prepareRotator(ctx context.Context, cfg *policy.Config, ring *keyring, logg
 	return r, nil
 }
 
+// sameEtcdStore returns prev's etcd store when cfg's state settings are
+// the same, else nil.
+func sameEtcdStore(cfg *policy.Config, prev *rotator) *stateStore {
+	if cfg.State.Type != policy.StateEtcd || prev == nil || prev.setup.store.etcd == nil {
+		return nil
+	}
+	_, sum, err := etcdSettings(cfg.State, cfg.SMTP.Hostname)
+	if err != nil || sum != prev.setup.store.settings {
+		return nil
+	}
+	return prev.setup.store
+}
+
+// takeOver moves prev's etcd store and candidacy to r when r shares the
+// store (prepareRotator): prev's stop then leaves both alone, and r's
+// start runs r's reconciler under the same candidacy, leading or in
+// line as before. Called once the reload is certain, before prev stops.
+func (r *rotator) takeOver(prev *rotator) {
+	if r == nil || prev == nil || r.setup.store != prev.setup.store {
+		return
+	}
+	// prev keeps its pointer, so that its leading() stays true until
+	// serve looks at r instead; borrowed tells its stop to leave it.
+	r.lead.Store(prev.lead.Load())
+	prev.setup.borrowed, r.setup.borrowed = true, false
+}
+
 // start runs the passes and the state watch until stop.
 func (r *rotator) start(ring *keyring, logger *slog.Logger) {
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel, r.done = cancel, make(chan struct{})
 	var wg sync.WaitGroup
 	if e := r.setup.store.etcd; e != nil {
-		r.election = e.NewElection()
-		wg.Go(func() {
-			_ = r.election.Lead(ctx, func(lctx context.Context) {
-				logger.Info("leading the rotation reconciler")
-				r.setup.rec.Run(lctx, r.every)
-			})
-		})
+		run := func(ctx context.Context) { r.setup.rec.Run(ctx, r.every) }
+		if l := r.lead.Load(); l != nil {
+			l.setRun(run)
+		} else {
+			r.lead.Store(lead(e.NewElection(), run, logger))
+		}
 		wg.Go(func() { r.watchEtcd(ctx, ring, logger) })
 		wg.Go(func() { r.probeEtcd(ctx, logger) })
 	} else {
@@ -226,10 +270,18 @@ func (r *rotator) stop(deadline time.Time, logger *slog.Logger) {
 	}
 	if r.cancel != nil {
 		r.cancel()
+		done := r.done
+		if l := r.lead.Load(); l != nil && !r.setup.borrowed {
+			// Resigns once the pass in flight is done.
+			l.cancel()
+			watches := done
+			done = make(chan struct{})
+			go func() { <-watches; <-l.done; close(done) }()
+		}
 		t := time.NewTimer(time.Until(deadline))
 		defer t.Stop()
 		select {
-		case <-r.done:
+		case <-done:
 		case <-t.C:
 			logger.Warn("rotation pass still running; not waiting for it")
 		}
@@ -242,10 +294,75 @@ func (r *rotator) stop(deadline time.Time, logger *slog.Logger) {
 // leading reports whether this gateway runs the reconciler: always with
 // bbolt, while it leads the election with etcd.
 func (r *rotator) leading() bool {
-	if r.election == nil {
-		return r.setup.store.etcd == nil
+	if r.setup.store.etcd == nil {
+		return true
 	}
-	return r.election.IsLeader()
+	l := r.lead.Load()
+	return l != nil && l.election.IsLeader()
+}
+
+// leadership is a gateway's candidacy in its etcd store's election and
+// the loop that runs the reconciler while it leads. It outlives the
+// rotator that started it when a reload keeps the store (takeOver).
+type leadership struct {
+	election *etcdstore.Election
+	log      *slog.Logger
+	cancel   context.CancelFunc
+	done     chan struct{} // closed once resigned
+
+	mu      sync.Mutex
+	run     func(context.Context) // the current reconciler's passes
+	swapped chan struct{}         // closed when run is replaced
+}
+
+// lead campaigns in e until cancel, running run while leading.
+func lead(e *etcdstore.Election, run func(context.Context), logger *slog.Logger) *leadership {
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &leadership{election: e, log: logger, cancel: cancel, done: make(chan struct{}), run: run, swapped: make(chan struct{})}
+	go func() {
+		defer close(l.done)
+		_ = e.Lead(ctx, l.leading)
+	}()
+	return l
+}
+
+// setRun replaces the reconciler: a pass of the old one in flight ends
+// before the new one's first, so one gateway never runs two.
+func (l *leadership) setRun(run func(context.Context)) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.run = run
+	close(l.swapped)
+	l.swapped = make(chan struct{})
+}
+
+// leading runs the current reconciler until ctx ends (the leadership
+// does), switching to the next one when setRun replaces it.
+func (l *leadership) leading(ctx context.Context) {
+	l.log.Info("leading the rotation reconciler")
+	for {
+		l.mu.Lock()
+		run, swapped := l.run, l.swapped
+		l.mu.Unlock()
+		rctx, cancel := context.WithCancel(ctx)
+		go func() {
+			select {
+			case <-swapped:
+			case <-rctx.Done():
+			}
+			cancel()
+		}()
+		run(rctx)
+		cancel()
+		select {
+		case <-swapped:
+			if ctx.Err() == nil {
+				continue
+			}
+		default:
+		}
+		return
+	}
 }
 
 // stateProbeEvery is how often serve asks etcd whether it answers: a

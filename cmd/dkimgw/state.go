@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -19,6 +21,10 @@ type stateStore struct {
 	rotation.Store
 	bolt *rotation.Bolt
 	etcd *etcdstore.Store
+	// settings identify an etcd store's configuration, the content of
+	// its password and TLS files included: a reload with the same
+	// settings keeps the store, and the gateway's candidacy with it.
+	settings [sha256.Size]byte
 }
 
 // openState opens cfg's state store. name identifies this gateway as a
@@ -35,25 +41,54 @@ func openState(cfg *policy.Config, name string, logger *slog.Logger) (*stateStor
 }
 
 func openEtcd(sc policy.State, name string, logger *slog.Logger) (*stateStore, error) {
+	opts, sum, err := etcdSettings(sc, name)
+	if err != nil {
+		return nil, err
+	}
+	opts.Logger = logger
+	s, err := etcdstore.Open(opts)
+	if err != nil {
+		return nil, fmt.Errorf("state: %w", err)
+	}
+	return &stateStore{Store: s, etcd: s, settings: sum}, nil
+}
+
+// etcdSettings are the store options of sc (without a logger) and their
+// digest, which also covers the content of the TLS files: a reload after
+// a certificate was renewed in place opens the store again.
+func etcdSettings(sc policy.State, name string) (etcdstore.Options, [sha256.Size]byte, error) {
 	var password string
 	if sc.PasswordFile != "" {
 		p, err := readPasswordFile(sc.PasswordFile)
 		if err != nil {
-			return nil, fmt.Errorf("state.password_file: %w", err)
+			return etcdstore.Options{}, [sha256.Size]byte{}, fmt.Errorf("state.password_file: %w", err)
 		}
 		password = p
 	}
-	s, err := etcdstore.Open(etcdstore.Options{
+	opts := etcdstore.Options{
 		Endpoints: sc.Endpoints, Prefix: sc.Prefix,
 		CAFile: sc.TLS.CA, CertFile: sc.TLS.Cert, KeyFile: sc.TLS.Key,
 		Username: sc.Username, Password: password,
 		DialTimeout: sc.DialTimeout.D(), TTL: sc.LeaseTTL.D(),
-		Name: name, Logger: logger,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("state: %w", err)
+		Name: name,
 	}
-	return &stateStore{Store: s, etcd: s}, nil
+	h := sha256.New()
+	// Options holds nothing json cannot write but the nil Logger.
+	b, _ := json.Marshal(opts)
+	h.Write(b)
+	for _, f := range []string{sc.TLS.CA, sc.TLS.Cert, sc.TLS.Key} {
+		if f == "" {
+			continue
+		}
+		// An unreadable file is reported by etcdstore.Open; here it only
+		// makes the settings differ.
+		data, err := os.ReadFile(f)
+		fmt.Fprintf(h, "\x00%d:%v\x00", len(data), err != nil)
+		h.Write(data)
+	}
+	var sum [sha256.Size]byte
+	h.Sum(sum[:0])
+	return opts, sum, nil
 }
 
 // readPasswordFile reads the etcd password from the first line of path,
