@@ -8,6 +8,9 @@
 FROM golang:1.26-bookworm AS build
 WORKDIR /src
 COPY go.mod go.sum ./
+# The patched go-smtp and miekg/pkcs11 that go.mod's replace lines name:
+# without them go mod download fails.
+COPY third_party ./third_party
 RUN go mod download
 COPY . .
 # cgo: the PKCS#11 binding loads the token's library at run time.

@@ -69,6 +69,7 @@ func TestPKCS11FaultShim(t *testing.T) {
 	// Here, in this process and before any fault: SoftHSM does not see
 	// tokens created after another test initialised it in the process.
 	t.Run("SlowTokenSignsInParallel", func(t *testing.T) { slowTokenSignsInParallel(t, shim, key) })
+	t.Run("OneCSignPerSignature", func(t *testing.T) { oneCSignPerSignature(t, shim, sign) })
 
 	for _, ckr := range []uint{testenv.CKRDeviceError, testenv.CKRDeviceRemoved, testenv.CKRSessionHandleInvalid} {
 		before := shim.Injected("error")
@@ -165,5 +166,28 @@ func checkShimSessions(t *testing.T, shim *testenv.PKCS11Fault, tok *hsm.Token, 
 	t.Logf("the shim counts %d sessions; the pool has %d idle, %d in use", n, s.SessionsIdle, s.SessionsInUse)
 	if err != nil || s.SessionsIdle < 2 || n != s.SessionsIdle+s.SessionsInUse+1 {
 		t.Errorf("with the pool filled: the shim counts %d sessions (%v), want the pool's %d idle + %d in use + the login session", n, err, s.SessionsIdle, s.SessionsInUse)
+	}
+}
+
+// oneCSignPerSignature: a signature takes one C_Sign call, not a length
+// query and then the signature (the patch to miekg/pkcs11 in
+// third_party/pkcs11): behind a socket, as with a network HSM or
+// p11-kit's client, each call is a round trip. The shim's 1 ms delay
+// marks every C_Sign it sees ("C_Sign") and every one given a buffer
+// ("C_Sign/result").
+func oneCSignPerSignature(t *testing.T, shim *testenv.PKCS11Fault, sign func(time.Duration) error) {
+	defer shim.Set(t, testenv.PKCS11FaultSpec{})
+	for _, op := range []string{"C_Sign", "C_Sign/result"} {
+		shim.Set(t, testenv.PKCS11FaultSpec{Hang: time.Millisecond, HangOps: []string{op}})
+		before := shim.Injected("hang")
+		const n = 3
+		for range n {
+			if err := sign(10 * time.Second); err != nil {
+				t.Fatalf("%s delayed 1 ms: %v", op, err)
+			}
+		}
+		if got := shim.Injected("hang") - before; got != n {
+			t.Errorf("%d signatures made %d calls to %s, want %d", n, got, op, n)
+		}
 	}
 }

@@ -29,9 +29,9 @@ func slowTokenSignsInParallel(t *testing.T, shim *testenv.PKCS11Fault, key *hsm.
 	}
 
 	const delay = 3 * time.Second
-	// Only the C_Sign that returns the signature: miekg/pkcs11 calls
-	// C_Sign twice per signature (a length query first), and two delays
-	// of 3 s would pass hsm's 5 s sign timeout.
+	// Only the C_Sign that returns the signature: a token that asks for
+	// the length first (upstream miekg/pkcs11 did, for every signature)
+	// would take two delays of 3 s, past hsm's 5 s sign timeout.
 	shim.Set(t, testenv.PKCS11FaultSpec{Hang: delay, HangOps: []string{"C_Sign/result"}})
 	before := shim.Injected("hang")
 	var done atomic.Int32

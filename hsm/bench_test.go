@@ -63,6 +63,36 @@ func BenchmarkTokenSign(b *testing.B) {
 	}
 }
 
+// BenchmarkTokenSignP11Kit is BenchmarkTokenSign's RSA-2048 rows with the
+// token in another process: SoftHSM behind a p11-kit server, reached
+// through p11-kit's client module over a Unix socket, as a network HSM
+// is. cpu-µs/sig is then the gateway's side only (the client's calls and
+// the socket); the token's RSA runs in the server's process.
+func BenchmarkTokenSignP11Kit(b *testing.B) {
+	srv := testenv.StartP11Kit(b)
+	b.Setenv(testenv.P11KitAddressEnv, srv.Address())
+	tok, err := hsm.Open(b.Context(), srv.URI(), hsm.Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer tok.Close()
+	digest := sha256.Sum256([]byte("header data"))
+	key, err := tok.GenerateKey(b.Context(), "example.com", "bench-p11kit", hsm.RSA2048)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("rsa-2048/goroutines=1", func(b *testing.B) {
+		cpu0 := processCPU(b)
+		for b.Loop() {
+			if _, err := key.Sign(nil, digest[:], crypto.SHA256); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "sigs/s")
+		b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/sig")
+	})
+}
+
 // processCPU is the user and system time the process has used so far.
 func processCPU(b *testing.B) time.Duration {
 	var ru syscall.Rusage

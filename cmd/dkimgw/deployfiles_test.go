@@ -193,6 +193,59 @@ func TestDockerfile(t *testing.T) {
 	}
 }
 
+// TestDockerfileModDownload: the build stage runs `go mod download` before
+// it copies the whole source (so that the module layer is cached), with
+// only what the COPY lines above it bring; go.mod's replace lines name
+// directories (third_party), which must be among them. Replayed here:
+// those COPY lines into an empty directory, then go mod download.
+func TestDockerfileModDownload(t *testing.T) {
+	goBin := testenv.Require(t, "go")[0]
+	df, err := os.ReadFile(filepath.Join(repoRoot, "Dockerfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	found := false
+	for line := range strings.Lines(string(df)) {
+		f := strings.Fields(line)
+		if len(f) == 4 && strings.Join(f, " ") == "RUN go mod download" {
+			found = true
+			break
+		}
+		if len(f) < 3 || f[0] != "COPY" || strings.HasPrefix(f[1], "--") {
+			continue
+		}
+		srcs, dst := f[1:len(f)-1], filepath.Join(dir, f[len(f)-1])
+		for _, src := range srcs {
+			from := filepath.Join(repoRoot, src)
+			st, err := os.Stat(from)
+			if err != nil {
+				t.Fatalf("Dockerfile copies %s: %v", src, err)
+			}
+			if st.IsDir() { // COPY DIR DST copies DIR's contents into DST
+				err = os.CopyFS(dst, os.DirFS(from))
+			} else {
+				var data []byte
+				if data, err = os.ReadFile(from); err == nil {
+					err = os.WriteFile(filepath.Join(dst, filepath.Base(src)), data, 0o644)
+				}
+			}
+			if err != nil {
+				t.Fatalf("copy %s as the Dockerfile does: %v", src, err)
+			}
+		}
+	}
+	if !found {
+		t.Fatal("Dockerfile has no `RUN go mod download` line")
+	}
+	cmd := exec.CommandContext(t.Context(), goBin, "mod", "download")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "GOWORK=off", "GOFLAGS=-mod=mod")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go mod download with what the Dockerfile copies before it: %v\n%s", err, out)
+	}
+}
+
 // TestComposePostfixConfig: postconf reads the compose's main.cf without a
 // warning (a misspelt parameter is "unused", and Postfix would ignore it).
 func TestComposePostfixConfig(t *testing.T) {

@@ -9,10 +9,10 @@
  *                         below; default C_Sign)
  *   hang_ms=3000          sleep this long before forwarding hang_ops
  *   hang_ops=C_Sign       (default C_Sign; C_Sign/result: only the C_Sign
- *                         that returns the signature, not the length query
- *                         with a NULL buffer that callers such as
- *                         miekg/pkcs11 make first; a network HSM's client
- *                         can answer that one without a round trip)
+ *                         that returns the signature, not a length query
+ *                         with a NULL buffer, which upstream miekg/pkcs11
+ *                         makes before every signature and dkimgw's patched
+ *                         copy only for a signature over 512 bytes)
  *   close_all=N           when N changes: close every session of every
  *                         slot (C_CloseAllSessions) behind the caller
  *
