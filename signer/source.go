@@ -43,10 +43,9 @@ func SpoolAt(ctx context.Context, src io.ReaderAt, size int64, opts SpoolOptions
 	if opts.MaxHeaderBytes <= 0 {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
-	s := newSpooler(opts, true)
 	hp := newHashPipe(sha256.New())
 	defer hp.finish() // a no-op after the Sum of a message spooled in full
-	s.body = newRelaxedBody(hp)
+	s := newSpooler(opts, true, hp)
 	buf := make([]byte, min(sourceChunk, size))
 	for off := int64(0); off < size; {
 		// As in Spool: a cancelled command should not read on.

@@ -331,7 +331,7 @@ func Spool(ctx context.Context, r io.Reader, opts SpoolOptions) (*Message, error
 	if opts.MaxHeaderBytes <= 0 {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
-	s := newSpooler(opts, false)
+	s := newSpooler(opts, false, sha256.New())
 	s.toDisk = opts.SizeHint > opts.MemoryLimit
 	m, err := s.run(ctx, r)
 	if err != nil {
@@ -377,10 +377,10 @@ type spooler struct {
 	w       *bufio.Writer
 }
 
-// newSpooler returns a spooler for a message; hashOnly keeps only the
-// header section and the body hash.
-func newSpooler(opts SpoolOptions, hashOnly bool) *spooler {
-	s := &spooler{opts: opts, body: newRelaxedBody(sha256.New()), hashOnly: hashOnly}
+// newSpooler returns a spooler for a message that hashes its body with
+// h; hashOnly keeps only the header section and the body hash.
+func newSpooler(opts SpoolOptions, hashOnly bool, h bodyHash) *spooler {
+	s := &spooler{opts: opts, body: newRelaxedBody(h), hashOnly: hashOnly}
 	s.ends.lastLF = true
 	s.emitFn = s.emit
 	return s
