@@ -102,13 +102,21 @@ func (s *spooler) writeSource(p []byte) error {
 			return err
 		}
 		if n == 0 {
-			// One line the usual way; the fast path may take the next.
-			if n = bytes.IndexByte(p, '\n') + 1; n == 0 {
+			// A line the usual way, and the lines in the next s.slow
+			// bytes: while the fast path keeps failing (indented HTML,
+			// say), a call per line costs more than it saves.
+			k := min(s.slow, len(p))
+			if n = bytes.IndexByte(p[k:], '\n') + 1; n == 0 {
 				n = len(p)
+			} else {
+				n += k
 			}
 			if err := s.ends.write(p[:n], s.emitFn); err != nil {
 				return err
 			}
+			s.slow = min(max(2*s.slow, minSlowSpan), maxSlowSpan)
+		} else {
+			s.slow = 0
 		}
 		p = p[n:]
 		if tab >= 0 {
@@ -119,6 +127,14 @@ func (s *spooler) writeSource(p []byte) error {
 	}
 	return nil
 }
+
+// The span writeSource sends the usual way after the fast path failed:
+// it starts at a line and doubles, up to a source block, while the fast
+// path fails again after it.
+const (
+	minSlowSpan = 256
+	maxSlowSpan = sourceChunk
+)
 
 // fastLines hashes the plain lines at the start of p (plainLFRun), p
 // being source bytes without CR or tab, if the body has begun and the

@@ -363,6 +363,7 @@ type spooler struct {
 	// pipe is body's hash when it is a hashPipe (SpoolAt): plain lines
 	// of the source then go to it without passing through body.
 	pipe *hashPipe
+	slow int // writeSource's span for the usual way
 
 	// hashOnly keeps the header section and the body hash, not the
 	// message (a Stream).
