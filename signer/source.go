@@ -1,6 +1,7 @@
 package signer
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -37,17 +38,22 @@ const sourceChunk = 128 << 10
 // message that does not match its signature. opts.Dir, MemoryLimit and
 // Budget are not used.
 func SpoolAt(ctx context.Context, src io.ReaderAt, size int64, opts SpoolOptions) (*Message, error) {
+	return spoolAt(ctx, src, size, opts, sourceChunk)
+}
+
+// spoolAt is SpoolAt reading the source in blocks of chunk bytes.
+func spoolAt(ctx context.Context, src io.ReaderAt, size int64, opts SpoolOptions, chunk int) (*Message, error) {
 	if size < 0 {
 		return nil, fmt.Errorf("signer: negative message size %d", size)
 	}
 	if opts.MaxHeaderBytes <= 0 {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
-	s := newSpooler(opts, true)
 	hp := newHashPipe(sha256.New())
 	defer hp.finish() // a no-op after the Sum of a message spooled in full
-	s.body = newRelaxedBody(hp)
-	buf := make([]byte, min(sourceChunk, size))
+	s := newSpooler(opts, true, hp)
+	s.pipe = hp
+	buf := make([]byte, min(int64(chunk), size))
 	for off := int64(0); off < size; {
 		// As in Spool: a cancelled command should not read on.
 		if err := ctx.Err(); err != nil {
@@ -55,7 +61,7 @@ func SpoolAt(ctx context.Context, src io.ReaderAt, size int64, opts SpoolOptions
 		}
 		n, err := readSource(src, buf[:min(int64(len(buf)), size-off)], off, size)
 		if n > 0 {
-			if err := s.ends.write(buf[:n], s.emitFn); err != nil {
+			if err := s.writeSource(buf[:n]); err != nil {
 				return nil, err
 			}
 			off += int64(n)
@@ -71,6 +77,87 @@ func SpoolAt(ctx context.Context, src io.ReaderAt, size int64, opts SpoolOptions
 	m.hashOnly = false
 	m.src, m.srcSize = src, size
 	return m, nil
+}
+
+// writeSource takes the next block of a SpoolAt source. The body lines
+// that need nothing but their LF made CRLF, most lines of most messages
+// stored on Unix, go to the body hash straight from the block, converted
+// into a buffer of the hash pipe (fastLines); the others, and any block
+// with a CR, take the way of Spool: normalised into a buffer of their
+// own, then canonicalised and copied into the pipe.
+func (s *spooler) writeSource(p []byte) error {
+	if s.pipe == nil || bytes.IndexByte(p, '\r') >= 0 {
+		return s.ends.write(p, s.emitFn)
+	}
+	// A tab needs canonicalising: the fast path stops before it. Where
+	// the next one is is looked up once per tab, as relaxedBody does.
+	tab := bytes.IndexByte(p, '\t')
+	for len(p) > 0 {
+		lim := len(p)
+		if tab >= 0 {
+			lim = tab
+		}
+		n, err := s.fastLines(p[:lim])
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			// A line the usual way, and the lines in the next s.slow
+			// bytes: while the fast path keeps failing (indented HTML,
+			// say), a call per line costs more than it saves.
+			k := min(s.slow, len(p))
+			if n = bytes.IndexByte(p[k:], '\n') + 1; n == 0 {
+				n = len(p)
+			} else {
+				n += k
+			}
+			if err := s.ends.write(p[:n], s.emitFn); err != nil {
+				return err
+			}
+			s.slow = min(max(2*s.slow, minSlowSpan), maxSlowSpan)
+		} else {
+			s.slow = 0
+		}
+		p = p[n:]
+		if tab >= 0 {
+			if tab -= n; tab < 0 {
+				tab = bytes.IndexByte(p, '\t')
+			}
+		}
+	}
+	return nil
+}
+
+// The span writeSource sends the usual way after the fast path failed:
+// it starts at a line and doubles, up to a source block, while the fast
+// path fails again after it.
+const (
+	minSlowSpan = 256
+	maxSlowSpan = sourceChunk
+)
+
+// fastLines hashes the plain lines at the start of p (plainLFRun), p
+// being source bytes without CR or tab, if the body has begun and the
+// last line ended: each line goes to the hash pipe with its LF made CRLF,
+// which is then its canonical form. It returns how many bytes of p it
+// took.
+func (s *spooler) fastLines(p []byte) (int, error) {
+	if !s.inBody || s.ends.pendingCR || !s.ends.lastLF || !s.body.atLineStart() {
+		return 0, nil
+	}
+	n := plainLFRun(p[:min(len(p), hashPipeBufSize/2)])
+	if n == 0 {
+		return 0, nil
+	}
+	// Converted, the lines take at most twice their size: they fit
+	// into the pipe's buffer as it is.
+	buf := appendCRLF(s.pipe.grabAfter(s.body.flush), p[:n])
+	if err := s.count(len(buf)); err != nil {
+		s.pipe.put(buf[:0])
+		return 0, err
+	}
+	s.pipe.put(buf)
+	return n, nil
 }
 
 // readSource fills p from src at off, where size is the source's size,
@@ -286,6 +373,31 @@ func newHashPipe(h hash.Hash) *hashPipe {
 		}
 	}()
 	return p
+}
+
+// grabAfter runs flush, which may Write, hands over what was written
+// and returns an empty buffer of the pipe's (capacity hashPipeBufSize),
+// for the caller to fill and give back with put: what it holds is hashed
+// after everything written before, and nothing may be written until then.
+func (p *hashPipe) grabAfter(flush func()) []byte {
+	flush()
+	if len(p.cur) > 0 {
+		p.full <- p.cur
+		p.cur = <-p.free
+	}
+	b := p.cur
+	p.cur = nil
+	return b
+}
+
+// put hands over a buffer from grabAfter, or gives it back if it is empty.
+func (p *hashPipe) put(b []byte) {
+	if len(b) == 0 {
+		p.cur = b
+		return
+	}
+	p.full <- b
+	p.cur = <-p.free
 }
 
 func (p *hashPipe) Write(b []byte) (int, error) {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -287,5 +288,35 @@ func TestSpoolAtWriteFails(t *testing.T) {
 		if n != int64(limit) {
 			t.Errorf("after %d bytes: WriteSigned reports %d", limit, n)
 		}
+	}
+}
+
+// TestSpoolAtAllocatesOneBodyHasher: SpoolAt hashes the body on its hash
+// pipe only; it used to allocate a SHA-256 and a canonicaliser with its
+// 4 KiB buffer for every message and drop them at once. What a one-line
+// message costs beyond the pipe's buffers stays under two such buffers.
+func TestSpoolAtAllocatesOneBodyHasher(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates for its own bookkeeping")
+	}
+	msg := "From: joe@example.com\r\n\r\nbody\r\n"
+	spool := func() {
+		m, err := SpoolAt(t.Context(), strings.NewReader(msg), int64(len(msg)), SpoolOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.Close()
+	}
+	spool() // anything allocated once per process
+	const runs = 50
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for range runs {
+		spool()
+	}
+	runtime.ReadMemStats(&after)
+	extra := int64(after.TotalAlloc-before.TotalAlloc)/runs - hashPipeBuffers*hashPipeBufSize
+	if limit := int64(2 * cap(newRelaxedBody(nil).out)); extra > limit {
+		t.Errorf("SpoolAt allocates %d bytes beyond its hash pipe's buffers for a one-line message; want at most %d", extra, limit)
 	}
 }

@@ -1,6 +1,7 @@
 package signer
 
 import (
+	"crypto/sha256"
 	"errors"
 )
 
@@ -25,7 +26,7 @@ func NewStream(opts SpoolOptions) *Stream {
 	if opts.MaxHeaderBytes <= 0 {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
-	s := newSpooler(opts, true)
+	s := newSpooler(opts, true, sha256.New())
 	return &Stream{s: s}
 }
 
