@@ -220,6 +220,9 @@ type fakeDNS struct {
 	sets     map[string]int // "name=value" -> successful sets
 	deletes  map[string]int
 	checkErr error
+	// afterSet runs after each successful SetRecords, with the lock
+	// released: a test ends a pass there, as a shutdown would.
+	afterSet func()
 }
 
 type fakeServer struct {
@@ -274,7 +277,11 @@ func (d *fakeDNS) SetRecords(ctx context.Context, zone string, recs []Record) er
 		d.sets[r.Name+"="+r.Value]++
 	}
 	d.changed = d.clock.Now()
+	after := d.afterSet
 	d.mu.Unlock()
+	if after != nil {
+		after()
+	}
 	return d.faults.point("set " + recs[0].Name + " after")
 }
 
@@ -386,6 +393,11 @@ type faultyStore struct {
 
 func (s faultyStore) Update(ctx context.Context, changes ...Change) error {
 	if err := s.faults.point("store update before"); err != nil {
+		return err
+	}
+	// A store over the network (etcd) fails once ctx is done; bbolt
+	// would not notice.
+	if err := ctx.Err(); err != nil {
 		return err
 	}
 	if err := s.Store.Update(ctx, changes...); err != nil {

@@ -972,3 +972,38 @@ func TestEmergencyCrashAtEveryPoint(t *testing.T) {
 		})
 	}
 }
+
+// TestPassEndedAfterAChangeRecordsIt: a pass whose context ends (serve
+// shutting down, leadership lost) just after it changed DNS still
+// records that change, so that the state does not lag what DNS serves:
+// a stopped fleet left "retired" in the state while DNS already served
+// the revoked record.
+func TestPassEndedAfterAChangeRecordsIt(t *testing.T) {
+	pol := testPolicy()
+	pol.Algorithms = []Algorithm{Ed25519}
+	pol.Zone = pol.Domain
+	e := newEnv(t, pol)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	e.dns.afterSet = cancel
+	// Passes until one sets a record (the first ones generate the key).
+	for i := 0; i < 10 && ctx.Err() == nil; i++ {
+		_, _ = e.r.Reconcile(ctx) // an error is the ended context's, or none
+		e.clock.Advance(time.Minute)
+	}
+	e.dns.afterSet = nil
+	keys := e.keys()
+	if len(keys) != 1 {
+		t.Fatalf("%d keys in the state, want 1", len(keys))
+	}
+	k := keys[0]
+	served := e.dns.names()[pol.relName(k.Selector)]
+	if served == "" {
+		t.Fatalf("%s: the pass did not publish before its context ended (state %s)", k.Selector, k.State)
+	}
+	if k.State != StatePublished {
+		t.Errorf("%s: DNS holds its record but the state says %s, want %s", k.Selector, k.State, StatePublished)
+	}
+	e.checkInvariants()
+	e.mustPass()
+}

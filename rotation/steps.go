@@ -56,8 +56,15 @@ type prefixless struct {
 func (p prefixless) Error() string { return p.msg }
 func (p prefixless) Unwrap() error { return p.err }
 
-// save records k (read at revision k.Rev) in its new state.
+// save records k (read at revision k.Rev) in its new state. What it
+// records has already been done (a record set, a key generated or
+// destroyed), so it is written even when ctx ends meanwhile (serve
+// shutting down, leadership lost), within one call timeout: otherwise
+// the state would lag what DNS serves until another pass. A stale write
+// is still refused by the compare-and-set on k.Rev.
 func (ps *pass) save(ctx context.Context, k Key, from State, what string) error {
+	ctx, cancel := ps.call(context.WithoutCancel(ctx))
+	defer cancel()
 	prev := k.Rev
 	if k.State != from {
 		k.Since = ps.now
