@@ -98,14 +98,7 @@ func TestP11Kit(t *testing.T) {
 		t.Fatalf("keys generate ed25519 in SoftHSM directly: exit %d\n%s", code, errText)
 	}
 	t.Run("Ed25519Unusable", func(t *testing.T) {
-		code, out, errText := runBin(t, bin, env, nil, "keys", "list", "--json", "--hsm", uri)
-		if code != exitOK {
-			t.Fatalf("keys list: exit %d\n%s", code, errText)
-		}
-		var keys []keyJSON
-		if err := json.Unmarshal(out, &keys); err != nil {
-			t.Fatalf("keys list --json: %v\n%s", err, out)
-		}
+		keys, out := listKeysJSON(t, bin, env, uri)
 		found := false
 		for _, k := range keys {
 			if k.Selector == "ed1" {
@@ -146,14 +139,7 @@ func TestP11Kit(t *testing.T) {
 	})
 
 	t.Run("KeysList", func(t *testing.T) {
-		code, out, errText := runBin(t, bin, env, nil, "keys", "list", "--json", "--hsm", uri)
-		if code != exitOK {
-			t.Fatalf("keys list: exit %d\n%s", code, errText)
-		}
-		var keys []keyJSON
-		if err := json.Unmarshal(out, &keys); err != nil {
-			t.Fatalf("keys list --json: %v\n%s", err, out)
-		}
+		keys, _ := listKeysJSON(t, bin, env, uri)
 		var k keyJSON
 		for _, key := range keys {
 			if key.Selector == "rsa1" {
@@ -268,4 +254,19 @@ func testP11KitServe(t *testing.T, bin string, s *testenv.P11KitServer, uri stri
 	if n := len(sink.Messages()); n != 2 {
 		t.Errorf("the sink has %d messages, want 2 (before the kill, after the restart)", n)
 	}
+}
+
+// listKeysJSON runs keys list --json through the token at uri and
+// returns the keys and the raw output.
+func listKeysJSON(t *testing.T, bin string, env []string, uri string) ([]keyJSON, []byte) {
+	t.Helper()
+	code, out, errText := runBin(t, bin, env, nil, "keys", "list", "--json", "--hsm", uri)
+	if code != exitOK {
+		t.Fatalf("keys list: exit %d\n%s", code, errText)
+	}
+	var keys []keyJSON
+	if err := json.Unmarshal(out, &keys); err != nil {
+		t.Fatalf("keys list --json: %v\n%s", err, out)
+	}
+	return keys, out
 }
