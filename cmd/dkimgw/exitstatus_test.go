@@ -222,6 +222,24 @@ dns:
 	if err := unlock(); err != nil {
 		t.Fatal(err)
 	}
+	// A step fails: the DNS server refuses the update, because its
+	// update-policy grants the TSIG key only names under _domainkey of
+	// the zone's apex, and this domain is below the apex. The first pass
+	// only generates the key (exit 0, here); the walk's pass is the
+	// second, whose publish step fails; the next would retry.
+	bind := testenv.StartBIND(t, testenv.DNSOptions{SOAMinimum: 1})
+	refusing := config("rotating-step-fails", uri, fmt.Sprintf(`domains:
+  example.com: {selectors: [rsa]}
+  sub.%[1]s: {rotation: {algorithms: [ed25519], publisher: bind, zone: %[1]q}}
+dns:
+  publishers:
+    bind: {type: rfc2136, server: %[2]q, zone: %[1]q, tsig: {name: %[3]q, algorithm: %[4]s, secret_file: %[5]q}}
+  check_servers: [%[2]q]
+  timeout: 2s
+`, strings.TrimSuffix(bind.Zone, "."), bind.Addr, bind.Keys[0].Name, bind.Keys[0].Algorithm, bind.KeyFile(t, bind.Keys[0])))
+	if code, out := runStatusCase(t, bin, statusCase{args: []string{"rotate", "--config", refusing}}); code != 0 || !strings.Contains(out, "generated the key") {
+		t.Fatalf("the first pass of rotating-step-fails: exit %d, want 0 and the key generated:\n%s", code, out)
+	}
 	rotatingWrongPIN := strings.Replace(mustRead(t, rotating), uri, wrongPINFile, 1)
 	rotatingWrongPINConf := write("rotating-wrong-pin.yaml", rotatingWrongPIN, 0o600)
 	// The audit review of a token with nothing wrong in it: only a
@@ -412,6 +430,7 @@ dns:
 		},
 
 		"rotate 0":         {{args: []string{"rotate", "--config", rotating, "--dry-run"}}, {args: []string{"rotate", "--config", rotating}, want: "generated the key"}},
+		"rotate 1":         {{args: []string{"rotate", "--config", refusing}, want: "REFUSED"}},
 		"rotate 64":        {{args: []string{"rotate", "--config", rotating, "--emergency"}, want: "--emergency needs --domain"}},
 		"rotate 69":        {{args: []string{"rotate", "--config", rotatingWeak}, want: "too weak"}},
 		"rotate 75":        {{args: []string{"rotate", "--config", rotating, "--timeout", timeout1ns}}},
