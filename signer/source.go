@@ -52,7 +52,6 @@ func spoolAt(ctx context.Context, src io.ReaderAt, size int64, opts SpoolOptions
 	hp := newHashPipe(sha256.New())
 	defer hp.finish() // a no-op after the Sum of a message spooled in full
 	s := newSpooler(opts, true, hp)
-	s.pipe = hp
 	buf := make([]byte, min(int64(chunk), size))
 	for off := int64(0); off < size; {
 		// As in Spool: a cancelled command should not read on.

@@ -385,6 +385,7 @@ type spooler struct {
 // h; hashOnly keeps only the header section and the body hash.
 func newSpooler(opts SpoolOptions, hashOnly bool, h bodyHash) *spooler {
 	s := &spooler{opts: opts, body: newRelaxedBody(h), hashOnly: hashOnly}
+	s.pipe, _ = h.(*hashPipe)
 	s.ends.lastLF = true
 	s.emitFn = s.emit
 	return s
